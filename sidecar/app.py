@@ -1,0 +1,471 @@
+"""The composition root: builds clusters, listeners, admin, metrics and discovery from a config,
+owns every task, and runs the start and shutdown sequences. Nothing else wires modules."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ipaddress
+import logging
+import os
+import signal
+from typing import Any
+
+from sidecar import config as cfgmod
+from sidecar.admin.server import AdminServer, StatusServer
+from sidecar.clock import MONOTONIC
+from sidecar.config import ClusterConfig, Config, ListenerConfig
+from sidecar.discovery.endpoints import Delta, Resolver
+from sidecar.discovery.static import StaticResolver
+from sidecar.downstream.context import Limits, ListenerContext
+from sidecar.downstream.listener import Listener
+from sidecar.downstream.protocol import DownstreamProtocol
+from sidecar.downstream.router import RouteTable
+from sidecar.downstream.tcp import TcpProxyProtocol
+from sidecar.lifecycle import Counts, Drain, DrainSettings, DrainState
+from sidecar.observe.loop_lag import watch_loop_lag
+from sidecar.observe.metrics import build_registry, render
+from sidecar.observe.stats import Stats
+from sidecar.policy.resilience import ClusterPolicies
+from sidecar.timers import Wheel
+from sidecar.upstream.cluster import Cluster
+from sidecar.upstream.registry import ClusterSet
+from sidecar.upstream.tls import TlsOrigin
+
+log = logging.getLogger("sidecar")
+
+PREWARM_WAIT = 5.0  # longest wait for min_idle connections before declaring ready anyway
+DISCOVERY_WAIT = 10.0  # longest wait for each cluster's first discovery answer
+DEFAULT_GRACE_AUTO = 25.0
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+class App:
+    def __init__(self, config: Config, config_path: str | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.stats = Stats()
+        self.registry = build_registry(self.stats)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._resolver_tasks: dict[str, asyncio.Task[Any]] = {}
+        self._tls_tasks: dict[str, asyncio.Task[Any]] = {}
+        self.listeners: dict[str, Listener] = {}
+        self.contexts: dict[str, ListenerContext] = {}
+        self.ready = False
+        self.stopping = asyncio.Event()
+        self._signals = 0
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self.wheel: Wheel = None  # type: ignore[assignment]
+        self.clusters: ClusterSet = None  # type: ignore[assignment]
+        self.drain: Drain = None  # type: ignore[assignment]
+        self.admin: AdminServer | None = None
+        self.status: StatusServer | None = None
+        self._config_stamp: tuple[int, int, int] | None = None
+
+    # --- tasks ---------------------------------------------------------------------------------
+    def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = self.loop.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task failed", exc_info=task.exception(),
+                      extra={"fields": {"task": task.get_name()}})
+
+    # --- clusters ----------------------------------------------------------------------------------
+    def _default_sni(self, c: ClusterConfig) -> str | None:
+        d = c.discovery
+        if d.type == "dns":
+            return str(d.host)
+        if d.type == "kubernetes":
+            ns = d.namespace or os.environ.get("POD_NAMESPACE", "default")
+            return f"{d.service}.{ns}.svc"
+        host = str(d.endpoints[0]).rsplit(":", 1)[0].strip("[]") if d.endpoints else None
+        return None if host is None or _is_ip(host) else host
+
+    def _resolver(self, c: ClusterConfig) -> Resolver:
+        d = c.discovery
+        if d.type == "static":
+            return StaticResolver([str(e) for e in d.endpoints])
+        if d.type == "dns":
+            if _is_ip(str(d.host)):
+                return StaticResolver([cfgmod.join_address(str(d.host), int(d.port))])
+            from sidecar.discovery.dns import DnsResolver
+
+            return DnsResolver(str(d.host), int(d.port), float(d.refresh))
+        from sidecar.discovery.kubernetes import KubernetesResolver
+
+        return KubernetesResolver(str(d.service), d.namespace, d.port)
+
+    def build_cluster(self, c: ClusterConfig) -> Cluster:
+        stats = self.stats.cluster(c.name)
+        tls = TlsOrigin.from_config(c.tls, self._default_sni(c) or "") if c.tls.enabled else None
+        cluster = Cluster(c, self.loop, self.wheel, stats, tls)
+        cluster.policies = ClusterPolicies(
+            c.name,
+            c,
+            stats,
+            MONOTONIC,
+            cluster.refresh,
+            ssl_context=tls.context_for_connect() if tls is not None else None,
+            server_hostname=tls.server_hostname if tls is not None else None,
+        )
+        resolver = self._resolver(c)
+
+        def emit(delta: Delta) -> None:
+            cluster.apply(delta)
+            cluster.policies.set_endpoints(
+                [(k, ep.ip, ep.port) for k, ep in cluster.endpoints.items()]
+            )
+
+        self._resolver_tasks[c.name] = self.spawn(resolver.run(emit), f"discovery:{c.name}")
+        if cluster.policies.health is not None:
+            cluster.policies.health.start()
+        if tls is not None:
+            self._tls_tasks[c.name] = self.spawn(tls.watch(5.0), f"tls-reload:{c.name}")
+        return cluster
+
+    def retire_cluster(self, cluster: Cluster) -> None:
+        for tasks in (self._resolver_tasks, self._tls_tasks):
+            task = tasks.pop(cluster.name, None)
+            if task is not None:
+                task.cancel()
+        if cluster.policies is not None and cluster.policies.health is not None:
+            self.spawn(cluster.policies.health.stop(), f"health-stop:{cluster.name}")
+        cluster.start_closing("drain")
+
+    def _build_dynamic(self, host: str, port: int) -> Cluster:
+        return self.build_cluster(cfgmod.dynamic_cluster(host, port))
+
+    # --- listeners ---------------------------------------------------------------------------------
+    def _own_addresses(self) -> frozenset[tuple[str, int]]:
+        return frozenset((li.host, li.port) for li in self.listeners.values())
+
+    def _context(self, lc: ListenerConfig) -> ListenerContext:
+        lim = lc.limits
+        ctx = ListenerContext(
+            name=lc.name,
+            table=RouteTable.from_config(lc, frozenset({(lc.host, lc.port)})),
+            clusters=self.clusters,
+            stats=self.stats.listener(lc.name),
+            limits=Limits(lim.max_connections, lim.header_timeout, lim.idle_timeout,
+                          lim.max_header_bytes),
+            loop=self.loop,
+            wheel=self.wheel,
+            access_log=self.config.access_log,
+            admit=self.drain.admit,
+        )
+        return ctx
+
+    def start_listener(self, lc: ListenerConfig) -> None:
+        ctx = self._context(lc)
+        if lc.protocol == "tcp":
+            assert lc.cluster is not None
+            cluster_name = lc.cluster
+            factory: Any = lambda: TcpProxyProtocol(ctx, cluster_name)  # noqa: E731
+        else:
+            factory = functools.partial(DownstreamProtocol, ctx)
+        listener = Listener(
+            lc.name, lc.host, lc.port, factory, ctx.stats, self.loop,
+            max_connections=lc.limits.max_connections, allow_remote=lc.allow_remote,
+        )
+        listener.bind()
+
+        def changed() -> None:
+            listener.capacity_changed()
+            self.drain.check()
+
+        ctx.on_change = changed
+        self.listeners[lc.name] = listener
+        self.contexts[lc.name] = ctx
+        for name in self._clusters_of(lc):
+            self.stats.cluster(name).expect_listener(lc.name)
+        # Every listener knows all listener addresses, so the forward proxy refuses loops.
+        own = self._own_addresses()
+        for c in self.contexts.values():
+            c.table = RouteTable.from_config(self.config.listener(c.name) or lc, own)
+
+    def _clusters_of(self, lc: ListenerConfig) -> set[str]:
+        names = {r.cluster for r in lc.routes}
+        if lc.cluster:
+            names.add(lc.cluster)
+        return names
+
+    # --- drain hooks ---------------------------------------------------------------------------------
+    def _counts(self) -> Counts:
+        inflight = sum(c.stats.inflight for c in self.contexts.values())
+        conns = sum(c.stats.downstream_connections for c in self.contexts.values())
+        active = sum(c.active_connections() for c in self.clusters.all())
+        return Counts(inflight=inflight, connections=conns, upstream_active=active)
+
+    def _close_idle_upstream(self, linger: int) -> int:
+        return sum(c.close_idle("drain", linger) for c in self.clusters.all())
+
+    def _close_idle_downstream(self) -> int:
+        n = 0
+        for ctx in self.contexts.values():
+            for proto in list(ctx.connections):
+                n += proto.close_if_idle()
+        return n
+
+    def _abort_everything(self) -> int:
+        n = 0
+        for ctx in self.contexts.values():
+            for proto in list(ctx.connections):
+                if not proto.idle:
+                    log.warning("aborting app connection at grace",
+                                extra={"fields": {"listener": ctx.name, "exchange": repr(proto)}})
+                    proto.abort()
+                    n += 1
+            for tunnel in list(ctx.tunnels):
+                log.warning("aborting tunnel at grace", extra={"fields": {"listener": ctx.name}})
+                tunnel.abort()
+                n += 1
+        for cluster in self.clusters.all():
+            n += cluster.abort_all("drain")
+        self.stats.process.drain_aborted += n
+        return n
+
+    def _on_drain_state(self, state: DrainState) -> None:
+        self.stats.process.drain_state = int(state)
+
+    def _grace(self) -> float:
+        grace = self.config.drain.grace
+        if grace == "auto":
+            log.warning("drain.grace: auto outside Kubernetes; using the default",
+                        extra={"fields": {"grace_s": DEFAULT_GRACE_AUTO}})
+            return DEFAULT_GRACE_AUTO
+        return float(grace)
+
+    # --- start -------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.wheel = Wheel(self.loop)
+        cfg = self.config
+        d = cfg.drain
+        grace = self._grace()
+        self.drain = Drain(
+            self.loop,
+            DrainSettings(grace, min(d.accept_period if d.accept_period is not None else 5.0,
+                                     grace), d.linger, d.exit_on_zero_connections),
+            self._counts,
+            self._close_idle_upstream,
+            self._close_idle_downstream,
+            self._abort_everything,
+            self._on_drain_state,
+        )
+        self.clusters = ClusterSet(self.loop, self._build_dynamic, self.retire_cluster)
+        for c in cfg.clusters:
+            self.clusters.static[c.name] = self.build_cluster(c)
+        hooks = Hooks(self)
+        metrics = functools.partial(render, self.registry)
+        self.admin = AdminServer(hooks, metrics)
+        self.status = StatusServer(hooks, metrics)
+        await self.admin.start(cfg.admin.host, cfg.admin.port)
+        await self.status.start(cfg.status.host, cfg.status.port)
+        for lc in cfg.listeners:
+            self.start_listener(lc)
+        self.spawn(watch_loop_lag(self.stats.process.event_loop_lag), "loop-lag")
+        self.spawn(self._housekeeping(), "housekeeping")
+        if self.config_path:
+            self.spawn(self._watch_config(), "config-watch")
+        self.spawn(self._become_ready(), "readiness")
+        log.info(
+            "sidecar started",
+            extra={"fields": {
+                "listeners": {n: f"{li.host}:{li.port}" for n, li in self.listeners.items()},
+                "admin": f"{cfg.admin.host}:{self.admin.port}",
+                "status": f"{cfg.status.host}:{self.status.port}",
+                "clusters": [c.name for c in cfg.clusters],
+                "config": self.config_path or "<embedded default>",
+            }},
+        )
+        for warning in cfgmod.config_warnings(cfg):
+            log.warning(warning)
+
+    async def _become_ready(self) -> None:
+        """Ready once every static cluster has endpoints and its min_idle prewarmed (bounded)."""
+        clusters = list(self.clusters.static.values())
+        await asyncio.gather(*(c.wait_ready(DISCOVERY_WAIT) for c in clusters))
+        for c in clusters:
+            c.prewarm()
+        deadline = self.loop.time() + PREWARM_WAIT
+        while self.loop.time() < deadline and not all(c.prewarmed() for c in clusters):
+            await asyncio.sleep(0.05)
+        missing = [c.name for c in clusters if not (c.has_answer and c.prewarmed())]
+        if missing:
+            log.warning("ready without full prewarm", extra={"fields": {"clusters": missing}})
+        self.ready = True
+        log.info("ready")
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            for cluster in self.clusters.all():
+                if cluster.policies is not None:
+                    cluster.policies.tick()
+            self.clusters.sweep()
+
+    # --- reload -----------------------------------------------------------------------------------
+    def _stamp(self) -> tuple[int, int, int] | None:
+        assert self.config_path is not None
+        try:
+            st = os.stat(os.path.realpath(self.config_path))
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    async def _watch_config(self) -> None:
+        """Polls the file (through its symlinks, as Kubernetes swaps a ConfigMap's `..data`)."""
+        self._config_stamp = self._stamp()
+        while True:
+            await asyncio.sleep(1.0)
+            stamp = self._stamp()
+            if stamp is not None and stamp != self._config_stamp:
+                self._config_stamp = stamp
+                await self.reload()
+
+    async def reload(self) -> tuple[bool, str]:
+        if not self.config_path:
+            return False, "running on the embedded default: there is no file to reload"
+        try:
+            new = cfgmod.load_config(self.config_path)
+        except cfgmod.ConfigError as exc:
+            self.stats.process.config_reloads["rejected"] += 1
+            log.error("config reload rejected; the old config keeps running",
+                      extra={"fields": {"errors": exc.format().splitlines()}})
+            return False, exc.format()
+        try:
+            self._apply(new)
+        except (OSError, ValueError) as exc:
+            self.stats.process.config_reloads["rejected"] += 1
+            log.error("config reload could not be applied", extra={"fields": {"error": str(exc)}})
+            return False, str(exc)
+        self.stats.process.config_reloads["success"] += 1
+        log.info("config reloaded", extra={"fields": {"file": self.config_path}})
+        return True, "applied"
+
+    def _apply(self, new: Config) -> None:
+        """Apply a validated config without dropping established connections: changed clusters
+        get new pools (old ones finish their requests and close), listeners are re-routed in
+        place; new listeners bind, removed ones stop accepting."""
+        old = self.config
+        for lc in new.listeners:
+            prev = old.listener(lc.name)
+            if prev is not None and (prev.address != lc.address or prev.protocol != lc.protocol):
+                raise ValueError(f"listener {lc.name}: address/protocol changes need a restart")
+        old_clusters = {c.name: c for c in old.clusters}
+        new_static: dict[str, Cluster] = {}
+        for c in new.clusters:
+            existing = self.clusters.static.get(c.name)
+            if existing is not None and old_clusters.get(c.name) == c:
+                new_static[c.name] = existing
+            else:
+                new_static[c.name] = self.build_cluster(c)
+        for name, cluster in self.clusters.static.items():
+            if new_static.get(name) is not cluster:
+                self.retire_cluster(cluster)
+        self.clusters.static = new_static
+        self.config = new
+        for name in list(self.listeners):
+            if new.listener(name) is None:
+                self.listeners.pop(name).stop_accepting()
+                self.contexts.pop(name)
+        for lc in new.listeners:
+            if lc.name not in self.listeners:
+                self.start_listener(lc)
+        own = self._own_addresses()
+        for name, ctx in self.contexts.items():
+            lc = new.listener(name)
+            assert lc is not None
+            ctx.table = RouteTable.from_config(lc, own)
+            ctx.access_log = new.access_log
+            for cname in self._clusters_of(lc):
+                self.stats.cluster(cname).expect_listener(name)
+        for cluster in new_static.values():
+            cluster.prewarm()
+
+    # --- run and stop ------------------------------------------------------------------------------
+    def _on_signal(self) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            log.info("signal: draining")
+            self.drain.start(exit_when_drained=True)
+        else:
+            log.warning("second signal: aborting now")
+            self.drain.abort_now()
+
+    async def run(self) -> int:
+        await self.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.loop.add_signal_handler(sig, self._on_signal)
+            except (NotImplementedError, RuntimeError):
+                pass
+        while True:
+            await self.drain.done.wait()
+            if self.drain.exit_when_drained:
+                break
+            # Drained but asked to stay up (POST /drain?exit=false): wait for a signal.
+            self.drain.done.clear()
+            await self.stopping.wait()
+            break
+        await self.shutdown()
+        return 0
+
+    async def shutdown(self) -> None:
+        for listener in self.listeners.values():
+            listener.stop_accepting()
+        linger = int(self.config.drain.linger)
+        for cluster in self.clusters.all():
+            cluster.close_idle("drain", linger)
+        for cluster in self.clusters.all():
+            if cluster.policies is not None and cluster.policies.health is not None:
+                await cluster.policies.health.stop()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.admin is not None:
+            await self.admin.stop()
+        if self.status is not None:
+            await self.status.stop()
+        log.info("stopped")
+
+
+class Hooks:
+    """What the admin and status servers may ask of the running sidecar."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    def ready(self) -> bool:
+        return self.app.ready and self.app.drain.state is DrainState.SERVING
+
+    def drain_status(self) -> dict[str, object]:
+        return self.app.drain.status()
+
+    async def start_drain(self, exit: bool) -> None:
+        self.app.drain.start(exit_when_drained=exit)
+
+    async def wait_drained(self) -> None:
+        while self.app.drain.state is not DrainState.DRAINED:
+            await self.app.drain.done.wait()
+
+    async def reload(self) -> tuple[bool, str]:
+        return await self.app.reload()
+
+    def clusters(self) -> list[dict[str, object]]:
+        return [c.snapshot() for c in self.app.clusters.all()]
+
+    def config(self) -> dict[str, object]:
+        return cfgmod.redacted(self.app.config)

@@ -1,0 +1,161 @@
+"""The command line: `sidecar run | check | drain | config-dump | wait-ready` (SPEC section 2)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from sidecar import __version__
+
+DEFAULT_ADMIN = "http://127.0.0.1:15000"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sidecar", description="The connection sidecar.")
+    p.add_argument("--version", action="version", version=f"sidecar {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the proxy")
+    run.add_argument("--config", help="config file (default: $SIDECAR_CONFIG, else embedded)")
+    run.add_argument("--log-format", choices=("json", "text"), default="json")
+    run.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
+                     help=argparse.SUPPRESS)
+    check = sub.add_parser("check", help="validate a config file")
+    check.add_argument("--config", required=True)
+    drain = sub.add_parser("drain", help="drain the local sidecar and wait (preStop hook)")
+    drain.add_argument("--admin", default=DEFAULT_ADMIN)
+    drain.add_argument("--timeout", type=float, default=25.0)
+    dump = sub.add_parser("config-dump", help="print the running config (secrets redacted)")
+    dump.add_argument("--admin", default=DEFAULT_ADMIN)
+    wait = sub.add_parser("wait-ready", help="wait until the sidecar is ready (postStart hook)")
+    wait.add_argument("--url", default="http://127.0.0.1:15020/readyz")
+    wait.add_argument("--timeout", type=float, default=30.0)
+    return p
+
+
+def _http(method: str, url: str, timeout: float) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (loopback URL)
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def cmd_check(path: str) -> int:
+    from sidecar import config
+
+    try:
+        cfg = config.load_config(path)
+    except config.ConfigError as exc:
+        print(exc.format(), file=sys.stderr)
+        return 2
+    print(config.summary(cfg, path))
+    for warning in config.config_warnings(cfg):
+        print(f"{path}: warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def cmd_drain(admin: str, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    try:
+        status, body = _http("POST", f"{admin}/drain", min(5.0, timeout))
+    except OSError as exc:
+        print(f"sidecar drain: cannot reach {admin}: {exc}", file=sys.stderr)
+        return 1
+    if status != 200:
+        print(f"sidecar drain: {status} {body.decode(errors='replace')}", file=sys.stderr)
+        return 1
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            status, body = _http("GET", f"{admin}/drain", 2.0)
+        except OSError:
+            print("sidecar drain: admin gone: drained and exited")
+            return 0  # the sidecar exits once drained
+        try:
+            info = json.loads(body)
+        except ValueError:
+            info = {}
+        line = json.dumps(info, sort_keys=True)
+        if line != last:
+            print(line, flush=True)
+            last = line
+        if info.get("state") == "drained":
+            return 0
+        time.sleep(0.2)
+    print(f"sidecar drain: not drained within {timeout:g}s", file=sys.stderr)
+    return 1
+
+
+def cmd_config_dump(admin: str) -> int:
+    try:
+        status, body = _http("GET", f"{admin}/config", 5.0)
+    except OSError as exc:
+        print(f"sidecar config-dump: cannot reach {admin}: {exc}", file=sys.stderr)
+        return 1
+    if status != 200:
+        print(f"sidecar config-dump: {status}", file=sys.stderr)
+        return 1
+    print(json.dumps(json.loads(body), indent=2, sort_keys=False))
+    return 0
+
+
+def cmd_wait_ready(url: str, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status, _ = _http("GET", url, 1.0)
+            if status == 200:
+                return 0
+        except OSError:
+            pass
+        time.sleep(0.1)
+    print(f"sidecar wait-ready: {url} not ready within {timeout:g}s", file=sys.stderr)
+    return 1
+
+
+def cmd_run(config_path: str | None, log_format: str, loop: str) -> int:
+    from sidecar import config, log
+
+    log.setup(log_format)
+    path = config_path or os.environ.get("SIDECAR_CONFIG") or None
+    try:
+        cfg = config.load_config(path) if path else config.default_config()
+    except config.ConfigError as exc:
+        print(exc.format(), file=sys.stderr)
+        return 2
+    from sidecar.app import App
+
+    app = App(cfg, path)
+    try:
+        if loop == "uvloop":
+            import uvloop
+
+            return uvloop.run(app.run())
+        import asyncio
+
+        return asyncio.run(app.run())
+    except OSError as exc:  # a port in use, a bind refused
+        print(f"sidecar: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # a listener refused (non-loopback without allow_remote)
+        print(f"sidecar: {exc}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "check":
+        return cmd_check(args.config)
+    if args.command == "drain":
+        return cmd_drain(args.admin.rstrip("/"), args.timeout)
+    if args.command == "config-dump":
+        return cmd_config_dump(args.admin.rstrip("/"))
+    if args.command == "wait-ready":
+        return cmd_wait_ready(args.url, args.timeout)
+    return cmd_run(args.config, args.log_format, args.loop)

@@ -1,0 +1,39 @@
+"""The one seam through which the sidecar reads time, so tests can drive it by hand."""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+
+class Clock(Protocol):
+    """Monotonic seconds. Production code reads `loop.time()`-compatible time through this."""
+
+    def now(self) -> float: ...
+
+
+class MonotonicClock:
+    """The real clock: `time.monotonic`, the same source asyncio's loop uses."""
+
+    __slots__ = ()
+
+    def now(self) -> float:
+        return time.monotonic()
+
+
+class FakeClock:
+    """A clock tests move by hand; nothing sleeps."""
+
+    __slots__ = ("t",)
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.t = start
+
+    def now(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+MONOTONIC = MonotonicClock()

@@ -1,0 +1,1 @@
+"""Endpoint discovery: resolvers that emit typed deltas; clusters apply them."""

@@ -1,0 +1,1 @@
+"""Facing the app: listeners, the HTTP protocol, exchanges, routing, tunnels."""

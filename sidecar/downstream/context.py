@@ -1,0 +1,55 @@
+"""What every app connection of one listener shares: routing, clusters, limits, counters."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from sidecar.downstream.router import ForwardTarget, RouteTable
+from sidecar.errors import SidecarError
+from sidecar.observe.stats import ListenerStats
+from sidecar.timers import Wheel
+from sidecar.upstream.cluster import Cluster
+
+if TYPE_CHECKING:
+    from sidecar.downstream.protocol import DownstreamProtocol
+    from sidecar.downstream.tunnel import Tunnel
+
+
+class Clusters(Protocol):
+    """The cluster registry as the data path sees it (see upstream/registry.py)."""
+
+    def get(self, name: str) -> Cluster | None: ...
+    def forward(self, target: ForwardTarget) -> Cluster: ...
+
+
+@dataclass(eq=False)
+class Limits:
+    max_connections: int = 10000
+    header_timeout: float = 10.0
+    idle_timeout: float = 300.0
+    max_header_bytes: int = 65536
+
+
+@dataclass(eq=False)
+class ListenerContext:
+    name: str
+    table: RouteTable
+    clusters: Clusters
+    stats: ListenerStats
+    limits: Limits
+    loop: asyncio.AbstractEventLoop
+    wheel: Wheel
+    access_log: bool = False
+    # Returns an error (Draining) when new requests must be refused; None to serve.
+    admit: Callable[[], SidecarError | None] = lambda: None
+    connections: set[DownstreamProtocol] = field(default_factory=set)
+    tunnels: set[Tunnel] = field(default_factory=set)
+    # Called when connections/tunnels/in-flight change (the drain watches this).
+    on_change: Callable[[], None] | None = None
+
+    def changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()

@@ -1,0 +1,586 @@
+"""One request and its response: attach an upstream connection, stream both ways, retry safely.
+
+Phases (enum + table): ROUTED -> WAITING (for a pooled connection) -> ATTACHED (request going
+out, response coming back) -> DONE, or -> TUNNEL for CONNECT and accepted upgrades. A failure
+before any response byte reached the app may be retried (a stale pooled connection always,
+once, when the request is safe to replay; more per the cluster's retry policy); after that
+the app's connection is cut, because a half-sent response cannot be taken back.
+
+The exchange is driven by callbacks from both protocols, never by a task: the common case
+(an idle pooled connection, a small response) runs without a single await or timer.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+from typing import TYPE_CHECKING, Any
+
+from sidecar.errors import (
+    BadUpstreamResponse,
+    ConnectFailed,
+    SidecarError,
+    UpstreamError,
+    UpstreamReset,
+    UpstreamTimeout,
+)
+from sidecar.flow_control import PEER_WRITE_FULL, WAITING_UPSTREAM
+from sidecar.http import writer
+from sidecar.http.headers import Headers
+from sidecar.http.parser import RequestHead, ResponseHead
+from sidecar.upstream.cluster import Cluster
+from sidecar.upstream.connection import UpstreamConnection
+from sidecar.upstream.pool import Pool
+
+if TYPE_CHECKING:
+    from sidecar.downstream.protocol import DownstreamProtocol
+
+log = logging.getLogger("sidecar.exchange")
+
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+_CONNECTION_ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
+_MAX_REPLAY = 64 * 1024
+
+
+class Phase(enum.IntEnum):
+    ROUTED = 0
+    WAITING = 1
+    ATTACHED = 2
+    BACKOFF = 3
+    TUNNEL = 4
+    DONE = 5
+
+
+_PHASES: dict[Phase, frozenset[Phase]] = {
+    Phase.ROUTED: frozenset({Phase.WAITING, Phase.ATTACHED, Phase.BACKOFF, Phase.DONE}),
+    Phase.WAITING: frozenset({Phase.ATTACHED, Phase.WAITING, Phase.BACKOFF, Phase.DONE}),
+    Phase.ATTACHED: frozenset({Phase.WAITING, Phase.ATTACHED, Phase.BACKOFF, Phase.TUNNEL,
+                               Phase.DONE}),
+    Phase.BACKOFF: frozenset({Phase.WAITING, Phase.ATTACHED, Phase.DONE}),
+    Phase.TUNNEL: frozenset({Phase.DONE}),
+    Phase.DONE: frozenset(),
+}
+
+
+class Exchange:
+    __slots__ = (
+        "proto",
+        "head",
+        "cluster",
+        "pool",
+        "conn",
+        "phase",
+        "started",
+        "deadline",
+        "try_deadline",
+        "attempt",
+        "max_attempts",
+        "request_done",
+        "request_sent",
+        "body",
+        "body_len",
+        "replayable",
+        "head_bytes",
+        "response",
+        "response_started",
+        "response_done",
+        "chunked_out",
+        "close_delimited_out",
+        "keep_alive",
+        "upstream_paused",
+        "upgrade_rest",
+        "status",
+        "last_error",
+        "backoff_handle",
+        "tried",
+        "policy_token",
+        "slot_held",
+        "stale_retried",
+    )
+
+    def __init__(self, proto: DownstreamProtocol, head: RequestHead, now: float) -> None:
+        self.proto = proto
+        self.head = head
+        self.cluster: Cluster | None = None
+        self.pool: Pool | None = None
+        self.conn: UpstreamConnection | None = None
+        self.phase = Phase.ROUTED
+        self.started = now
+        self.deadline = math.inf
+        self.try_deadline = math.inf
+        self.attempt = 0
+        self.max_attempts = 1
+        self.request_done = False  # the app sent the whole request
+        self.request_sent = False  # ... and it all went to the current upstream connection
+        # The request body held here: until a connection is attached (pending), and for
+        # replay while the request is replayable and small enough. None: nothing is kept.
+        self.body: list[bytes] | None = []
+        self.body_len = 0
+        self.replayable = head.method in IDEMPOTENT or head.idempotency_key
+        self.head_bytes = b""
+        self.response: ResponseHead | None = None
+        self.response_started = False  # a byte of the response went to the app
+        self.response_done = False
+        self.chunked_out = False
+        self.close_delimited_out = False
+        self.keep_alive = head.keep_alive
+        self.upstream_paused = False
+        self.upgrade_rest = b""
+        self.status = 0
+        self.last_error: SidecarError | None = None
+        self.backoff_handle: Any = None
+        self.tried: list[Pool] = []
+        self.policy_token: Any = None
+        self.slot_held = False  # counted in pool.inflight
+        self.stale_retried = False
+
+    def _phase(self, new: Phase) -> None:
+        if new not in _PHASES[self.phase]:
+            raise RuntimeError(f"exchange: {self.phase.name} -> {new.name}")
+        self.phase = new
+
+    def __repr__(self) -> str:
+        return (
+            f"<Exchange {self.head.method.decode()} {self.phase.name} "
+            f"attempt={self.attempt} cluster={self.cluster.name if self.cluster else None}>"
+        )
+
+    # --- starting --------------------------------------------------------------------------------
+    def start(self, cluster: Cluster) -> None:
+        """Routing chose `cluster`: admit, then find a connection."""
+        self.cluster = cluster
+        cluster.last_used = self.started
+        head = self.head
+        timeout = cluster.request_timeout
+        if head.timeout_ms is not None and head.timeout_ms > 0:
+            timeout = head.timeout_ms / 1000.0
+        self.deadline = self.started + timeout
+        policies = cluster.policies
+        if policies is not None:
+            self.max_attempts = policies.max_attempts(head)
+            self.replayable = policies.replayable(
+                head.method, head.idempotency_key, head.content_length
+            )
+            self.policy_token = policies.admit(self)  # raises CircuitOpen
+        if head.method == b"CONNECT" or (head.content_length or 0) > self.max_replay():
+            self.replayable = False
+        self.head_bytes = self._upstream_head()
+        self._attempt()
+
+    def max_replay(self) -> int:
+        cluster = self.cluster
+        if cluster is not None and cluster.policies is not None:
+            return int(cluster.policies.max_body_bytes)
+        return _MAX_REPLAY
+
+    def _upstream_head(self) -> bytes:
+        head = self.head
+        host = head.host if head.host and not head.absolute else head.authority
+        extra: Headers = [(b"Host", host or (self.cluster.name.encode() if self.cluster else b""))]
+        if head.chunked:
+            extra.append((b"Transfer-Encoding", b"chunked"))
+        elif head.content_length is not None:
+            extra.append((b"Content-Length", b"%d" % head.content_length))
+        if head.upgrade is not None:
+            extra.append((b"Connection", b"upgrade"))
+            extra.append((b"Upgrade", head.upgrade))
+        if self.deadline != math.inf:
+            remaining = max(0, int((self.deadline - self.started) * 1000))
+            extra.append((b"x-sidecar-deadline-ms", b"%d" % remaining))
+        return writer.request_head(head.method, head.target, head.forward, extra)
+
+    def _attempt(self, fresh: bool = False) -> None:
+        """Find an endpoint and a connection for the next try. `fresh`: the same endpoint, on
+        a newly opened connection (after a stale pooled one)."""
+        cluster = self.cluster
+        assert cluster is not None
+        self.attempt += 1
+        if fresh and self.pool is not None and not self.pool.closing:
+            pool = self.pool
+        else:
+            pool = cluster.pick(self.tried[-1] if self.tried else None)
+        self.pool = pool
+        self.tried.append(pool)
+        pool.inflight += 1
+        self.slot_held = True
+        policies = cluster.policies
+        if policies is not None:
+            self.try_deadline = policies.try_deadline(self)
+            self.proto.deadline_changed()
+        conn = pool.acquire(self, fresh=fresh)
+        if conn is None:
+            self._phase(Phase.WAITING)
+            self.proto.gate.pause(WAITING_UPSTREAM)
+            return
+        self.on_pool_connection(conn)
+
+    # --- Waiter: the pool calls back ------------------------------------------------------------
+    def on_pool_connection(self, conn: UpstreamConnection) -> None:
+        if self.phase is Phase.DONE:  # defensive: cancelled waiters are never called
+            assert self.pool is not None
+            self.pool.release(conn)
+            return
+        self._phase(Phase.ATTACHED)
+        self.conn = conn
+        conn.bind(self, self.head.method)
+        self.proto.gate.resume(WAITING_UPSTREAM)
+        if self.head.method == b"CONNECT":
+            self._open_connect_tunnel(conn)
+            return
+        self._send()
+
+    def on_pool_error(self, exc: SidecarError) -> None:
+        if self.phase is Phase.DONE:
+            return
+        self._release_pool_slot()
+        self._failed(exc)
+
+    # --- sending ---------------------------------------------------------------------------------
+    def _send(self) -> None:
+        conn = self.conn
+        assert conn is not None
+        if conn.write_paused:
+            self.proto.gate.pause(PEER_WRITE_FULL)
+        body = self.body
+        chunked = self.head.chunked
+        if body:
+            parts = [self.head_bytes]
+            if chunked:
+                for piece in body:
+                    parts.extend(writer.chunk_parts(piece))
+            else:
+                parts.extend(body)
+            if self.request_done and chunked:
+                parts.append(writer.CHUNK_END)
+            conn.writelines(parts)
+        elif self.request_done and chunked:
+            conn.writelines([self.head_bytes, writer.CHUNK_END])
+        else:
+            conn.write(self.head_bytes)
+        if not self.replayable:
+            self.body = None  # sent; it will never be needed again
+        self.request_sent = self.request_done
+
+    def request_body(self, data: bytes) -> None:
+        """A piece of the app's request body."""
+        self.body_len += len(data)
+        if self.replayable and self.body_len > self.max_replay():
+            self.replayable = False  # too big to replay: streamed only, never retried
+        conn = self.conn
+        if conn is not None and self.phase is Phase.ATTACHED:
+            conn.write(writer.chunk(data) if self.head.chunked else data)
+            if self.replayable:
+                assert self.body is not None
+                self.body.append(data)
+            else:
+                self.body = None
+        else:
+            # Not attached yet (waiting, or backing off before a retry): hold it. Reading is
+            # paused meanwhile, so this holds at most a read or two.
+            if self.body is None:
+                self.body = []
+            self.body.append(data)
+
+    def request_end(self, trailers: Headers | None) -> None:
+        self.request_done = True
+        if self.conn is not None and self.phase is Phase.ATTACHED:
+            if self.head.chunked:
+                self.conn.write(writer.last_chunk(trailers))
+            self.request_sent = True
+            if self.response_done:
+                self._finish()
+
+    # --- ConnectionUser: the upstream connection calls back ----------------------------------------
+    def on_response_head(self, head: ResponseHead) -> None:
+        status = head.status
+        proto = self.proto
+        if status < 200 and status != 101:
+            if proto.http10:
+                return  # HTTP/1.0 clients do not understand interim responses
+            proto.write(writer.response_head(status, head.reason, head.forward, []))
+            return
+        policies = self.cluster.policies if self.cluster is not None else None
+        if policies is not None and status >= 500 and self.attempt < self.max_attempts:
+            delay = policies.status_retry_delay(self, head)
+            if delay is not None:
+                # Drop this response; its connection cannot be reused mid-body.
+                self._discard_conn("not_reusable", abort=True)
+                self._release_pool_slot()
+                self._schedule_retry(delay)
+                return
+        self.response = head
+        self.status = status
+        extra: Headers = []
+        if status == 101:
+            if self.head.upgrade is None:
+                self._discard_conn("error", abort=True)
+                self.fail(BadUpstreamResponse("101 response to a request that did not upgrade"))
+                return
+            extra.append((b"Connection", b"upgrade"))
+            upgrade = next((v for n, v in head.headers if n.lower() == b"upgrade"), None)
+            if upgrade is not None:
+                extra.append((b"Upgrade", upgrade))
+        elif head.bodyless:
+            if head.content_length is not None and status != 204:
+                extra.append((b"Content-Length", b"%d" % head.content_length))
+        elif head.content_length is not None:
+            extra.append((b"Content-Length", b"%d" % head.content_length))
+        elif proto.http10:
+            self.close_delimited_out = True
+            self.keep_alive = False
+        else:
+            self.chunked_out = True
+            extra.append((b"Transfer-Encoding", b"chunked"))
+        if self.head.upgrade is not None and status != 101:
+            self.keep_alive = False  # the app's parser already treated its request as upgraded
+        if status != 101:
+            if not self.keep_alive or proto.closing_after_response():
+                self.keep_alive = False
+                extra.append((b"Connection", b"close"))
+            elif proto.http10:
+                extra.append((b"Connection", b"keep-alive"))
+        self.response_started = True
+        proto.write(writer.response_head(status, head.reason, head.forward, extra))
+
+    def on_response_body(self, data: bytes) -> None:
+        if self.chunked_out:
+            if len(data) > 4096:
+                self.proto.writelines(writer.chunk_parts(data))
+            else:
+                self.proto.write(writer.chunk(data))
+        else:
+            self.proto.write(data)
+
+    def on_response_end(self, trailers: Headers | None) -> None:
+        if self.response is None:
+            return  # a dropped response (retry) or an interim one
+        if self.chunked_out:
+            self.proto.write(writer.last_chunk(trailers))
+        self.response_done = True
+        if self.status == 101:
+            return  # on_upgrade follows
+        if not self.request_done:
+            # The upstream answered before the app finished sending (e.g. 413): the upstream
+            # connection's request framing is unfinished, so it cannot be reused, and the app
+            # must not send the rest into a connection that will take another request.
+            self.keep_alive = False
+            self._discard_conn("not_reusable")
+        self._finish()
+
+    def on_upgrade(self, rest: bytes) -> None:
+        conn = self.conn
+        if conn is None or self.status != 101:
+            return
+        self._phase(Phase.TUNNEL)
+        conn.to_tunnel()
+        assert self.pool is not None
+        self.pool.discard(conn, "tunnel")
+        self._release_pool_slot()
+        self.conn = None
+        self.proto.start_tunnel(self, conn, to_app=rest)
+
+    def on_upstream_error(self, exc: UpstreamError) -> None:
+        if self.phase in (Phase.DONE, Phase.TUNNEL):
+            return
+        conn = self.conn
+        # A reused keep-alive connection that died before a byte of answer: the upstream
+        # closed it while idle and our request crossed its FIN. Not the upstream's failure.
+        stale = (
+            conn is not None
+            and conn.requests > 1
+            and not conn.response_started
+            and isinstance(exc, UpstreamReset)
+        )
+        self._discard_conn("error", abort=True)
+        self._failed(exc, stale=stale)
+
+    def on_upstream_pause_writing(self) -> None:
+        self.proto.gate.pause(PEER_WRITE_FULL)
+
+    def on_upstream_resume_writing(self) -> None:
+        self.proto.gate.resume(PEER_WRITE_FULL)
+
+    # --- backpressure from the app's side ---------------------------------------------------------
+    def pause_upstream(self) -> None:
+        conn = self.conn
+        if conn is not None and conn.transport is not None and not self.upstream_paused:
+            self.upstream_paused = True
+            conn.transport.pause_reading()
+
+    def resume_upstream(self) -> None:
+        conn = self.conn
+        if self.upstream_paused:
+            self.upstream_paused = False
+            if conn is not None and conn.transport is not None:
+                conn.transport.resume_reading()
+
+    # --- CONNECT -------------------------------------------------------------------------------------
+    def _open_connect_tunnel(self, conn: UpstreamConnection) -> None:
+        self._phase(Phase.TUNNEL)
+        conn.to_tunnel()
+        assert self.pool is not None
+        self.pool.discard(conn, "tunnel")
+        self._release_pool_slot()
+        self.conn = None
+        self.status = 200
+        self.response_started = True
+        self.proto.write(_CONNECTION_ESTABLISHED)
+        self.proto.start_tunnel(self, conn, to_upstream=self.upgrade_rest)
+
+    # --- endings ---------------------------------------------------------------------------------
+    def _release_pool_slot(self) -> None:
+        if self.slot_held:
+            self.slot_held = False
+            assert self.pool is not None
+            self.pool.inflight -= 1
+
+    def _discard_conn(self, reason: str, abort: bool = False) -> None:
+        conn = self.conn
+        if conn is None:
+            return
+        self.conn = None
+        conn.user = None  # nothing more of what it reads may reach this exchange
+        if self.upstream_paused:
+            self.upstream_paused = False
+        assert self.pool is not None
+        self.pool.discard(conn, reason, abort=abort)
+
+    def _finish(self) -> None:
+        """Both directions complete: return the connection, record, let the next request go."""
+        conn = self.conn
+        if conn is not None:
+            self.conn = None
+            if self.upstream_paused:
+                self.upstream_paused = False
+                if conn.transport is not None:
+                    conn.transport.resume_reading()
+            assert self.pool is not None
+            self.pool.release(conn)
+        self._release_pool_slot()
+        self._record(None)
+        self._phase(Phase.DONE)
+        self.proto.exchange_done(self, self.keep_alive)
+
+    def _record(self, error: SidecarError | None) -> None:
+        cluster = self.cluster
+        if cluster is None:
+            return
+        now = self.proto.now()
+        cluster.stats.request_done(self.proto.listener_name, self.status, now - self.started)
+        policies = cluster.policies
+        if policies is not None:
+            policies.on_done(self, error)
+
+    def _failed(self, exc: SidecarError, stale: bool = False) -> None:
+        """A try failed. Retry when that is safe and allowed, else answer or cut."""
+        self.last_error = exc
+        self._release_pool_slot()
+        if not self.response_started and self._may_retry(exc, stale):
+            return
+        self.fail(exc)
+
+    def _may_retry(self, exc: SidecarError, stale: bool) -> bool:
+        if not isinstance(exc, UpstreamError) or self.phase in (Phase.TUNNEL, Phase.DONE):
+            return False
+        if not self.replayable:
+            return False
+        cluster = self.cluster
+        assert cluster is not None
+        if stale and not self.stale_retried:
+            # One free retry on a fresh connection: the app never sees this race.
+            self.stale_retried = True
+            cluster.stats.retried("stale")
+            self._retry_now(fresh=True)
+            return True
+        policies = cluster.policies
+        if policies is None:
+            return False
+        delay = policies.retry_delay(self, exc)
+        if delay is None:
+            return False
+        self._schedule_retry(delay)
+        return True
+
+    def _retry_now(self, fresh: bool = False) -> None:
+        self.backoff_handle = None
+        if self.phase is Phase.DONE:
+            return
+        if self.phase is Phase.WAITING and self.pool is not None:
+            self.pool.cancel(self)
+        self.response = None
+        self.status = 0
+        self.request_sent = False
+        try:
+            self._attempt(fresh=fresh)
+        except SidecarError as exc:
+            self.fail(exc)
+
+    def _schedule_retry(self, delay: float) -> None:
+        if delay <= 0:
+            self._retry_now()
+            return
+        self._phase(Phase.BACKOFF)
+        self.backoff_handle = self.proto.loop.call_later(delay, self._retry_now)
+
+    def fail(self, exc: SidecarError) -> None:
+        """Answer the app with the sidecar's own error, or cut the connection if a response
+        has already begun."""
+        if self.phase is Phase.DONE:
+            return
+        if self.backoff_handle is not None:
+            self.backoff_handle.cancel()
+            self.backoff_handle = None
+        if self.phase is Phase.WAITING and self.pool is not None:
+            self.pool.cancel(self)
+            self.proto.gate.resume(WAITING_UPSTREAM)
+        if self.conn is not None:
+            self._discard_conn("timeout" if isinstance(exc, UpstreamTimeout) else "error",
+                               abort=True)
+        if not exc.cluster and self.cluster is not None:
+            exc.cluster = self.cluster.name
+        self.last_error = exc
+        self.status = exc.status
+        self._record(exc)
+        if self.cluster is not None:
+            self.cluster.stats.local_error(exc.code)
+        self._phase(Phase.DONE)
+        if self.response_started:
+            self.proto.abort_after_partial_response(self, exc)
+        else:
+            self.proto.error_response(self, exc)
+
+    def on_deadline(self, now: float) -> None:
+        """The request deadline (or the try's) passed."""
+        if self.phase in (Phase.DONE, Phase.TUNNEL):
+            return
+        if now < self.deadline and now >= self.try_deadline and not self.response_started:
+            # Per-try timeout: this try is over, the request may go on.
+            self._discard_conn("timeout", abort=True)
+            self._failed(UpstreamTimeout("per-try timeout"))
+            return
+        self.fail(UpstreamTimeout(f"request timeout after {now - self.started:.3f}s"))
+
+    def next_deadline(self) -> float:
+        return min(self.deadline, self.try_deadline)
+
+    def abandon(self) -> None:
+        """The app went away mid-exchange: stop, free what we hold."""
+        if self.phase is Phase.DONE:
+            return
+        if self.backoff_handle is not None:
+            self.backoff_handle.cancel()
+            self.backoff_handle = None
+        if self.phase is Phase.WAITING and self.pool is not None:
+            self.pool.cancel(self)
+        if self.phase is not Phase.TUNNEL:
+            self._discard_conn("error", abort=True)
+        self._release_pool_slot()
+        policies = self.cluster.policies if self.cluster is not None else None
+        if policies is not None:
+            policies.on_abandon(self)
+        self.phase = Phase.DONE
+
+
+def connect_failed(detail: str, cluster: str) -> ConnectFailed:
+    return ConnectFailed(detail, cluster)

@@ -1,0 +1,440 @@
+"""The app-facing HTTP/1.1 `asyncio.Protocol`: one exchange at a time per app connection.
+
+It moves bytes and timers only: parsing is `http.parser`, routing `router`, the request's
+life `exchange`. Pipelined requests wait their turn (reading pauses while they do), so the
+responses go back in order. One wheel deadline per connection covers the head timeout, the
+keep-alive idle timeout and the current request's deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections import deque
+from typing import Any, cast
+
+from sidecar.downstream.context import ListenerContext
+from sidecar.downstream.exchange import Exchange, Phase
+from sidecar.downstream.router import ForwardTarget, route
+from sidecar.downstream.tunnel import Tunnel
+from sidecar.errors import HeadTimeout, ProtocolError, SidecarError
+from sidecar.flow_control import PIPELINED, WRITE_HIGH_WATER, WRITE_LOW_WATER, ReadGate
+from sidecar.http.headers import Headers
+from sidecar.http.parser import RequestHead, RequestParser
+from sidecar.rescue import error_response
+from sidecar.upstream.connection import UpstreamConnection
+
+log = logging.getLogger("sidecar.access")
+_DISCARD_GRACE = 2.0  # how long we keep reading an unwanted request body before closing
+
+
+class DownstreamProtocol(asyncio.Protocol):
+    __slots__ = (
+        "ctx",
+        "loop",
+        "transport",
+        "parser",
+        "gate",
+        "exchange",
+        "queue",
+        "http10",
+        "closed",
+        "discarding",
+        "deadline",
+        "filed_bucket",
+        "write_paused",
+        "listener_name",
+        "peer",
+        "upgraded",
+    )
+
+    def __init__(self, ctx: ListenerContext) -> None:
+        self.ctx = ctx
+        self.loop = ctx.loop
+        self.listener_name = ctx.name
+        self.transport: asyncio.Transport | None = None
+        self.parser = RequestParser(self, ctx.limits.max_header_bytes)
+        self.gate: ReadGate = None  # type: ignore[assignment]  # set in connection_made
+        self.exchange: Exchange | None = None
+        self.queue: deque[tuple[str, Any]] | None = None  # events of pipelined requests
+        self.http10 = False
+        self.closed = False
+        self.discarding = False  # reading the rest of a request nobody will answer again
+        self.deadline = math.inf
+        self.filed_bucket = 0
+        self.write_paused = False
+        self.peer: Any = None
+        self.upgraded = False
+
+    def now(self) -> float:
+        return self.loop.time()
+
+    # --- asyncio.Protocol -----------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.transport = transport
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        self.gate = ReadGate(transport)
+        ctx = self.ctx
+        ctx.connections.add(self)
+        ctx.stats.downstream_connections += 1
+        # A new connection must send a head within header_timeout, like a slow one.
+        self._set_deadline(self.loop.time() + ctx.limits.header_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self.upgraded:
+            # The request became a tunnel; until the upstream side is ready, hold the bytes.
+            ex = self.exchange
+            if ex is not None:
+                ex.upgrade_rest += data
+                self.transport.pause_reading()  # type: ignore[union-attr]
+            return
+        if self.exchange is None and not self.parser.in_head and not self.discarding:
+            self._set_deadline(self.loop.time() + self.ctx.limits.header_timeout)
+        try:
+            self.parser.feed(data)
+        except ProtocolError as exc:
+            self._bad_request(exc)
+        except SidecarError as exc:  # a request-level refusal raised inside a callback
+            self._bad_request(ProtocolError(exc.detail))
+
+    def eof_received(self) -> bool:
+        # The app half-closed. An exchange in progress still owes it a response.
+        ex = self.exchange
+        if ex is not None and ex.phase is not Phase.DONE:
+            return True
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        ctx = self.ctx
+        ctx.connections.discard(self)
+        ctx.stats.downstream_connections -= 1
+        ex = self.exchange
+        if ex is not None and ex.phase is not Phase.TUNNEL:
+            self.exchange = None
+            if ex.phase is not Phase.DONE:
+                ex.abandon()
+                ctx.stats.inflight -= 1
+        self.deadline = math.inf
+        ctx.changed()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.exchange is not None:
+            self.exchange.pause_upstream()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.exchange is not None:
+            self.exchange.resume_upstream()
+
+    # --- writing -----------------------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not self.closed:
+            transport.write(data)
+
+    def writelines(self, parts: list[bytes]) -> None:
+        transport = self.transport
+        if transport is not None and not self.closed:
+            transport.writelines(parts)
+
+    def closing_after_response(self) -> bool:
+        """Whether this response must end the app's connection. Never for a drain: the
+        app's client pool is the app's business (SPEC section 6)."""
+        return self.discarding
+
+    # --- RequestSink -------------------------------------------------------------------------------
+    def on_request_head(self, head: RequestHead) -> None:
+        if self.exchange is not None or self.queue:
+            self._enqueue(("head", head))
+            return
+        self._begin(head)
+
+    def on_request_body(self, data: bytes) -> None:
+        if self.queue:
+            self._enqueue(("body", data))
+            return
+        ex = self.exchange
+        if ex is not None and ex.phase is not Phase.DONE:
+            ex.request_body(data)
+
+    def on_request_end(self, trailers: Headers | None) -> None:
+        if self.queue:
+            self._enqueue(("end", trailers))
+            return
+        ex = self.exchange
+        if ex is not None and ex.phase is not Phase.DONE:
+            ex.request_end(trailers)
+        elif self.discarding:
+            self._close()
+
+    def on_upgrade(self, rest: bytes) -> None:
+        if self.queue:
+            self._enqueue(("upgrade", rest))
+            return
+        self.upgraded = True
+        ex = self.exchange
+        if ex is not None:
+            ex.upgrade_rest += rest
+            if ex.phase is not Phase.DONE and self.transport is not None:
+                self.transport.pause_reading()  # until the tunnel takes over
+
+    def _enqueue(self, event: tuple[str, Any]) -> None:
+        if self.queue is None:
+            self.queue = deque()
+        self.queue.append(event)
+        self.gate.pause(PIPELINED)
+
+    # --- requests ----------------------------------------------------------------------------------
+    def _begin(self, head: RequestHead) -> None:
+        ctx = self.ctx
+        now = self.loop.time()
+        self.http10 = head.version == "1.0"
+        ex = Exchange(self, head, now)
+        self.exchange = ex
+        ctx.stats.inflight += 1
+        try:
+            refusal = ctx.admit()
+            if refusal is not None:
+                raise refusal
+            target = route(ctx.table, head.authority, head.target, head.method == b"CONNECT")
+            if isinstance(target, ForwardTarget):
+                cluster = ctx.clusters.forward(target)
+            else:
+                found = ctx.clusters.get(target)
+                if found is None:
+                    from sidecar.errors import NoRoute
+
+                    raise NoRoute(f"cluster {target} does not exist", target)
+                cluster = found
+            if not cluster.has_answer:
+                self._await_discovery(ex, cluster)
+                return
+            ex.start(cluster)
+        except SidecarError as exc:
+            if ex.phase is not Phase.DONE:
+                ex.fail(exc)
+            return
+        self.deadline_changed()
+
+    def _await_discovery(self, ex: Exchange, cluster: Any) -> None:
+        """A dynamic cluster whose name is still resolving: start once it answers, or fail at
+        connect_timeout."""
+        ex.cluster = cluster
+        ex.deadline = ex.started + cluster.settings.connect_timeout
+        self.deadline_changed()
+
+        def go() -> None:
+            if ex.phase is not Phase.ROUTED or self.exchange is not ex:
+                return
+            try:
+                ex.start(cluster)
+            except SidecarError as exc:
+                ex.fail(exc)
+                return
+            self.deadline_changed()
+
+        cluster.when_ready(go)
+
+    def exchange_done(self, ex: Exchange, keep_alive: bool) -> None:
+        """The exchange finished (response written, or failed and answered)."""
+        if self.exchange is not ex:
+            return
+        self.exchange = None
+        ctx = self.ctx
+        ctx.stats.inflight -= 1
+        if ctx.access_log:
+            self._access_log(ex)
+        if self.closed:
+            ctx.changed()
+            return
+        if not keep_alive:
+            if ex.request_done or self.upgraded:
+                self._close()
+            else:
+                # Read (and drop) the rest of the request before closing, so the app reads
+                # our response instead of a reset.
+                self.discarding = True
+                self.queue = None
+                self.gate.resume(PIPELINED)
+                self._set_deadline(self.loop.time() + _DISCARD_GRACE)
+            ctx.changed()
+            return
+        self._set_deadline(self.loop.time() + ctx.limits.idle_timeout)
+        ctx.changed()
+        if self.queue:
+            self._run_queue()
+
+    def _run_queue(self) -> None:
+        queue = self.queue
+        assert queue is not None
+        while queue and self.exchange is None and not self.closed:
+            kind, value = queue.popleft()
+            if kind == "head":
+                self._begin(value)
+            elif kind == "body":
+                self.on_request_body(value)
+            elif kind == "end":
+                self.on_request_end(value)
+            else:
+                self.on_upgrade(value)
+            # Deliver the rest of this request's events to its exchange directly.
+            while queue and queue[0][0] != "head" and self.exchange is not None:
+                kind, value = queue.popleft()
+                ex = self.exchange
+                if ex.phase is Phase.DONE:
+                    continue
+                if kind == "body":
+                    ex.request_body(value)
+                elif kind == "end":
+                    ex.request_end(value)
+                else:
+                    self.upgraded = True
+                    ex.upgrade_rest += value
+        if not queue:
+            self.queue = None
+            if not self.closed:
+                self.gate.resume(PIPELINED)
+
+    def error_response(self, ex: Exchange, exc: SidecarError) -> None:
+        """The sidecar answers for itself (SPEC section 5 error body)."""
+        # A bodyless request is complete once its head is: its end event follows at once.
+        done = ex.request_done or not (ex.head.has_body or ex.head.method == b"CONNECT")
+        keep = ex.keep_alive and done and not self.upgraded
+        if done:
+            ex.request_done = True
+        ex.keep_alive = keep
+        self.write(error_response(exc, close=not keep, head_only=ex.head.method == b"HEAD"))
+        self.exchange_done(ex, keep)
+
+    def abort_after_partial_response(self, ex: Exchange, exc: SidecarError) -> None:
+        """A response has begun and cannot be completed: cut the connection so that the app
+        sees a truncated message, never a wrong one."""
+        self.exchange_done(ex, False)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _bad_request(self, exc: ProtocolError) -> None:
+        """Bytes we cannot read unambiguously: answer 400 (431, 408) and close. Nothing of
+        the request has been forwarded: an exchange starts only on a complete head."""
+        ex = self.exchange
+        if ex is not None and ex.phase is not Phase.DONE:
+            # A framing error in the body of a request already under way: cut both legs.
+            ex.fail(exc)
+            self._close()
+            return
+        if self.exchange is None and not self.closed:
+            self.write(error_response(exc, close=True))
+        self._close()
+
+    def _close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+    # --- tunnels -----------------------------------------------------------------------------------
+    def start_tunnel(
+        self, ex: Exchange, conn: UpstreamConnection, to_app: bytes = b"", to_upstream: bytes = b""
+    ) -> None:
+        app_transport = self.transport
+        up_transport = conn.transport
+        if app_transport is None or up_transport is None or self.closed:
+            if up_transport is not None:
+                up_transport.close()
+            return
+        self.upgraded = True
+        ctx = self.ctx
+        ctx.connections.discard(self)
+        self.deadline = math.inf
+        self.closed = True  # this protocol object is done; the tunnel owns both sockets
+
+        def finished(tunnel: Tunnel) -> None:
+            ctx.tunnels.discard(tunnel)
+            ctx.stats.downstream_connections -= 1
+            ctx.stats.inflight -= 1
+            if ex.cluster is not None:
+                ex.cluster.stats.request_done(self.listener_name, ex.status, self.now() - ex.started)
+            ctx.changed()
+
+        tunnel = Tunnel(app_transport, up_transport, finished)
+        ctx.tunnels.add(tunnel)
+        tunnel.start(to_upstream=to_upstream or ex.upgrade_rest, to_app=to_app)
+        self.exchange = None
+
+    # --- deadlines (Timed) ---------------------------------------------------------------------------
+    def _set_deadline(self, when: float) -> None:
+        self.deadline = when
+        self.ctx.wheel.schedule(self)
+
+    def deadline_changed(self) -> None:
+        ex = self.exchange
+        if ex is not None:
+            self._set_deadline(ex.next_deadline())
+
+    def on_deadline(self, now: float) -> None:
+        if self.closed:
+            return
+        ex = self.exchange
+        if ex is not None:
+            if ex.phase is not Phase.DONE:
+                ex.on_deadline(now)
+            if self.exchange is ex and ex.phase is not Phase.DONE:
+                self.deadline_changed()
+            return
+        if self.discarding:
+            self._close()
+        elif self.parser.in_head:
+            self._bad_request(HeadTimeout("request head not received within header_timeout"))
+        else:
+            self._close()  # idle keep-alive (or a connection that never sent anything)
+
+    # --- draining ----------------------------------------------------------------------------------
+    @property
+    def idle(self) -> bool:
+        return self.exchange is None and not self.parser.in_head
+
+    def close_if_idle(self) -> bool:
+        if self.idle and not self.closed:
+            self._close()
+            return True
+        return False
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.closed:
+            from sidecar.upstream.connection import _LINGER_ABORT
+            import socket
+
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+                except OSError:
+                    pass
+            self.transport.abort()
+
+    def _access_log(self, ex: Exchange) -> None:
+        head = ex.head
+        log.info(
+            "access",
+            extra={
+                "fields": {
+                    "listener": self.listener_name,
+                    "method": head.method.decode("latin-1"),
+                    "authority": head.authority.decode("latin-1"),
+                    "path": head.target.decode("latin-1")[:256],
+                    "status": ex.status,
+                    "cluster": ex.cluster.name if ex.cluster else None,
+                    "endpoint": ex.pool.key if ex.pool else None,
+                    "attempts": ex.attempt,
+                    "duration_ms": round((self.loop.time() - ex.started) * 1000, 3),
+                    "error": ex.last_error.code if ex.last_error and ex.status >= 400 else None,
+                }
+            },
+        )
+
+    def __repr__(self) -> str:
+        return f"<DownstreamProtocol {self.listener_name} exchange={self.exchange!r}>"

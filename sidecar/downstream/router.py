@@ -1,0 +1,146 @@
+"""Pure routing: a request's authority and path -> a cluster name, a forward target, or a refusal.
+
+Order (SPEC section 5): the listener's fixed cluster; else the first route whose match fits
+the authority (absolute-form target first, then Host) and path; else the forward proxy for
+allowed hosts; else 404 `no_route`. No I/O and no state: easy to test exhaustively.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any
+
+from sidecar.errors import HostNotAllowed, NoRoute, ProtocolError
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    cluster: str
+    host: str | None = None
+    host_suffix: str | None = None
+    path_prefix: bytes | None = None
+
+    def matches(self, host: str, path: bytes) -> bool:
+        if self.host is not None and host != self.host:
+            return False
+        if self.host_suffix is not None and not host.endswith(self.host_suffix):
+            return False
+        return self.path_prefix is None or path.startswith(self.path_prefix)
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardTarget:
+    """Forward-proxy destination: becomes the dynamic cluster "host:port"."""
+
+    host: str
+    port: int
+
+    @property
+    def cluster(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTable:
+    cluster: str | None = None
+    routes: tuple[Route, ...] = ()
+    forward: bool = False
+    allowed: tuple[tuple[str, int | None], ...] = ()  # (glob, pinned port)
+    connect: bool = False
+    own_addresses: frozenset[tuple[str, int]] = field(default_factory=frozenset)
+
+    @classmethod
+    def from_config(cls, listener: Any, own_addresses: frozenset[tuple[str, int]]) -> RouteTable:
+        routes = tuple(
+            Route(
+                cluster=r.cluster,
+                host=r.match.host.lower() if r.match.host else None,
+                host_suffix=r.match.host_suffix.lower() if r.match.host_suffix else None,
+                path_prefix=r.match.path_prefix.encode() if r.match.path_prefix else None,
+            )
+            for r in listener.routes
+        )
+        fp = listener.forward_proxy
+        allowed = []
+        for entry in fp.allowed_hosts:
+            glob, port = entry, None
+            if entry.count(":") == 1 and entry.rsplit(":", 1)[1].isdigit():
+                glob, port_text = entry.rsplit(":", 1)
+                port = int(port_text)
+            allowed.append((glob.lower(), port))
+        return cls(
+            cluster=listener.cluster,
+            routes=routes,
+            forward=fp.enabled,
+            allowed=tuple(allowed),
+            connect=fp.connect,
+            own_addresses=own_addresses,
+        )
+
+
+def split_authority(authority: bytes, default_port: int) -> tuple[str, int]:
+    """b"Host:8080" -> ("host", 8080); b"[::1]:80" -> ("::1", 80). Raises ProtocolError."""
+    text = authority.decode("latin-1").strip().lower()
+    if not text:
+        raise ProtocolError("request has no authority (Host)")
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise ProtocolError("bad IPv6 authority")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, _, port_text = text.partition(":")
+    if not port_text:
+        return host, default_port
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ProtocolError("bad port in authority")
+    return host, int(port_text)
+
+
+def _host_allowed(table: RouteTable, host: str, port: int) -> bool:
+    for glob, pinned in table.allowed:
+        if pinned is not None and pinned != port:
+            continue
+        if glob == "*" or fnmatch.fnmatchcase(host, glob):
+            return True
+    return False
+
+
+def _is_self(table: RouteTable, host: str, port: int) -> bool:
+    """Forwarding to our own listener would loop until file descriptors run out."""
+    if not table.own_addresses:
+        return False
+    for own_host, own_port in table.own_addresses:
+        if own_port != port:
+            continue
+        if host == own_host or host == "localhost":
+            return True
+        try:
+            if ipaddress.ip_address(host).is_loopback and ipaddress.ip_address(own_host).is_loopback:
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+def route(
+    table: RouteTable, authority: bytes, path: bytes, connect: bool
+) -> str | ForwardTarget:
+    """The cluster name, or a ForwardTarget. Raises NoRoute / HostNotAllowed / ProtocolError."""
+    if table.cluster is not None:
+        return table.cluster
+    host, port = split_authority(authority, 443 if connect else 80)
+    for r in table.routes:
+        if r.matches(host, path):
+            return r.cluster
+    if table.forward and (table.connect or not connect):
+        if not _host_allowed(table, host, port):
+            raise HostNotAllowed(f"{host}:{port} is not in forward_proxy.allowed_hosts")
+        if _is_self(table, host, port):
+            raise HostNotAllowed(f"{host}:{port} is this sidecar's own listener")
+        return ForwardTarget(host, port)
+    if connect and table.forward:
+        raise HostNotAllowed("CONNECT is not enabled on this listener")
+    raise NoRoute(f"no route for {host}")

@@ -1,0 +1,134 @@
+"""A `protocol: tcp` listener: each app connection spliced to a connection to the cluster."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import cast
+import logging
+
+from sidecar.downstream.context import ListenerContext
+from sidecar.downstream.tunnel import Tunnel
+from sidecar.errors import SidecarError
+from sidecar.upstream.cluster import Cluster
+from sidecar.upstream.connection import UpstreamConnection
+from sidecar.upstream.pool import Pool
+
+log = logging.getLogger("sidecar.tcp")
+
+
+class TcpProxyProtocol(asyncio.Protocol):
+    """Holds the app's bytes (reading paused) until the upstream connection exists, then hands
+    both sockets to a Tunnel."""
+
+    def __init__(self, ctx: ListenerContext, cluster_name: str) -> None:
+        self.ctx = ctx
+        self.cluster_name = cluster_name
+        self.transport: asyncio.Transport | None = None
+        self.pending = bytearray()
+        self.pool: Pool | None = None
+        self.cluster: Cluster | None = None
+        self.closed = False
+        self.eof = False
+        self.started = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.transport = transport
+        ctx = self.ctx
+        ctx.stats.downstream_connections += 1
+        ctx.stats.inflight += 1
+        self.started = ctx.loop.time()
+        transport.pause_reading()
+        cluster = ctx.clusters.get(self.cluster_name)
+        try:
+            if cluster is None:
+                from sidecar.errors import NoRoute
+
+                raise NoRoute(f"cluster {self.cluster_name} does not exist")
+            self.cluster = cluster
+            refusal = ctx.admit()
+            if refusal is not None:
+                raise refusal
+            self.pool = pool = cluster.pick()
+            pool.inflight += 1
+            conn = pool.acquire(self)
+        except SidecarError as exc:
+            self.on_pool_error(exc)
+            return
+        if conn is not None:
+            self.on_pool_connection(conn)
+
+    def data_received(self, data: bytes) -> None:
+        self.pending += data  # only before the tunnel exists; reading is paused then
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        self._end()
+        if self.pool is not None:
+            self.pool.cancel(self)
+
+    def _end(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.ctx.stats.downstream_connections -= 1
+        self.ctx.stats.inflight -= 1
+        if self.pool is not None:
+            self.pool.inflight -= 1
+        self.ctx.changed()
+
+    # --- Waiter -----------------------------------------------------------------------------------
+    def on_pool_connection(self, conn: UpstreamConnection) -> None:
+        pool = self.pool
+        assert pool is not None
+        if self.closed or self.transport is None or conn.transport is None:
+            pool.release(conn)
+            return
+        conn.bind(_NoUser(), b"")
+        conn.to_tunnel()
+        pool.discard(conn, "tunnel")
+        ctx = self.ctx
+
+        def finished(tunnel: Tunnel) -> None:
+            ctx.tunnels.discard(tunnel)
+            if self.cluster is not None:
+                self.cluster.stats.request_done(ctx.name, 200, ctx.loop.time() - self.started)
+            self._end()
+
+        tunnel = Tunnel(self.transport, conn.transport, finished)
+        ctx.tunnels.add(tunnel)
+        tunnel.start(to_upstream=bytes(self.pending))
+        self.pending.clear()
+        if self.eof and conn.transport.can_write_eof():
+            conn.transport.write_eof()
+            tunnel.app.eof = True
+
+    def on_pool_error(self, exc: SidecarError) -> None:
+        if self.cluster is not None:
+            self.cluster.stats.local_error(exc.code)
+        log.warning(
+            "tcp connect failed",
+            extra={"fields": {"listener": self.ctx.name, "cluster": self.cluster_name,
+                              "error": exc.code, "detail": exc.detail}},
+        )
+        if self.transport is not None:
+            self.transport.close()
+        self._end()
+        self.pool = None
+
+
+class _NoUser:
+    """A tunnel's upstream connection has no HTTP user; bytes never reach the parser."""
+
+    def on_response_head(self, head: object) -> None: ...
+    def on_response_body(self, data: bytes) -> None: ...
+    def on_response_end(self, trailers: object) -> None: ...
+    def on_upgrade(self, rest: bytes) -> None: ...
+    def on_upstream_error(self, exc: object) -> None: ...
+    def on_upstream_pause_writing(self) -> None: ...
+    def on_upstream_resume_writing(self) -> None: ...

@@ -1,0 +1,108 @@
+"""One root for every failure the sidecar reports, split by phase, each carrying its SPEC code."""
+
+from __future__ import annotations
+
+
+class SidecarError(Exception):
+    """Root. `code` is the `x-sidecar-error` value of SPEC section 5, `status` the HTTP status."""
+
+    code = "internal"
+    status = 500
+
+    def __init__(self, detail: str = "", cluster: str = "") -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.cluster = cluster
+
+
+# --- downstream: the app's request is at fault -------------------------------------------------
+class ProtocolError(SidecarError):
+    """Bytes from a peer that are not valid HTTP/1.1 (or are ambiguous): never forwarded."""
+
+    code = "bad_request"
+    status = 400
+
+
+class HeadTooLarge(ProtocolError):
+    code = "header_too_large"
+    status = 431
+
+
+class HeadTimeout(ProtocolError):
+    code = "header_timeout"
+    status = 408
+
+
+# --- routing ---------------------------------------------------------------------------------
+class NoRoute(SidecarError):
+    code = "no_route"
+    status = 404
+
+
+class HostNotAllowed(SidecarError):
+    code = "host_not_allowed"
+    status = 403
+
+
+# --- admission to a cluster --------------------------------------------------------------------
+class CircuitOpen(SidecarError):
+    code = "circuit_open"
+    status = 503
+
+
+class NoHealthyEndpoints(SidecarError):
+    code = "no_healthy_endpoints"
+    status = 503
+
+
+class PoolTimeout(SidecarError):
+    code = "pool_timeout"
+    status = 503
+
+
+class Draining(SidecarError):
+    code = "draining"
+    status = 503
+
+
+# --- the upstream leg ------------------------------------------------------------------------
+class UpstreamError(SidecarError):
+    """Something went wrong talking to the upstream. `before_response` is True when no response
+    byte had arrived: the only case in which a retry can be invisible to the app."""
+
+    status = 502
+    before_response = True
+
+
+class ConnectFailed(UpstreamError):
+    code = "connect_failed"
+
+
+class UpstreamReset(UpstreamError):
+    code = "upstream_reset"
+
+
+class BadUpstreamResponse(UpstreamError):
+    code = "bad_upstream_response"
+
+
+class UpstreamTimeout(UpstreamError):
+    code = "upstream_timeout"
+    status = 504
+
+
+LOCAL_ERROR_CODES: tuple[str, ...] = (
+    "circuit_open",
+    "no_healthy_endpoints",
+    "pool_timeout",
+    "connect_failed",
+    "upstream_reset",
+    "bad_upstream_response",
+    "upstream_timeout",
+    "draining",
+    "no_route",
+    "host_not_allowed",
+    "bad_request",
+    "header_too_large",
+    "header_timeout",
+)

@@ -1,0 +1,488 @@
+"""Sans-IO HTTP/1.1 parsing: httptools (llhttp) fed bytes, our sink told what they meant.
+
+Theory of operation. A parser is fed raw bytes and calls methods of a *sink* object in order:
+`on_*_head(head)`, `on_*_body(data)` any number of times, `on_*_end(trailers)`; for CONNECT,
+`Upgrade` requests and `101` responses, `on_upgrade(rest)` follows with the bytes after the
+head, after which the parser takes no more input (the connection has become a byte tunnel).
+Nothing here touches a socket, a clock or the event loop, so it can be fed whole, byte by byte,
+or fuzzed. The one exception the caller sees is `ProtocolError` (or `HeadTooLarge`): anything
+the parser cannot read unambiguously is refused, never guessed at, because a proxy that reads a
+message differently from the next hop is how request smuggling happens.
+
+llhttp already refuses Content-Length together with Transfer-Encoding, duplicate
+Content-Length, obs-fold, a Transfer-Encoding whose final coding is not chunked, and bad chunk
+sizes. On top of it we enforce: the head-size limit (431), exactly one Host in HTTP/1.1
+requests, and only `http` absolute-form targets.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import httptools
+
+from sidecar.errors import BadUpstreamResponse, HeadTooLarge, ProtocolError
+from sidecar.http.headers import (
+    HOP_BY_HOP,
+    Headers,
+    connection_tokens,
+    parse_keep_alive_timeout,
+)
+
+_HEAD_SLACK = 1024  # bytes beyond max_header_bytes we let llhttp buffer before refusing
+
+# Fields the proxy reads itself; all but expect/idempotency-key are dropped from what it
+# forwards (hop-by-hop per RFC 9110 7.6.1, framing it re-emits, and its own control fields).
+_REQUEST_SPECIAL = HOP_BY_HOP | {
+    b"host",
+    b"expect",
+    b"idempotency-key",
+    b"x-sidecar-timeout-ms",
+    b"x-sidecar-retry-attempts",
+    b"x-sidecar-deadline-ms",
+}
+_RESPONSE_SPECIAL = HOP_BY_HOP
+_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
+
+
+def _int_or_none(value: bytes) -> int | None:
+    try:
+        return int(value.strip())
+    except ValueError:
+        return None
+
+
+def _drop_named(forward: Headers, connection: set[bytes]) -> Headers:
+    """Drop the fields the Connection header named (beyond the usual options)."""
+    if not connection or connection <= _CONNECTION_OPTIONS:
+        return forward
+    named = connection - _CONNECTION_OPTIONS
+    return [(n, v) for n, v in forward if n.lower() not in named]
+
+
+class RequestHead:
+    """A request head as received, with the facts the proxy needs pulled out once."""
+
+    __slots__ = (
+        "method",
+        "target",  # origin-form target to send upstream (absolute-form rewritten)
+        "version",
+        "headers",
+        "keep_alive",
+        "upgrade",  # the Upgrade value when the app asked to upgrade (WebSocket), else None
+        "content_length",
+        "chunked",
+        "authority",  # host[:port] from the absolute-form target, CONNECT target, or Host
+        "absolute",  # True when the app used absolute-form (forward-proxy style)
+        "connection",  # lowercased tokens of the Connection field
+        "expect_continue",
+        "host",  # the Host value (None if absent)
+        "forward",  # end-to-end fields to send upstream (no hop-by-hop, no Host, no x-sidecar-*)
+        "timeout_ms",  # x-sidecar-timeout-ms
+        "retry_attempts",  # x-sidecar-retry-attempts
+        "idempotency_key",  # the app marked the request safe to retry
+    )
+
+    def __init__(self) -> None:
+        self.method = b""
+        self.target = b""
+        self.version = "1.1"
+        self.headers: Headers = []
+        self.keep_alive = True
+        self.upgrade: bytes | None = None
+        self.content_length: int | None = None
+        self.chunked = False
+        self.authority = b""
+        self.absolute = False
+        self.connection: set[bytes] = set()
+        self.expect_continue = False
+        self.host: bytes | None = None
+        self.forward: Headers = []
+        self.timeout_ms: int | None = None
+        self.retry_attempts: int | None = None
+        self.idempotency_key = False
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+    def header(self, lowercase_name: bytes) -> bytes | None:
+        """The first value of a field, by lowercase name (a scan: for rare fields only)."""
+        for name, value in self.headers:
+            if name.lower() == lowercase_name:
+                return value
+        return None
+
+    def __repr__(self) -> str:
+        return f"<RequestHead {self.method.decode()} {self.target.decode('latin-1')}>"
+
+
+class ResponseHead:
+    __slots__ = (
+        "status",
+        "reason",
+        "version",
+        "headers",
+        "keep_alive",
+        "content_length",
+        "chunked",
+        "bodyless",  # no body by the rules: HEAD request, 1xx, 204, 304
+        "keep_alive_timeout",
+        "connection",
+        "forward",  # end-to-end fields to send to the app
+    )
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.reason = b""
+        self.version = "1.1"
+        self.headers: Headers = []
+        self.keep_alive = True
+        self.content_length: int | None = None
+        self.chunked = False
+        self.bodyless = False
+        self.keep_alive_timeout: float | None = None
+        self.connection: set[bytes] = set()
+        self.forward: Headers = []
+
+    @property
+    def close_delimited(self) -> bool:
+        """The body runs until the upstream closes (no length, not chunked)."""
+        return not (self.bodyless or self.chunked or self.content_length is not None)
+
+    def __repr__(self) -> str:
+        return f"<ResponseHead {self.status}>"
+
+
+class RequestSink(Protocol):
+    def on_request_head(self, head: RequestHead) -> None: ...
+    def on_request_body(self, data: bytes) -> None: ...
+    def on_request_end(self, trailers: Headers | None) -> None: ...
+    def on_upgrade(self, rest: bytes) -> None: ...
+
+
+class ResponseSink(Protocol):
+    def on_response_head(self, head: ResponseHead) -> None: ...
+    def on_response_body(self, data: bytes) -> None: ...
+    def on_response_end(self, trailers: Headers | None) -> None: ...
+    def on_upgrade(self, rest: bytes) -> None: ...
+
+
+class _StopParsing(Exception):
+    """Raised inside a callback to stop llhttp after a bodyless response to HEAD."""
+
+
+def _unwrap(exc: httptools.HttpParserError, error: type[ProtocolError] | type[Exception]) -> Exception:
+    """A callback's own exception travels as the parser error's context: give it back."""
+    inner = exc.__context__
+    if isinstance(inner, (ProtocolError, BadUpstreamResponse)):
+        return inner
+    if isinstance(exc, httptools.HttpParserCallbackError) and inner is not None:
+        # The sink raised something of its own: let it propagate unchanged.
+        return inner
+    return error(str(exc) or type(exc).__name__)
+
+
+class RequestParser:
+    """Parses the app's requests. `feed()` may call the sink for several pipelined requests."""
+
+    __slots__ = (
+        "_sink",
+        "_parser",
+        "_max_head",
+        "_head_bytes",
+        "_in_head",
+        "_url",
+        "_headers",
+        "_trailers",
+        "_host_count",
+        "_head",
+        "upgraded",
+    )
+
+    def __init__(self, sink: RequestSink, max_header_bytes: int = 65536) -> None:
+        self._sink = sink
+        self._parser = httptools.HttpRequestParser(self)
+        self._max_head = max_header_bytes
+        self._head_bytes = 0
+        self._in_head = False
+        self._url = b""
+        self._headers: Headers = []
+        self._trailers: Headers | None = None
+        self._host_count = 0
+        self._head: RequestHead | None = None
+        self.upgraded = False
+
+    @property
+    def in_head(self) -> bool:
+        """True while part of a request head has arrived but not all of it."""
+        return self._in_head
+
+    def feed(self, data: bytes) -> None:
+        if self.upgraded:
+            raise ProtocolError("data after upgrade fed to the parser")
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self.upgraded = True
+            self._sink.on_upgrade(data[exc.args[0] :])
+            return
+        except httptools.HttpParserError as exc:
+            raise _unwrap(exc, ProtocolError) from None
+        if self._in_head:
+            # llhttp buffers an unfinished header line itself; bound what it may hold.
+            self._head_bytes += len(data)
+            if self._head_bytes > self._max_head + _HEAD_SLACK:
+                raise HeadTooLarge("request head larger than max_header_bytes")
+
+    # --- httptools callbacks -----------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._head_bytes = 0
+        self._url = b""
+        self._headers = []
+        self._trailers = None
+        self._host_count = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_bytes += len(url)
+        if self._head_bytes > self._max_head:
+            raise HeadTooLarge("request target larger than max_header_bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:  # a trailer field after a chunked body
+            if self._trailers is None:
+                self._trailers = []
+            self._trailers.append((name, value))
+            return
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > self._max_head:
+            raise HeadTooLarge("request head larger than max_header_bytes")
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        parser = self._parser
+        head = RequestHead()
+        head.method = parser.get_method()
+        head.version = parser.get_http_version()
+        head.headers = headers = self._headers
+        head.keep_alive = parser.should_keep_alive()
+        host: bytes | None = None
+        forward: Headers = []
+        for name, value in headers:
+            low = name.lower()
+            if low not in _REQUEST_SPECIAL:
+                forward.append((name, value))
+            elif low == b"host":
+                self._host_count += 1
+                host = value
+            elif low == b"content-length":
+                head.content_length = int(value)
+            elif low == b"transfer-encoding":
+                head.chunked = True  # llhttp guarantees chunked is the final coding
+            elif low == b"connection":
+                head.connection |= connection_tokens(value)
+            elif low == b"upgrade":
+                head.upgrade = value
+            elif low == b"expect":
+                head.expect_continue = value.strip().lower() == b"100-continue"
+                forward.append((name, value))
+            elif low == b"idempotency-key":
+                head.idempotency_key = True
+                forward.append((name, value))
+            elif low == b"x-sidecar-timeout-ms":
+                head.timeout_ms = _int_or_none(value)
+            elif low == b"x-sidecar-retry-attempts":
+                head.retry_attempts = _int_or_none(value)
+            # else: hop-by-hop, or a field of ours the app must not forge: dropped
+        head.host = host
+        head.forward = _drop_named(forward, head.connection)
+        if self._host_count > 1:
+            raise ProtocolError("more than one Host header")
+        if head.upgrade is not None and b"upgrade" not in head.connection:
+            head.upgrade = None  # Upgrade without Connection: upgrade is not a request to upgrade
+        url = self._url
+        if head.method == b"CONNECT":
+            head.authority = url
+            head.target = url
+        elif url[:1] == b"/" or url == b"*":
+            if host is None and head.version == "1.1":
+                raise ProtocolError("HTTP/1.1 request without Host")
+            head.target = url
+            head.authority = host or b""
+        else:
+            try:
+                parsed = httptools.parse_url(url)
+            except httptools.HttpParserInvalidURLError:
+                raise ProtocolError("invalid request target") from None
+            if parsed.schema != b"http" or not parsed.host:
+                raise ProtocolError("absolute-form target must be http://host[:port]/...")
+            head.absolute = True
+            head.authority = parsed.host if parsed.port is None else b"%s:%d" % (
+                parsed.host,
+                parsed.port,
+            )
+            path = parsed.path or b"/"
+            head.target = path + b"?" + parsed.query if parsed.query else path
+        self._head = head
+        self._sink.on_request_head(head)
+
+    def on_body(self, body: bytes) -> None:
+        self._sink.on_request_body(body)
+
+    def on_message_complete(self) -> None:
+        self._sink.on_request_end(self._trailers)
+
+
+class ResponseParser:
+    """Parses one upstream connection's responses. Call `expect(method)` before each request
+    is sent (a response to HEAD has no body whatever its headers say), and `eof()` when the
+    upstream closes: it ends a close-delimited body or reports the response incomplete."""
+
+    __slots__ = (
+        "_sink",
+        "_parser",
+        "_method_head",
+        "_headers",
+        "_trailers",
+        "_reason",
+        "_in_head",
+        "_head",
+        "_informational",
+        "_done",
+        "_head_bytes",
+        "upgraded",
+    )
+
+    def __init__(self, sink: ResponseSink) -> None:
+        self._sink = sink
+        self._parser: Any = httptools.HttpResponseParser(self)
+        self._method_head = False
+        self._headers: Headers = []
+        self._trailers: Headers | None = None
+        self._reason = b""
+        self._in_head = False
+        self._head: ResponseHead | None = None
+        self._informational = False
+        self._done = True  # no response in progress
+        self._head_bytes = 0
+        self.upgraded = False
+
+    @property
+    def in_progress(self) -> bool:
+        """A response has begun and not ended."""
+        return not self._done
+
+    @property
+    def started(self) -> bool:
+        """Any byte of the current response has been parsed."""
+        return self._in_head or self._head is not None
+
+    def expect(self, method: bytes) -> None:
+        if self._method_head:
+            # The previous parser stopped mid-stream after a HEAD response: start afresh.
+            self._parser = httptools.HttpResponseParser(self)
+        self._method_head = method == b"HEAD"
+        self._head = None
+        self._done = False
+
+    def feed(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self.upgraded = True
+            self._sink.on_upgrade(data[exc.args[0] :])
+        except httptools.HttpParserError as exc:
+            inner = exc.__context__
+            if isinstance(inner, _StopParsing):
+                if data[self._stop_offset(data) :].strip():
+                    raise BadUpstreamResponse("bytes after a response to HEAD") from None
+                return
+            raise _unwrap(exc, BadUpstreamResponse) from None
+        if self._in_head:
+            self._head_bytes += len(data)
+            if self._head_bytes > 1 << 20:
+                raise BadUpstreamResponse("response head larger than 1 MiB")
+
+    def _stop_offset(self, data: bytes) -> int:
+        end = data.find(b"\r\n\r\n")
+        return len(data) if end < 0 else end + 4
+
+    def eof(self) -> None:
+        """The upstream closed its side."""
+        head = self._head
+        if head is not None and not self._done and head.close_delimited:
+            self._done = True
+            self._sink.on_response_end(None)
+            return
+        if not self._done:
+            raise BadUpstreamResponse("upstream closed before the response was complete")
+
+    # --- httptools callbacks -----------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._head_bytes = 0
+        self._headers = []
+        self._trailers = None
+        self._reason = b""
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._in_head:
+            self._headers.append((name, value))
+        else:
+            if self._trailers is None:
+                self._trailers = []
+            self._trailers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        if self._done:
+            raise BadUpstreamResponse("response without a request")
+        parser = self._parser
+        head = ResponseHead()
+        head.status = status = parser.get_status_code()
+        head.reason = self._reason
+        head.version = parser.get_http_version()
+        head.headers = headers = self._headers
+        head.keep_alive = parser.should_keep_alive()
+        forward: Headers = []
+        for name, value in headers:
+            low = name.lower()
+            if low not in _RESPONSE_SPECIAL:
+                forward.append((name, value))
+            elif low == b"content-length":
+                head.content_length = int(value)
+            elif low == b"transfer-encoding":
+                head.chunked = True
+            elif low == b"connection":
+                head.connection |= connection_tokens(value)
+            elif low == b"keep-alive":
+                head.keep_alive_timeout = parse_keep_alive_timeout(value)
+        head.forward = _drop_named(forward, head.connection)
+        self._informational = 100 <= status < 200 and status != 101
+        head.bodyless = self._method_head or status < 200 or status in (204, 304)
+        if head.close_delimited:
+            head.keep_alive = False
+        self._head = head
+        self._sink.on_response_head(head)
+        if self._method_head and not self._informational:
+            self._done = True
+            self._sink.on_response_end(None)
+            raise _StopParsing
+
+    def on_body(self, body: bytes) -> None:
+        self._sink.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._informational:
+            # 100 Continue and friends: a head with no end; the real response follows.
+            self._informational = False
+            self._head = None
+            return
+        self._done = True
+        self._sink.on_response_end(self._trailers)

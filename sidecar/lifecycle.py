@@ -1,0 +1,186 @@
+"""The drain: serving -> draining -> drained, with one deadline (SPEC section 6).
+
+Written as a sequence, like uvicorn's `Server.shutdown`: readiness off; idle upstream
+connections closed gracefully (SO_LINGER `linger`); the app keeps being served during
+`accept_period` and, with `exit_on_zero_connections`, for as long as it holds connections to
+us, because an app shutting down still needs its outbound calls (Linkerd refusing them is the
+bug we exist to avoid); we never add `Connection: close` to anything of the app's. Drained
+when nothing is in flight and (with exit_on_zero_connections) the app has no connection left.
+At `grace`, whatever is still busy is aborted with SO_LINGER 0 (RST, no TIME_WAIT), counted
+and logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sidecar.errors import Draining, SidecarError
+
+log = logging.getLogger("sidecar.drain")
+
+
+class DrainState(enum.IntEnum):
+    SERVING = 0
+    DRAINING = 1
+    DRAINED = 2
+
+
+_TRANSITIONS = {
+    DrainState.SERVING: {DrainState.DRAINING},
+    DrainState.DRAINING: {DrainState.DRAINED},
+    DrainState.DRAINED: set(),
+}
+
+
+@dataclass
+class DrainSettings:
+    grace: float = 25.0
+    accept_period: float = 5.0
+    linger: float = 5.0
+    exit_on_zero_connections: bool = True
+
+
+@dataclass
+class Counts:
+    inflight: int = 0
+    connections: int = 0  # the app's connections to us (tunnels included)
+    upstream_active: int = 0
+
+
+class Drain:
+    """The state machine. `counts()` reads the live numbers; `actions` do the I/O."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        settings: DrainSettings,
+        counts: Callable[[], Counts],
+        close_idle_upstream: Callable[[int], int],
+        close_idle_downstream: Callable[[], int],
+        abort_everything: Callable[[], int],
+        on_state: Callable[[DrainState], None],
+    ) -> None:
+        self._loop = loop
+        self.settings = settings
+        self._counts = counts
+        self._close_idle_upstream = close_idle_upstream
+        self._close_idle_downstream = close_idle_downstream
+        self._abort_everything = abort_everything
+        self._on_state = on_state
+        self.state = DrainState.SERVING
+        self.started_at: float | None = None
+        self.exit_when_drained = True
+        self.aborted = 0
+        self.done = asyncio.Event()
+        self._timers: list[asyncio.TimerHandle] = []
+
+    def _transition(self, new: DrainState) -> None:
+        if new not in _TRANSITIONS[self.state]:
+            raise RuntimeError(f"drain: {self.state.name} -> {new.name}")
+        self.state = new
+        self._on_state(new)
+
+    # --- admission (the data path asks this for every new request) --------------------------------
+    def admit(self) -> SidecarError | None:
+        if self.state is DrainState.SERVING:
+            return None
+        if self.state is DrainState.DRAINED:
+            return Draining("the sidecar has drained")
+        assert self.started_at is not None
+        if self._loop.time() - self.started_at < self.settings.accept_period:
+            return None
+        if self.settings.exit_on_zero_connections:
+            return None  # the app still holds a connection (we are asked on it): serve
+        return Draining("the sidecar is draining; accept_period is over")
+
+    # --- the sequence --------------------------------------------------------------------------
+    def start(self, exit_when_drained: bool = True) -> None:
+        """Idempotent. A later call may only turn exit on, not off."""
+        if self.state is not DrainState.SERVING:
+            self.exit_when_drained = self.exit_when_drained or exit_when_drained
+            return
+        self.exit_when_drained = exit_when_drained
+        self.started_at = self._loop.time()
+        self._transition(DrainState.DRAINING)
+        closed = self._close_idle_upstream(int(self.settings.linger))
+        log.info(
+            "drain started",
+            extra={"fields": {"grace_s": self.settings.grace,
+                              "accept_period_s": self.settings.accept_period,
+                              "idle_upstream_closed": closed, **self._counts().__dict__}},
+        )
+        self._timers.append(
+            self._loop.call_later(self.settings.accept_period, self._after_accept_period)
+        )
+        self._timers.append(self._loop.call_later(self.settings.grace, self._at_grace))
+        self.check()
+
+    def _after_accept_period(self) -> None:
+        if self.state is not DrainState.DRAINING:
+            return
+        if not self.settings.exit_on_zero_connections:
+            # New requests are refused from now on; idle app connections can go.
+            self._close_idle_downstream()
+        self.check()
+
+    def check(self) -> None:
+        """Called whenever in-flight work or connections change."""
+        if self.state is not DrainState.DRAINING:
+            return
+        assert self.started_at is not None
+        c = self._counts()
+        if self._loop.time() - self.started_at < self.settings.accept_period:
+            return
+        if c.inflight > 0:
+            return
+        if self.settings.exit_on_zero_connections and c.connections > 0:
+            return
+        self._finish()
+
+    def _at_grace(self) -> None:
+        if self.state is not DrainState.DRAINING:
+            return
+        c = self._counts()
+        self.aborted = self._abort_everything()
+        log.warning(
+            "drain grace passed: aborting what is left",
+            extra={"fields": {"aborted": self.aborted, **c.__dict__}},
+        )
+        self._finish()
+
+    def _finish(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+        self._close_idle_downstream()
+        self._transition(DrainState.DRAINED)
+        elapsed = self._loop.time() - (self.started_at or self._loop.time())
+        log.info("drained", extra={"fields": {"elapsed_s": round(elapsed, 3),
+                                               "aborted": self.aborted}})
+        self.done.set()
+
+    def abort_now(self) -> None:
+        """A second signal: everything goes, now."""
+        if self.state is DrainState.SERVING:
+            self.started_at = self._loop.time()
+            self._transition(DrainState.DRAINING)
+        if self.state is DrainState.DRAINING:
+            self.aborted = self._abort_everything()
+            self.exit_when_drained = True
+            self._finish()
+
+    def status(self) -> dict[str, object]:
+        c = self._counts()
+        elapsed = 0.0 if self.started_at is None else self._loop.time() - self.started_at
+        return {
+            "state": self.state.name.lower(),
+            "inflight": c.inflight,
+            "connections": c.connections,
+            "upstream_active": c.upstream_active,
+            "elapsed": round(elapsed, 3),
+            "aborted": self.aborted,
+        }

@@ -1,0 +1,195 @@
+"""Hot-path counters as plain Python numbers; `observe.metrics` turns them into Prometheus series.
+
+Why not prometheus-client objects on the data path: each `inc()`/`observe()` there takes a lock
+and resolves label children; at tens of thousands of requests per second per core that is a
+visible share of the CPU. Here a request costs a few integer additions, and the exporter reads
+these objects only when scraped. Gauges (connections, pending, breaker state, endpoint health)
+are not kept at all: they are read from the live objects at scrape time through `gauges`.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+
+# Why an upstream connection closed (label `reason` of connections_closed_total).
+CLOSE_REASONS = (
+    "idle_timeout",  # unused longer than pool.idle_timeout
+    "max_lifetime",  # reached its (jittered) max_lifetime
+    "remote_closed",  # the upstream closed it (EOF/RST), while idle or in use
+    "error",  # an I/O or protocol error while in use
+    "not_reusable",  # response said Connection: close, or the exchange ended unclean
+    "timeout",  # a request on it timed out; never reused
+    "pool_full",  # returned when max_idle idle connections were already kept
+    "rotated",  # rotated so that new endpoints get their share
+    "drain",  # closed gracefully during a drain or a reload
+    "endpoint_removed",  # its endpoint left discovery or turned terminating
+    "tunnel",  # left the pool for an Upgrade/CONNECT tunnel, and that ended
+)
+
+RETRY_REASONS = ("connect-failure", "reset", "stale", "timeout", "502", "503", "504", "5xx")
+HEALTH_RESULTS = ("success", "failure")
+
+DURATION_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)
+FAST_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5,
+)
+
+
+class Histogram:
+    """Bucket counts (not cumulative) plus sum and count; `observe` is a bisect and two adds."""
+
+    __slots__ = ("buckets", "counts", "sum", "count")
+
+    def __init__(self, buckets: tuple[float, ...] = DURATION_BUCKETS) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)  # the last slot is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.buckets, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """[(le, cumulative count)] in Prometheus order, ending with +Inf."""
+        out: list[tuple[str, int]] = []
+        running = 0
+        for bound, n in zip(self.buckets, self.counts, strict=False):
+            running += n
+            out.append((repr(float(bound)), running))
+        out.append(("+Inf", running + self.counts[-1]))
+        return out
+
+
+@dataclass(slots=True)
+class EndpointGauge:
+    address: str  # "ip:port"
+    healthy: bool
+
+
+@dataclass(slots=True)
+class ClusterGauges:
+    """Read from the live cluster at scrape time."""
+
+    active: int = 0
+    idle: int = 0
+    pending: int = 0
+    breaker_state: int = 0  # 0 closed, 1 open, 2 half-open
+    endpoints: list[EndpointGauge] = field(default_factory=list)
+
+
+class ClusterStats:
+    """Counters of one cluster. The data path adds to them; nothing here allocates per request
+    except the first time a (listener, code class) pair is seen."""
+
+    __slots__ = (
+        "name",
+        "requests",
+        "request_duration",
+        "connections_opened",
+        "connections_closed",
+        "connect_duration",
+        "pool_wait",
+        "tls_handshakes",
+        "breaker_transitions",
+        "retries",
+        "retry_budget_exhausted",
+        "outlier_ejections",
+        "health_checks",
+        "local_errors",
+        "gauges",
+    )
+
+    def __init__(self, name: str) -> None:
+        from sidecar.errors import LOCAL_ERROR_CODES
+
+        self.name = name
+        # (listener, code_class) -> count
+        self.requests: dict[tuple[str, str], int] = {}
+        self.request_duration = Histogram(DURATION_BUCKETS)
+        self.connections_opened = 0
+        self.connections_closed: dict[str, int] = dict.fromkeys(CLOSE_REASONS, 0)
+        self.connect_duration = Histogram(FAST_BUCKETS)
+        self.pool_wait = Histogram(FAST_BUCKETS)
+        self.tls_handshakes: dict[bool, int] = {True: 0, False: 0}
+        self.breaker_transitions: dict[str, int] = dict.fromkeys(("closed", "open", "half_open"), 0)
+        self.retries: dict[str, int] = dict.fromkeys(RETRY_REASONS, 0)
+        self.retry_budget_exhausted = 0
+        self.outlier_ejections = 0
+        self.health_checks: dict[str, int] = dict.fromkeys(HEALTH_RESULTS, 0)
+        self.local_errors: dict[str, int] = dict.fromkeys(LOCAL_ERROR_CODES, 0)
+        # Set by the cluster: returns its live gauges. None until the cluster exists.
+        self.gauges: Callable[[], ClusterGauges] | None = None
+
+    def expect_listener(self, listener: str) -> None:
+        """Create the zero series for a listener that routes here, so they exist from start."""
+        for cc in CODE_CLASSES:
+            self.requests.setdefault((listener, cc), 0)
+
+    def request_done(self, listener: str, status: int, seconds: float) -> None:
+        key = (listener, CODE_CLASSES[min(max(status // 100, 1), 5) - 1])
+        requests = self.requests
+        requests[key] = requests.get(key, 0) + 1
+        self.request_duration.observe(seconds)
+
+    def closed(self, reason: str) -> None:
+        self.connections_closed[reason] = self.connections_closed.get(reason, 0) + 1
+
+    def local_error(self, code: str) -> None:
+        self.local_errors[code] = self.local_errors.get(code, 0) + 1
+
+    def retried(self, reason: str) -> None:
+        self.retries[reason] = self.retries.get(reason, 0) + 1
+
+
+class ListenerStats:
+    """Per listener: live app connections and requests in flight (gauges kept as counts)."""
+
+    __slots__ = ("name", "downstream_connections", "inflight", "shed_connections")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.downstream_connections = 0
+        self.inflight = 0
+        self.shed_connections = 0  # accepted-then-closed because of EMFILE or max_connections
+
+
+class ProcessStats:
+    __slots__ = ("drain_state", "drain_aborted", "event_loop_lag", "config_reloads")
+
+    def __init__(self) -> None:
+        self.drain_state = 0  # 0 serving, 1 draining, 2 drained
+        self.drain_aborted = 0
+        self.event_loop_lag = Histogram(FAST_BUCKETS)
+        self.config_reloads: dict[str, int] = {"success": 0, "rejected": 0}
+
+
+class Stats:
+    """The root every exporter reads: clusters and listeners by name, plus process-wide."""
+
+    __slots__ = ("clusters", "listeners", "process")
+
+    def __init__(self) -> None:
+        self.clusters: dict[str, ClusterStats] = {}
+        self.listeners: dict[str, ListenerStats] = {}
+        self.process = ProcessStats()
+
+    def cluster(self, name: str) -> ClusterStats:
+        stats = self.clusters.get(name)
+        if stats is None:
+            stats = self.clusters[name] = ClusterStats(name)
+        return stats
+
+    def listener(self, name: str) -> ListenerStats:
+        stats = self.listeners.get(name)
+        if stats is None:
+            stats = self.listeners[name] = ListenerStats(name)
+        return stats

@@ -1,0 +1,1 @@
+"""Resilience policies as small synchronous state machines on an injected clock."""

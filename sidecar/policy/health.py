@@ -1,0 +1,325 @@
+"""Active health checks: one asyncio task per cluster probing every endpoint each interval.
+
+Theory of operation:
+
+* `HealthState` is the pure per-endpoint machine (HEALTHY <-> UNHEALTHY): `unhealthy_threshold`
+  consecutive failed checks make a healthy endpoint unhealthy, `healthy_threshold` consecutive
+  passing checks bring it back; a result of the other kind resets the streak.
+* Endpoints start HEALTHY. Envoy starts new hosts as failing until their first check passes;
+  we do not, because our endpoints come from EndpointSlices whose `ready` condition already
+  reflects the pod's readiness probe, and starting unhealthy would answer 503
+  `no_healthy_endpoints` for up to one interval after every scale-up and at sidecar startup
+  (before `/readyz`), which is exactly the start-up pain users report. A bad new endpoint is
+  caught after `unhealthy_threshold` checks, and sooner by outlier detection.
+* `HealthChecker` owns one task per cluster (not one per endpoint): each round probes all
+  endpoints concurrently (at most `max_concurrency` at once, each bounded by `timeout`), applies
+  the results synchronously, then sleeps `interval` +-10% (jitter, so sidecars of one
+  deployment do not probe in lockstep) minus the time the round took.
+* `http` checks GET `path` through one reused `aiohttp.ClientSession`; 2xx passes, anything
+  else (redirects included) fails. `tcp` checks pass when a connection is established.
+* Results for an endpoint removed while its probe was in flight are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import random
+import ssl
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import aiohttp
+
+from sidecar.policy._duck import seconds
+
+log = logging.getLogger(__name__)
+
+
+class Health(enum.Enum):
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"
+
+
+HEALTHY = Health.HEALTHY
+UNHEALTHY = Health.UNHEALTHY
+
+TRANSITIONS: dict[Health, frozenset[Health]] = {
+    HEALTHY: frozenset({UNHEALTHY}),
+    UNHEALTHY: frozenset({HEALTHY}),
+}
+
+
+class HealthState:
+    """One endpoint's health from consecutive check results. Pure and synchronous."""
+
+    __slots__ = ("_state", "_streak", "_healthy_threshold", "_unhealthy_threshold")
+
+    def __init__(
+        self, healthy_threshold: int = 2, unhealthy_threshold: int = 3, initial: Health = HEALTHY
+    ) -> None:
+        if healthy_threshold < 1 or unhealthy_threshold < 1:
+            raise ValueError("health thresholds must be >= 1")
+        self._healthy_threshold = healthy_threshold
+        self._unhealthy_threshold = unhealthy_threshold
+        self._state = initial
+        self._streak = 0  # consecutive results pointing away from the current state
+
+    @property
+    def state(self) -> Health:
+        return self._state
+
+    @property
+    def healthy(self) -> bool:
+        return self._state is HEALTHY
+
+    def observe(self, ok: bool) -> bool:
+        """Apply one check result; True when the state changed."""
+        if ok == (self._state is HEALTHY):
+            self._streak = 0  # confirms the current state
+            return False
+        self._streak += 1
+        needed = self._healthy_threshold if ok else self._unhealthy_threshold
+        if self._streak < needed:
+            return False
+        self._transition(HEALTHY if ok else UNHEALTHY)
+        return True
+
+    def _transition(self, to: Health) -> None:
+        if to not in TRANSITIONS[self._state]:
+            raise RuntimeError(f"health: illegal transition {self._state.value} -> {to.value}")
+        self._state = to
+        self._streak = 0
+
+    def __repr__(self) -> str:
+        return f"<HealthState {self._state.value} streak={self._streak}>"
+
+
+async def tcp_check(ip: str, port: int) -> bool:
+    """True when a TCP connection to ip:port is established. Bound it with `asyncio.timeout`."""
+    loop = asyncio.get_running_loop()
+    try:
+        transport, _ = await loop.create_connection(asyncio.Protocol, ip, port)
+    except OSError:
+        return False
+    transport.close()
+    return True
+
+
+async def http_check(
+    session: aiohttp.ClientSession,
+    url: str,
+    *,
+    headers: dict[str, str] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+) -> bool:
+    """True when GET `url` answers 2xx. Bound it with `asyncio.timeout`."""
+    try:
+        async with session.get(
+            url,
+            headers=headers,
+            allow_redirects=False,
+            ssl=ssl_context if ssl_context is not None else True,
+            server_hostname=server_hostname,
+        ) as resp:
+            return 200 <= resp.status < 300
+    except (OSError, aiohttp.ClientError):
+        return False
+
+
+class _Target:
+    __slots__ = ("ip", "port", "state", "url")
+
+    def __init__(self, ip: str, port: int, state: HealthState, url: str) -> None:
+        self.ip = ip
+        self.port = port
+        self.state = state
+        self.url = url
+
+
+class HealthChecker:
+    """Active checks of one cluster's endpoints: `start()` once, `await stop()` at the end."""
+
+    def __init__(
+        self,
+        cluster_name: str,
+        check_type: str = "http",
+        *,
+        path: str = "/healthz",
+        interval: float = 5.0,
+        timeout: float = 1.0,
+        healthy_threshold: int = 2,
+        unhealthy_threshold: int = 3,
+        on_change: Callable[[str, bool], None] | None = None,
+        stats: dict[str, int] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        max_concurrency: int = 64,
+    ) -> None:
+        if check_type not in ("http", "tcp"):
+            raise ValueError(f"health check type must be 'http' or 'tcp', not {check_type!r}")
+        if interval <= 0 or timeout <= 0:
+            raise ValueError("interval and timeout must be > 0")
+        self.cluster_name = cluster_name
+        self.check_type = check_type
+        self.path = path if path.startswith("/") else "/" + path
+        self.interval = interval
+        self.timeout = timeout
+        self._healthy_threshold = healthy_threshold
+        self._unhealthy_threshold = unhealthy_threshold
+        self._on_change = on_change
+        # The cluster's `health_checks` counters ({"success": n, "failure": n}).
+        self._stats = stats if stats is not None else {"success": 0, "failure": 0}
+        self._ssl = ssl_context
+        self._server_hostname = server_hostname
+        self._headers = {"User-Agent": "sidecar-health-check"}
+        if server_hostname is not None:
+            self._headers["Host"] = server_hostname
+        self._targets: dict[str, _Target] = {}
+        self._sem = asyncio.Semaphore(max_concurrency)
+        self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task[None] | None = None
+        HealthState(healthy_threshold, unhealthy_threshold)  # validate thresholds now
+
+    @classmethod
+    def from_config(
+        cls,
+        cluster_name: str,
+        cfg: Any,
+        *,
+        on_change: Callable[[str, bool], None] | None = None,
+        stats: dict[str, int] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+    ) -> HealthChecker:
+        """From an object shaped like SPEC's `health_check` section (type http or tcp)."""
+        return cls(
+            cluster_name,
+            str(cfg.type),
+            path=str(getattr(cfg, "path", "/healthz")),
+            interval=seconds(cfg.interval),
+            timeout=seconds(cfg.timeout),
+            healthy_threshold=int(cfg.healthy_threshold),
+            unhealthy_threshold=int(cfg.unhealthy_threshold),
+            on_change=on_change,
+            stats=stats,
+            ssl_context=ssl_context,
+            server_hostname=server_hostname,
+        )
+
+    # --- endpoints (synchronous, from the cluster) ---------------------------------------------
+    def set_endpoints(self, endpoints: Iterable[tuple[str, str, int]]) -> None:
+        """The endpoints to check, as (key, ip, port). Known keys keep their state."""
+        new: dict[str, _Target] = {}
+        for key, ip, port in endpoints:
+            old = self._targets.get(key)
+            if old is not None and old.ip == ip and old.port == port:
+                new[key] = old
+            else:
+                state = HealthState(self._healthy_threshold, self._unhealthy_threshold)
+                new[key] = _Target(ip, port, state, self._url(ip, port))
+        self._targets = new
+
+    def is_healthy(self, key: str) -> bool:
+        """False only for an endpoint the checks found unhealthy; unknown keys are healthy."""
+        target = self._targets.get(key)
+        return target is None or target.state.healthy
+
+    def _url(self, ip: str, port: int) -> str:
+        host = f"[{ip}]" if ":" in ip else ip
+        scheme = "https" if self._ssl is not None else "http"
+        return f"{scheme}://{host}:{port}{self.path}"
+
+    # --- the task ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the cluster's check loop; call from the running event loop."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name=f"health-check:{self.cluster_name}"
+            )
+
+    async def stop(self) -> None:
+        """Cancel the loop, wait for it, close the session. Idempotent."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            # wait() instead of `await task`: our own caller's cancellation must still propagate.
+            await asyncio.wait([task])
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            try:
+                await self.check_once()
+            except Exception:  # the loop must outlive any bug in one round
+                log.exception("health check round failed", extra={"cluster": self.cluster_name})
+            elapsed = loop.time() - started
+            await asyncio.sleep(max(0.0, self.interval * random.uniform(0.9, 1.1) - elapsed))
+
+    async def check_once(self) -> None:
+        """One round: probe every endpoint now, concurrently, and apply the results."""
+        targets = list(self._targets.items())
+        if not targets:
+            return
+        results = await asyncio.gather(
+            *(self._check(key, target) for key, target in targets), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, Exception):
+                log.error("health check failed unexpectedly", exc_info=result,
+                          extra={"cluster": self.cluster_name})
+            elif isinstance(result, BaseException):
+                raise result  # cancellation of our own task
+
+    async def _check(self, key: str, target: _Target) -> None:
+        async with self._sem:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    ok = await self._probe(target)
+            except TimeoutError:
+                ok = False
+        if self._targets.get(key) is not target:
+            return  # removed (or replaced) while the probe was in flight
+        self._stats["success" if ok else "failure"] += 1
+        if target.state.observe(ok):
+            healthy = target.state.healthy
+            log.warning(
+                "endpoint %s", "healthy" if healthy else "unhealthy",
+                extra={"cluster": self.cluster_name, "endpoint": key},
+            )
+            if self._on_change is not None:
+                self._on_change(key, healthy)
+
+    async def _probe(self, target: _Target) -> bool:
+        if self.check_type == "tcp":
+            return await tcp_check(target.ip, target.port)
+        if self._session is None:
+            # Created lazily inside the loop; one session (and connection pool) per checker.
+            self._session = aiohttp.ClientSession(
+                trust_env=False,
+                auto_decompress=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        return await http_check(
+            self._session,
+            target.url,
+            headers=self._headers,
+            ssl_context=self._ssl,
+            # SNI and certificate name; meaningless without TLS.
+            server_hostname=self._server_hostname if self._ssl is not None else None,
+        )
+
+    def __repr__(self) -> str:
+        unhealthy = sum(1 for t in self._targets.values() if not t.state.healthy)
+        return (f"<HealthChecker {self.cluster_name} {self.check_type} "
+                f"[Endpoints: {len(self._targets)}, {unhealthy} unhealthy]>")

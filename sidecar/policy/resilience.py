@@ -1,0 +1,192 @@
+"""The policies of one cluster wired together: breaker, outlier detection, retries, budget,
+health. The exchange asks it synchronous questions; nothing here does I/O except the health
+checker's own task.
+
+What counts as a failure (SPEC section 5): connect failures, resets, timeouts, bad upstream
+responses and 5xx answers. The breaker sees one verdict per request (its final outcome), the
+outlier detector one per try and endpoint. Sidecar-local refusals (no route, pool full,
+breaker open) are verdicts on nobody.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from sidecar.clock import Clock
+from sidecar.errors import CircuitOpen, SidecarError, UpstreamError
+from sidecar.observe.stats import ClusterStats
+from sidecar.policy.breaker import CircuitBreaker
+from sidecar.policy.budget import RetryBudget
+from sidecar.policy.health import HealthChecker
+from sidecar.policy.outlier import OutlierDetector
+from sidecar.policy.retry import RetryPolicy, parse_retry_after
+
+_BREAKER_NAMES = {0: "closed", 1: "open", 2: "half_open"}
+
+
+class ClusterPolicies:
+    def __init__(
+        self,
+        name: str,
+        cfg: Any,
+        stats: ClusterStats,
+        clock: Clock,
+        on_endpoints_changed: Callable[[], None],
+        ssl_context: Any = None,
+        server_hostname: str | None = None,
+    ) -> None:
+        self.name = name
+        self.stats = stats
+        self.clock = clock
+        self._changed = on_endpoints_changed
+        self.breaker = CircuitBreaker.from_config(
+            cfg.circuit_breaker, clock, on_transition=self._on_transition
+        )
+        self.outlier = OutlierDetector.from_config(
+            cfg.outlier_detection, clock, on_eject=self._on_eject
+        )
+        self.budget = RetryBudget.from_config(cfg.retry.budget, clock)
+        self.retry = RetryPolicy.from_config(cfg.retry)
+        self.max_body_bytes = int(cfg.retry.max_body_bytes)
+        self.health: HealthChecker | None = None
+        if cfg.health_check.type != "none":
+            self.health = HealthChecker.from_config(
+                name,
+                cfg.health_check,
+                on_change=lambda key, healthy: self._changed(),
+                stats=stats.health_checks,
+                ssl_context=ssl_context,
+                server_hostname=server_hostname,
+            )
+        self._ejected_any = False
+
+    # --- callbacks from the state machines ---------------------------------------------------------
+    def _on_transition(self, to: str) -> None:
+        self.stats.breaker_transitions[to] = self.stats.breaker_transitions.get(to, 0) + 1
+
+    def _on_eject(self, key: str) -> None:
+        self.stats.outlier_ejections += 1
+        self._ejected_any = True
+        self._changed()
+
+    def tick(self) -> None:
+        """Called about once a second: ejections end lazily, so re-read who is usable."""
+        if self._ejected_any:
+            self._ejected_any = self.outlier.ejected_count > 0
+            self._changed()
+
+    # --- endpoints ---------------------------------------------------------------------------------
+    def set_endpoints(self, endpoints: list[tuple[str, str, int]]) -> None:
+        self.outlier.set_endpoints(k for k, _, _ in endpoints)
+        if self.health is not None:
+            self.health.set_endpoints(endpoints)
+
+    def endpoint_healthy(self, key: str) -> bool:
+        return self.health is None or self.health.is_healthy(key)
+
+    def endpoint_ejected(self, key: str) -> bool:
+        return self.outlier.is_ejected(key)
+
+    def endpoint_usable(self, key: str) -> bool:
+        return self.endpoint_healthy(key) and not self.outlier.is_ejected(key)
+
+    def breaker_state_code(self) -> int:
+        return self.breaker.state_code
+
+    def breaker_state_name(self) -> str:
+        return _BREAKER_NAMES[self.breaker.state_code]
+
+    # --- per request -------------------------------------------------------------------------------
+    def replayable(self, method: bytes, idempotency_key: bool, length: int | None) -> bool:
+        return self.retry.is_retryable_request(method, idempotency_key, length)
+
+    def max_attempts(self, head: Any) -> int:
+        n = head.retry_attempts
+        if n is None:
+            return self.retry.attempts
+        return min(max(int(n), 1), 10)
+
+    def admit(self, ex: Any) -> bool:
+        """Raises CircuitOpen when the breaker (or its concurrency cap) refuses."""
+        refusal = self.breaker.admit()
+        if refusal is not None:
+            detail = (
+                "circuit breaker is open"
+                if refusal == "open"
+                else "max_concurrent_requests reached"
+            )
+            raise CircuitOpen(detail, self.name)
+        self.budget.record_request()
+        return True
+
+    def try_deadline(self, ex: Any) -> float:
+        per_try = self.retry.per_try_timeout
+        if per_try is None or ex.max_attempts <= 1:
+            return math.inf
+        return float(self.clock.now() + per_try)
+
+    def _retry_delay(self, ex: Any, outcome: Any, reason: str, retry_after: float | None) -> float | None:
+        if ex.attempt >= ex.max_attempts:
+            return None
+        remaining = ex.deadline - self.clock.now() if ex.deadline != math.inf else None
+        delay = self.retry.next_delay(
+            ex.attempt, retry_after, remaining, attempts=ex.max_attempts
+        )
+        if delay is None:
+            return None
+        if not self.budget.try_spend():
+            self.stats.retry_budget_exhausted += 1
+            return None
+        self.stats.retried(reason)
+        return delay
+
+    def retry_delay(self, ex: Any, exc: SidecarError) -> float | None:
+        """After a failed try (no response byte sent to the app): the backoff, or None."""
+        if ex.pool is not None and isinstance(exc, UpstreamError):
+            self.outlier.record(ex.pool.key, False)
+        reason = self.retry.classify(exc)
+        if reason is None:
+            return None
+        return self._retry_delay(ex, exc, reason, None)
+
+    def status_retry_delay(self, ex: Any, head: Any) -> float | None:
+        """A response head arrived: retry instead of relaying it? Only before anything
+        reached the app, and only for statuses `on` names."""
+        status = head.status
+        if status < 500 and str(status) not in self.retry.on:
+            return None
+        if not ex.replayable:
+            return None
+        reason = self.retry.classify(status)
+        if reason is None:
+            return None
+        if ex.pool is not None and status >= 500:
+            self.outlier.record(ex.pool.key, False)
+        retry_after = None
+        for name, value in head.headers:
+            if name.lower() == b"retry-after":
+                retry_after = parse_retry_after(value)
+                break
+        return self._retry_delay(ex, status, reason, retry_after)
+
+    def on_done(self, ex: Any, error: SidecarError | None) -> None:
+        if not ex.policy_token:
+            return
+        ex.policy_token = None
+        if error is None:
+            success = ex.status < 500
+        elif isinstance(error, UpstreamError):
+            success = False
+        else:
+            self.breaker.release_without_record()
+            return
+        self.breaker.record(success)
+        if ex.pool is not None and (error is None or isinstance(error, UpstreamError)):
+            self.outlier.record(ex.pool.key, success)
+
+    def on_abandon(self, ex: Any) -> None:
+        if ex.policy_token:
+            ex.policy_token = None
+            self.breaker.release_without_record()

@@ -1,0 +1,74 @@
+"""Coarse deadlines for many objects with few timers: a bucketed wheel on the event loop.
+
+Every app connection has a deadline (head, idle or request timeout) that moves with each
+request. A loop timer per request would cost an allocation and a heap operation each time;
+here an object is filed under the bucket of its deadline only when that bucket is *earlier*
+than the one it is already filed under. When a bucket fires, each object in it checks its own
+current deadline: passed -> `on_deadline(now)`; later -> it is filed again. A keep-alive
+connection serving thousands of requests a second is thus filed about once per timeout
+period, not once per request. Precision is one tick (50 ms), ample for timeouts in seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Protocol
+
+TICK = 0.05
+
+
+class Timed(Protocol):
+    # The time at which `on_deadline` should run, or inf for none. Kept by the object itself.
+    deadline: float
+    # The bucket the object is filed under (0 when none); managed by the wheel.
+    filed_bucket: int
+
+    def on_deadline(self, now: float) -> None: ...
+
+
+class Wheel:
+    __slots__ = ("_loop", "_buckets")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._buckets: dict[int, list[Timed]] = {}
+
+    def schedule(self, obj: Timed) -> None:
+        """Call after changing `obj.deadline`. O(1); usually does nothing."""
+        deadline = obj.deadline
+        if deadline == math.inf:
+            return
+        bucket = int(deadline / TICK) + 1
+        filed = obj.filed_bucket
+        if filed and filed <= bucket:
+            return  # it fires earlier anyway and will re-file itself
+        obj.filed_bucket = bucket
+        entries = self._buckets.get(bucket)
+        if entries is None:
+            self._buckets[bucket] = [obj]
+            self._loop.call_at(bucket * TICK, self._fire, bucket)
+        else:
+            entries.append(obj)
+
+    def _fire(self, bucket: int) -> None:
+        entries = self._buckets.pop(bucket, None)
+        if not entries:
+            return
+        now = self._loop.time()
+        for obj in entries:
+            if obj.filed_bucket != bucket:
+                continue  # re-filed earlier since; that bucket handled it
+            obj.filed_bucket = 0
+            if obj.deadline <= now:
+                try:
+                    obj.on_deadline(now)
+                except Exception:  # one broken object must not stop the others' timeouts
+                    import logging
+
+                    logging.getLogger("sidecar.timers").exception("deadline handler failed")
+            elif obj.deadline != math.inf:
+                self.schedule(obj)
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._buckets.values())

@@ -1,0 +1,1 @@
+"""Facing the network: clusters, balancers, pools, connections, TLS origination."""

@@ -1,0 +1,260 @@
+"""A cluster: its endpoints (from discovery deltas), one pool per endpoint, and the balancer.
+
+Endpoints that leave discovery, or that turn `terminating` or not ready, stop getting new
+requests at once; their pools finish the requests in flight and close idle connections
+(removed endpoints drain, they are not dropped). When endpoints join, the oldest idle
+connections of the others are rotated so that pool sizes follow the endpoint set; requests
+themselves are balanced per request, so new endpoints get traffic from the next request on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+from sidecar.discovery.endpoints import Delta, Endpoint, apply_delta
+from sidecar.errors import ConnectFailed, NoHealthyEndpoints
+from sidecar.observe.stats import ClusterGauges, ClusterStats, EndpointGauge
+from sidecar.timers import Wheel
+from sidecar.upstream.balancer import make_balancer
+from sidecar.upstream.pool import Pool, PoolSettings, TlsHooks
+
+log = logging.getLogger("sidecar.cluster")
+
+
+class Cluster:
+    __slots__ = (
+        "name",
+        "config",
+        "settings",
+        "stats",
+        "tls",
+        "endpoints",
+        "pools",
+        "_serving",
+        "_draining",
+        "_balancer",
+        "_loop",
+        "_wheel",
+        "_ready_waiters",
+        "has_answer",
+        "last_used",
+        "policies",
+        "request_timeout",
+    )
+
+    def __init__(
+        self,
+        config: Any,
+        loop: asyncio.AbstractEventLoop,
+        wheel: Wheel,
+        stats: ClusterStats,
+        tls: TlsHooks | None = None,
+    ) -> None:
+        self.name: str = config.name
+        self.config = config
+        self.settings = PoolSettings.from_config(config.pool)
+        self.request_timeout: float = config.timeouts.request
+        self.stats = stats
+        self.tls = tls
+        self._loop = loop
+        self._wheel = wheel
+        self.endpoints: dict[str, Endpoint] = {}
+        self.pools: dict[str, Pool] = {}
+        self._serving: list[Pool] = []
+        self._draining: dict[str, Pool] = {}  # pools of endpoints gone, finishing their work
+        self._balancer = make_balancer(config.load_balancer)
+        self._ready_waiters: list[asyncio.Future[None]] = []
+        self.has_answer = False  # discovery has answered at least once
+        self.last_used = loop.time()
+        self.policies: Any = None  # resilience policies, installed by policy wiring
+        stats.gauges = self.gauges
+
+    # --- discovery ----------------------------------------------------------------------------
+    def apply(self, delta: Delta) -> None:
+        """Apply a discovery delta. Synchronous: the resolver calls it from the loop."""
+        old = self.endpoints
+        new = apply_delta(old, delta)
+        added = [k for k in new if k not in old]
+        for key, pool in list(self.pools.items()):
+            ep = new.get(key)
+            if ep is None:
+                self._retire_pool(key, pool, "endpoint_removed")
+        for key, ep in new.items():
+            pool = self.pools.get(key)
+            if pool is None:
+                revived = self._draining.pop(key, None)
+                if revived is not None and not revived.closing:
+                    pool = revived
+                else:
+                    pool = Pool(
+                        self.name, ep.ip, ep.port, self.settings, self.stats, self._loop,
+                        self._wheel, self.tls,
+                    )
+                    pool.on_connection_closed = self._on_pool_connection_closed
+                self.pools[key] = pool
+            if not ep.serving:
+                # Terminating or not ready: no new requests; idle connections close now.
+                pool.close_idle("endpoint_removed")
+        self.endpoints = new
+        self._rebuild_serving()
+        if added and len(new) > len(added):
+            self._rotate_for(len(added), len(new))
+        if not self.has_answer:
+            self.has_answer = True
+            for fut in self._ready_waiters:
+                if not fut.done():
+                    fut.set_result(None)
+            self._ready_waiters.clear()
+        for pool in self._serving:
+            pool.prewarm()
+
+    def _retire_pool(self, key: str, pool: Pool, reason: str) -> None:
+        del self.pools[key]
+        pool.start_closing(reason)
+        if not pool.empty:
+            self._draining[key] = pool
+
+    def _on_pool_connection_closed(self, pool: Pool) -> None:
+        if pool.closing and pool.empty and self._draining.get(pool.key) is pool:
+            del self._draining[pool.key]
+
+    def _rebuild_serving(self) -> None:
+        eps = self.endpoints
+        policies = self.policies
+        serving = []
+        for key, pool in self.pools.items():
+            ep = eps.get(key)
+            if ep is None or not ep.serving:
+                continue
+            if policies is not None and not policies.endpoint_usable(key):
+                continue
+            serving.append(pool)
+        self._serving = serving
+
+    def refresh(self) -> None:
+        """Health or ejection changed: recompute which endpoints take new requests."""
+        self._rebuild_serving()
+
+    def _rotate_for(self, added: int, total: int) -> None:
+        """Close the oldest idle connections of existing endpoints in proportion to the share
+        the new endpoints should take, so the pool follows the endpoint set."""
+        share = added / total
+        for pool in self._serving:
+            if pool.idle_count:
+                pool.rotate_oldest(math.ceil(pool.idle_count * share))
+
+    async def wait_ready(self, timeout: float) -> bool:
+        if self.has_answer:
+            return True
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._ready_waiters.append(fut)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            return False
+        return True
+
+    def when_ready(self, callback: Callable[[], None]) -> asyncio.Future[None]:
+        """Run `callback` once discovery first answers. Returns the future (cancel to stop)."""
+        fut: asyncio.Future[None] = self._loop.create_future()
+        fut.add_done_callback(lambda f: None if f.cancelled() else callback())
+        self._ready_waiters.append(fut)
+        return fut
+
+    # --- per request --------------------------------------------------------------------------
+    def pick(self, avoid: Pool | None = None) -> Pool:
+        """An endpoint's pool for a new request. Raises NoHealthyEndpoints."""
+        serving = self._serving
+        if not serving:
+            if not self.endpoints:
+                if not self.has_answer:
+                    raise ConnectFailed("endpoints not resolved yet", self.name)
+                raise NoHealthyEndpoints("no endpoints", self.name)
+            raise NoHealthyEndpoints(
+                f"all {len(self.endpoints)} endpoints unhealthy, ejected or terminating",
+                self.name,
+            )
+        if len(serving) == 1:
+            return serving[0]
+        return self._balancer.pick(serving, avoid)
+
+    # --- observation ----------------------------------------------------------------------------
+    def _all_pools(self) -> list[Pool]:
+        return [*self.pools.values(), *self._draining.values()]
+
+    def gauges(self) -> ClusterGauges:
+        g = ClusterGauges()
+        serving = {p.key for p in self._serving}
+        for pool in self._all_pools():
+            g.active += pool.active_count
+            g.idle += pool.idle_count
+            g.pending += pool.pending_count
+        policies = self.policies
+        if policies is not None:
+            g.breaker_state = policies.breaker_state_code()
+        g.endpoints = [EndpointGauge(key, key in serving) for key in self.pools]
+        return g
+
+    def snapshot(self) -> dict[str, Any]:
+        """The `/clusters` entry of SPEC section 7."""
+        policies = self.policies
+        endpoints = []
+        for pool in self._all_pools():
+            ep = self.endpoints.get(pool.key)
+            healthy = policies.endpoint_healthy(pool.key) if policies is not None else True
+            ejected = policies.endpoint_ejected(pool.key) if policies is not None else False
+            endpoints.append(
+                {
+                    "address": pool.key,
+                    "healthy": healthy,
+                    "ejected": ejected,
+                    "terminating": ep is None or ep.terminating,
+                    "ready": ep is not None and ep.ready,
+                    "active": pool.active_count,
+                    "idle": pool.idle_count,
+                    "pending": pool.pending_count,
+                    "inflight": pool.inflight,
+                }
+            )
+        handshakes = self.stats.tls_handshakes
+        total = handshakes[True] + handshakes[False]
+        return {
+            "name": self.name,
+            "breaker": policies.breaker_state_name() if policies is not None else "closed",
+            "endpoints": endpoints,
+            "tls_resumption_ratio": (handshakes[True] / total) if total else None,
+            "discovery_answered": self.has_answer,
+        }
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    def prewarm(self) -> None:
+        for pool in self._serving:
+            pool.prewarm()
+
+    def prewarmed(self) -> bool:
+        """Every serving endpoint has its min_idle connections (or cannot: max reached)."""
+        want = self.settings.min_idle
+        if want == 0:
+            return True
+        return all(p.idle_count + p.active_count >= want for p in self._serving)
+
+    def close_idle(self, reason: str, linger: int | None = None) -> int:
+        return sum(p.close_idle(reason, linger) for p in self._all_pools())
+
+    def start_closing(self, reason: str) -> None:
+        for key, pool in list(self.pools.items()):
+            self._retire_pool(key, pool, reason)
+        self._serving = []
+
+    def active_connections(self) -> int:
+        return sum(p.active_count for p in self._all_pools())
+
+    def abort_all(self, reason: str) -> int:
+        return sum(p.abort_all(reason) for p in self._all_pools())
+
+    def __repr__(self) -> str:
+        return f"<Cluster {self.name} endpoints={len(self.endpoints)} serving={len(self._serving)}>"

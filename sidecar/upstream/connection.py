@@ -1,0 +1,288 @@
+"""One upstream connection: the network-facing `asyncio.Protocol`, a request out, a response in.
+
+States (Envoy's pool client states, trimmed): CONNECTING -> IDLE <-> ACTIVE -> CLOSED, and
+ACTIVE -> TUNNEL when an Upgrade/CONNECT turns it into a byte pipe that never returns to the
+pool. The pool sees only the narrow contract: `is_idle()`, `has_expired(now)`, `is_closed()`.
+Response bytes are parsed here and handed, event by event, to the bound *user* (an exchange
+or a tunnel); this module knows nothing of downstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import math
+import socket
+import struct
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+from sidecar.errors import BadUpstreamResponse, UpstreamError, UpstreamReset
+from sidecar.flow_control import WRITE_HIGH_WATER, WRITE_LOW_WATER
+from sidecar.http.headers import Headers
+from sidecar.http.parser import ResponseHead, ResponseParser
+
+if TYPE_CHECKING:
+    from sidecar.upstream.pool import Pool
+
+
+class State(enum.IntEnum):
+    CONNECTING = 0
+    IDLE = 1
+    ACTIVE = 2
+    TUNNEL = 3
+    CLOSED = 4
+
+
+_TRANSITIONS: dict[State, frozenset[State]] = {
+    State.CONNECTING: frozenset({State.IDLE, State.ACTIVE, State.CLOSED}),
+    State.IDLE: frozenset({State.ACTIVE, State.CLOSED}),
+    State.ACTIVE: frozenset({State.IDLE, State.TUNNEL, State.CLOSED}),
+    State.TUNNEL: frozenset({State.CLOSED}),
+    State.CLOSED: frozenset(),
+}
+
+
+class ConnectionUser(Protocol):
+    """What a connection reports to whoever holds it (an exchange, or a tunnel)."""
+
+    def on_response_head(self, head: ResponseHead) -> None: ...
+    def on_response_body(self, data: bytes) -> None: ...
+    def on_response_end(self, trailers: Headers | None) -> None: ...
+    def on_upgrade(self, rest: bytes) -> None: ...
+    def on_upstream_error(self, exc: UpstreamError) -> None: ...
+    def on_upstream_pause_writing(self) -> None: ...
+    def on_upstream_resume_writing(self) -> None: ...
+
+
+# Close an upstream socket right away with RST (SO_LINGER on, 0 s): used for connections that
+# must not be reused and whose state is unknown (timeouts, protocol errors).
+_LINGER_ABORT = struct.pack("ii", 1, 0)
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "pool",
+        "key",
+        "state",
+        "transport",
+        "parser",
+        "user",
+        "created_at",
+        "expires_at",
+        "idle_since",
+        "keepalive_until",
+        "requests",
+        "reusable",
+        "response_started",
+        "close_reason",
+        "write_paused",
+        "tls_resumed",
+        "tls_captured",
+    )
+
+    def __init__(self, pool: Pool, key: str, now: float, expires_at: float) -> None:
+        self.pool = pool
+        self.key = key
+        self.state = State.CONNECTING
+        self.transport: asyncio.Transport | None = None
+        self.parser = ResponseParser(self)
+        self.user: ConnectionUser | None = None
+        self.created_at = now
+        self.expires_at = expires_at  # jittered max_lifetime
+        self.idle_since = now
+        self.keepalive_until = math.inf  # the upstream's `Keep-Alive: timeout=`, minus a margin
+        self.requests = 0  # requests started on this connection
+        self.reusable = True
+        self.response_started = False
+        self.close_reason = ""
+        self.write_paused = False
+        self.tls_resumed: bool | None = None
+        self.tls_captured = False
+
+    # --- the pool's view ------------------------------------------------------------------------
+    def is_idle(self) -> bool:
+        return self.state is State.IDLE
+
+    def is_closed(self) -> bool:
+        return self.state is State.CLOSED
+
+    def idle_expiry(self, idle_timeout: float) -> float:
+        """When this idle connection stops being safe to hand out."""
+        return min(self.idle_since + idle_timeout, self.keepalive_until, self.expires_at)
+
+    def has_expired(self, now: float, idle_timeout: float) -> bool:
+        return now >= self.idle_expiry(idle_timeout)
+
+    def _transition(self, new: State) -> None:
+        if new not in _TRANSITIONS[self.state]:
+            raise RuntimeError(f"connection {self.key}: {self.state.name} -> {new.name}")
+        self.state = new
+
+    # --- used by the pool and the exchange --------------------------------------------------------
+    def bind(self, user: ConnectionUser, method: bytes) -> None:
+        """Hand the connection to a request; the response parser expects `method`'s answer."""
+        self._transition(State.ACTIVE)
+        self.user = user
+        self.requests += 1
+        self.response_started = False
+        self.parser.expect(method)
+
+    def unbind(self) -> None:
+        """The exchange is done with it: back to idle (the pool decides what happens next)."""
+        self.user = None
+        if self.state is State.ACTIVE:
+            self._transition(State.IDLE)
+
+    def to_tunnel(self) -> None:
+        self._transition(State.TUNNEL)
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None:
+            transport.write(data)
+
+    def writelines(self, parts: list[bytes]) -> None:
+        transport = self.transport
+        if transport is not None:
+            transport.writelines(parts)
+
+    def close(self, reason: str) -> None:
+        """Graceful: pending writes are flushed, then FIN."""
+        if self.state is State.CLOSED:
+            return
+        self.close_reason = self.close_reason or reason
+        if self.transport is not None:
+            self.transport.close()
+        else:
+            self._closed()
+
+    def abort(self, reason: str) -> None:
+        """Now, with RST: for a connection in an unknown state that must never be reused."""
+        if self.state is State.CLOSED:
+            return
+        self.close_reason = self.close_reason or reason
+        transport = self.transport
+        if transport is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+                except OSError:
+                    pass
+            transport.abort()
+        else:
+            self._closed()
+
+    def set_linger(self, seconds: int) -> None:
+        transport = self.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, seconds))
+            except OSError:
+                pass
+
+    # --- asyncio.Protocol ---------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.transport = transport
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        if self.user is None or self.state is not State.ACTIVE:
+            # Bytes on an idle connection: the upstream is confused or closing. Never reuse it.
+            self.reusable = False
+            self.abort("error")
+            return
+        self.response_started = True
+        try:
+            self.parser.feed(data)
+        except UpstreamError as exc:
+            self._fail(exc)
+
+    def eof_received(self) -> bool:
+        self.reusable = False
+        if self.user is not None and self.state is State.ACTIVE:
+            try:
+                self.parser.eof()
+            except BadUpstreamResponse:
+                self._fail(
+                    UpstreamReset(
+                        "upstream closed the connection before a complete response"
+                        if self.response_started
+                        else "upstream closed the connection before responding"
+                    )
+                )
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.reusable = False
+        user = self.user
+        if user is not None and self.state is State.ACTIVE:
+            detail = f"connection lost: {exc}" if exc else "upstream closed the connection"
+            err = UpstreamReset(detail)
+            self.user = None
+            self._closed()
+            user.on_upstream_error(err)
+        else:
+            self._closed()
+
+    def _closed(self) -> None:
+        was_idle = self.state is State.IDLE
+        if self.state is not State.CLOSED:
+            self.state = State.CLOSED
+            if not self.close_reason:
+                self.close_reason = "remote_closed"
+            self.pool.on_closed(self, was_idle)
+
+    def _fail(self, exc: UpstreamError) -> None:
+        user = self.user
+        self.user = None
+        self.reusable = False
+        self.abort("error")
+        if user is not None:
+            user.on_upstream_error(exc)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.user is not None:
+            self.user.on_upstream_pause_writing()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.user is not None:
+            self.user.on_upstream_resume_writing()
+
+    # --- ResponseSink: relay to the user -------------------------------------------------------
+    def on_response_head(self, head: ResponseHead) -> None:
+        if not head.keep_alive:
+            self.reusable = False
+        if head.keep_alive_timeout is not None:
+            # Retire a second early (or at 90 % for short timeouts): the upstream's clock and
+            # ours are not the same clock, and a request crossing its close is the 503 race.
+            margin = min(1.0, head.keep_alive_timeout * 0.1)
+            self.keepalive_until = self.pool.now() + head.keep_alive_timeout - margin
+        user = self.user
+        if user is not None:
+            user.on_response_head(head)
+
+    def on_response_body(self, data: bytes) -> None:
+        user = self.user
+        if user is not None:
+            user.on_response_body(data)
+
+    def on_response_end(self, trailers: Headers | None) -> None:
+        user = self.user
+        if user is not None:
+            user.on_response_end(trailers)
+
+    def on_upgrade(self, rest: bytes) -> None:
+        user = self.user
+        if user is not None:
+            user.on_upgrade(rest)
+
+    def get_extra_info(self, name: str) -> Any:
+        return self.transport.get_extra_info(name) if self.transport is not None else None
+
+    def __repr__(self) -> str:
+        return f"<UpstreamConnection {self.key} {self.state.name} requests={self.requests}>"

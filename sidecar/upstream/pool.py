@@ -1,0 +1,532 @@
+"""A keep-alive pool for one endpoint: idle connections (LIFO), FIFO waiters, limits, expiry.
+
+Decisions are synchronous and made in plain methods (httpcore's pool does the same); the only
+awaits are the connects, each in a task the pool owns. Handing out an idle connection costs
+no allocation and no await: that is the hot path of a keep-alive proxy.
+
+Freshness: an idle connection is never handed out once its upstream closed it (its protocol
+saw EOF/RST and left the pool at once), once the upstream's `Keep-Alive: timeout=` or our
+`idle_timeout` (or a learned shorter idle timeout) is about to pass, or past its jittered
+`max_lifetime`. LIFO reuse keeps the freshest connections busy and lets the rest idle out.
+One timer per pool (through the wheel) closes idle connections as they expire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import ssl
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sidecar.errors import ConnectFailed, PoolTimeout, SidecarError
+from sidecar.observe.stats import ClusterStats
+from sidecar.timers import Wheel
+from sidecar.upstream.connection import State, UpstreamConnection
+
+log = logging.getLogger("sidecar.pool")
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    max_connections: int = 100
+    min_idle: int = 0
+    max_idle: int = 20
+    idle_timeout: float = 60.0
+    max_lifetime: float = 600.0
+    connect_timeout: float = 2.0
+    max_pending: int = 1000
+    pending_timeout: float = 1.0
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> PoolSettings:
+        return cls(
+            max_connections=cfg.max_connections,
+            min_idle=cfg.min_idle,
+            max_idle=cfg.max_idle,
+            idle_timeout=cfg.idle_timeout,
+            max_lifetime=cfg.max_lifetime,
+            connect_timeout=cfg.connect_timeout,
+            max_pending=cfg.max_pending,
+            pending_timeout=cfg.pending_timeout,
+        )
+
+
+class Waiter(Protocol):
+    """A request waiting for a connection (the exchange)."""
+
+    def on_pool_connection(self, conn: UpstreamConnection) -> None: ...
+    def on_pool_error(self, exc: SidecarError) -> None: ...
+
+
+class TlsHooks(Protocol):
+    """What the pool needs of a cluster's TLS origin (see upstream/tls.py)."""
+
+    server_hostname: str | None
+
+    def context_for_connect(self) -> ssl.SSLContext: ...
+    def on_connected(self, transport: asyncio.BaseTransport) -> None: ...
+    def on_closing(self, transport: asyncio.BaseTransport) -> None: ...
+    def describe_error(self, exc: BaseException) -> str: ...
+    def capture_session(self, transport: asyncio.BaseTransport) -> None: ...
+
+
+class _Pending:
+    """A queued waiter with its pending_timeout deadline (a Timed for the wheel)."""
+
+    __slots__ = ("waiter", "deadline", "filed_bucket", "since", "pool", "done")
+
+    def __init__(self, waiter: Waiter, since: float, deadline: float, pool: Pool) -> None:
+        self.waiter = waiter
+        self.since = since
+        self.deadline = deadline
+        self.filed_bucket = 0
+        self.pool = pool
+        self.done = False
+
+    def on_deadline(self, now: float) -> None:
+        if not self.done:
+            self.pool._expire_waiter(self)
+
+
+class Pool:
+    __slots__ = (
+        "cluster",
+        "ip",
+        "port",
+        "key",
+        "settings",
+        "stats",
+        "_loop",
+        "_wheel",
+        "_idle",
+        "_active",
+        "_connecting",
+        "_waiters",
+        "_tasks",
+        "tls",
+        "deadline",
+        "filed_bucket",
+        "learned_idle_timeout",
+        "closing",
+        "on_connection_closed",
+        "inflight",
+    )
+
+    def __init__(
+        self,
+        cluster: str,
+        ip: str,
+        port: int,
+        settings: PoolSettings,
+        stats: ClusterStats,
+        loop: asyncio.AbstractEventLoop,
+        wheel: Wheel,
+        tls: TlsHooks | None = None,
+    ) -> None:
+        self.cluster = cluster
+        self.ip = ip
+        self.port = port
+        self.key = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+        self.settings = settings
+        self.stats = stats
+        self.tls = tls
+        self._loop = loop
+        self._wheel = wheel
+        self._idle: list[UpstreamConnection] = []  # a stack: the freshest is last
+        self._active: set[UpstreamConnection] = set()
+        self._connecting = 0
+        self._waiters: deque[_Pending] = deque()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.deadline = math.inf  # earliest idle expiry (Timed)
+        self.filed_bucket = 0
+        self.learned_idle_timeout = math.inf
+        self.closing = False
+        self.inflight = 0  # requests using this endpoint now (least-request balancing)
+        self.on_connection_closed: Callable[[Pool], None] | None = None
+
+    # --- introspection ---------------------------------------------------------------------------
+    def now(self) -> float:
+        return self._loop.time()
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+    @property
+    def active_count(self) -> int:
+        return len(self._active)
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._waiters)
+
+    @property
+    def connecting_count(self) -> int:
+        return self._connecting
+
+    @property
+    def total(self) -> int:
+        return len(self._idle) + len(self._active) + self._connecting
+
+    def __repr__(self) -> str:
+        return (
+            f"<Pool {self.cluster}/{self.key} [Requests: {self.inflight} active, "
+            f"{len(self._waiters)} queued | Connections: {len(self._active)} active, "
+            f"{len(self._idle)} idle, {self._connecting} connecting]>"
+        )
+
+    def _idle_timeout(self) -> float:
+        return min(self.settings.idle_timeout, self.learned_idle_timeout)
+
+    # --- acquiring ------------------------------------------------------------------------------
+    def take_idle(self) -> UpstreamConnection | None:
+        """A fresh idle connection, synchronously, or None. Expired ones found on the way are
+        closed (that is the second line of defence; the expiry timer is the first)."""
+        idle = self._idle
+        if not idle:
+            return None
+        now = self._loop.time()
+        idle_timeout = self._idle_timeout()
+        while idle:
+            conn = idle.pop()
+            if conn.state is State.IDLE and not conn.has_expired(now, idle_timeout):
+                self._active.add(conn)
+                return conn
+            self._retire(conn, now)
+        return None
+
+    def acquire(self, waiter: Waiter, fresh: bool = False) -> UpstreamConnection | None:
+        """A connection now, or None after queueing `waiter` (it is then called back exactly
+        once with `on_pool_connection` or `on_pool_error`). Raises PoolTimeout when the queue
+        is full. `fresh`: skip idle connections and open a new one (after a stale one)."""
+        if not fresh:
+            conn = self.take_idle()
+            if conn is not None:
+                return conn
+        if self.closing:
+            raise ConnectFailed(f"{self.key}: endpoint is being removed", self.cluster)
+        if len(self._waiters) >= self.settings.max_pending:
+            raise PoolTimeout(f"{self.key}: max_pending ({self.settings.max_pending}) reached")
+        now = self._loop.time()
+        pending = _Pending(waiter, now, now + self.settings.pending_timeout, self)
+        self._waiters.append(pending)
+        self._wheel.schedule(pending)
+        # Open a connection for every waiter not already covered by a connect in flight.
+        if self._connecting < len(self._waiters) and self.total < self.settings.max_connections:
+            self._start_connect()
+        elif fresh and self.total >= self.settings.max_connections and self._idle:
+            # A fresh connection is wanted but the pool is full: make room by closing the
+            # oldest idle one (it may well be stale too).
+            self.rotate_oldest(1)
+            self._start_connect()
+        return None
+
+    def cancel(self, waiter: Waiter) -> None:
+        """The waiter went away (the app disconnected, or its deadline passed)."""
+        for pending in self._waiters:
+            if pending.waiter is waiter:
+                pending.done = True
+                self._waiters.remove(pending)
+                return
+
+    def _expire_waiter(self, pending: _Pending) -> None:
+        pending.done = True
+        try:
+            self._waiters.remove(pending)
+        except ValueError:
+            return
+        self.stats.pool_wait.observe(self._loop.time() - pending.since)
+        pending.waiter.on_pool_error(
+            PoolTimeout(
+                f"no connection to {self.key} within {self.settings.pending_timeout:g}s",
+                self.cluster,
+            )
+        )
+
+    def _next_waiter(self) -> _Pending | None:
+        while self._waiters:
+            pending = self._waiters.popleft()
+            if not pending.done:
+                pending.done = True
+                return pending
+        return None
+
+    def _hand_over(self, conn: UpstreamConnection) -> bool:
+        """Give `conn` (already counted active) to the oldest waiter. False when none."""
+        pending = self._next_waiter()
+        if pending is None:
+            return False
+        self.stats.pool_wait.observe(self._loop.time() - pending.since)
+        pending.waiter.on_pool_connection(conn)
+        return True
+
+    # --- connecting -----------------------------------------------------------------------------
+    def _start_connect(self) -> None:
+        self._connecting += 1
+        task = self._loop.create_task(self._connect())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def prewarm(self) -> None:
+        """Open connections until min_idle are idle or connecting."""
+        missing = self.settings.min_idle - len(self._idle) - self._connecting
+        room = self.settings.max_connections - self.total
+        for _ in range(max(0, min(missing, room))):
+            self._start_connect()
+
+    async def _connect(self) -> None:
+        loop = self._loop
+        settings = self.settings
+        started = loop.time()
+        # Jitter max_lifetime by up to -20 % so connections opened together do not all
+        # expire (and reconnect) together.
+        lifetime = settings.max_lifetime * (1.0 - 0.2 * random.random())
+        conn = UpstreamConnection(self, self.key, started, started + lifetime)
+        tls = self.tls
+        try:
+            try:
+                if tls is None:
+                    await asyncio.wait_for(
+                        loop.create_connection(lambda: conn, self.ip, self.port),
+                        settings.connect_timeout,
+                    )
+                else:
+                    await asyncio.wait_for(
+                        loop.create_connection(
+                            lambda: conn,
+                            self.ip,
+                            self.port,
+                            ssl=tls.context_for_connect(),
+                            server_hostname=tls.server_hostname,
+                            ssl_handshake_timeout=settings.connect_timeout,
+                        ),
+                        settings.connect_timeout,
+                    )
+            except asyncio.CancelledError:
+                self._connecting -= 1
+                conn.abort("drain")
+                raise
+            except Exception as exc:
+                self._connecting -= 1
+                self._connect_failed(self._describe(exc))
+                return
+        finally:
+            pass
+        self._connecting -= 1
+        self.stats.connections_opened += 1
+        self.stats.connect_duration.observe(loop.time() - started)
+        if tls is not None and conn.transport is not None:
+            tls.on_connected(conn.transport)
+            ssl_object = conn.transport.get_extra_info("ssl_object")
+            if ssl_object is not None:
+                resumed = bool(ssl_object.session_reused)
+                conn.tls_resumed = resumed
+                self.stats.tls_handshakes[resumed] += 1
+        if conn.state is State.CLOSED:
+            return  # lost between connect and now
+        if self.closing:
+            conn.close("endpoint_removed")
+            return
+        conn.state = State.IDLE
+        conn.idle_since = loop.time()
+        self._active.add(conn)
+        if not self._hand_over(conn):
+            self._active.discard(conn)
+            self._park(conn)
+
+    def _describe(self, exc: BaseException) -> str:
+        if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+            what = "TLS handshake or TCP connect" if self.tls is not None else "connect"
+            return f"{self.key}: {what} timed out after {self.settings.connect_timeout:g}s"
+        if self.tls is not None and isinstance(exc, ssl.SSLError | ssl.CertificateError):
+            return f"{self.key}: TLS: {self.tls.describe_error(exc)}"
+        if isinstance(exc, OSError):
+            return f"{self.key}: {exc.strerror or exc}"
+        return f"{self.key}: {type(exc).__name__}: {exc}"
+
+    def _connect_failed(self, detail: str) -> None:
+        pending = self._next_waiter()
+        if pending is not None:
+            self.stats.pool_wait.observe(self._loop.time() - pending.since)
+            pending.waiter.on_pool_error(ConnectFailed(detail, self.cluster))
+        # Waiters beyond those covered by connects in flight get a connect of their own.
+        if self._connecting < len(self._waiters) and self.total < self.settings.max_connections:
+            self._start_connect()
+
+    # --- returning ------------------------------------------------------------------------------
+    def release(self, conn: UpstreamConnection) -> None:
+        """The exchange is done with `conn`; keep it if it is reusable, else close it."""
+        self._active.discard(conn)
+        if conn.state is State.CLOSED:
+            return
+        conn.unbind()
+        if self.tls is not None and not conn.tls_captured and conn.transport is not None:
+            # TLS 1.3 tickets arrive after the handshake: by the end of a response they are in.
+            conn.tls_captured = True
+            self.tls.capture_session(conn.transport)
+        now = self._loop.time()
+        if not conn.reusable:
+            conn.close("not_reusable")
+            self.stats.closed("not_reusable")
+            self._maybe_connect_for_waiters()
+            return
+        if now >= conn.expires_at:
+            conn.close("max_lifetime")
+            self.stats.closed("max_lifetime")
+            self._maybe_connect_for_waiters()
+            return
+        conn.idle_since = now
+        self._active.add(conn)
+        if self._hand_over(conn):
+            return  # the waiter has bound it
+        self._active.discard(conn)
+        self._park(conn)
+
+    def _park(self, conn: UpstreamConnection) -> None:
+        if self.closing:
+            conn.close("drain")
+            self.stats.closed("drain")
+            return
+        if len(self._idle) >= self.settings.max_idle:
+            conn.close("pool_full")
+            self.stats.closed("pool_full")
+            return
+        self._idle.append(conn)
+        expiry = conn.idle_expiry(self._idle_timeout())
+        if expiry < self.deadline:
+            self.deadline = expiry
+            self._wheel.schedule(self)
+
+    def discard(self, conn: UpstreamConnection, reason: str, abort: bool = False) -> None:
+        """Take `conn` out for good (error, timeout, tunnel): never back in the pool."""
+        if conn.state is State.CLOSED:
+            self._active.discard(conn)  # on_closed already counted why
+            return
+        self._active.discard(conn)
+        if conn.state is State.TUNNEL:
+            conn.state = State.CLOSED  # the tunnel owns the socket now
+            self.stats.closed(reason)
+            return
+        if abort:
+            conn.abort(reason)
+        else:
+            conn.close(reason)
+        self.stats.closed(reason)
+        self._maybe_connect_for_waiters()
+
+    def _maybe_connect_for_waiters(self) -> None:
+        if self._waiters and self._connecting < len(self._waiters):
+            if self.total < self.settings.max_connections and not self.closing:
+                self._start_connect()
+
+    def on_closed(self, conn: UpstreamConnection, was_idle: bool) -> None:
+        """Called by a connection whose socket closed (by us or by the upstream)."""
+        if was_idle:
+            try:
+                self._idle.remove(conn)
+            except ValueError:
+                pass
+            else:
+                now = self._loop.time()
+                idle_for = now - conn.idle_since
+                if conn.close_reason == "remote_closed":
+                    self.stats.closed("remote_closed")
+                    # The upstream closes idle connections sooner than we would: learn it, so
+                    # that we retire them before it does. Ignore implausibly short idles.
+                    if 1.0 <= idle_for < self._idle_timeout():
+                        self.learned_idle_timeout = idle_for * 0.9
+        elif conn in self._active:
+            self._active.discard(conn)
+            if conn.close_reason == "remote_closed":
+                self.stats.closed("remote_closed")
+        if self.on_connection_closed is not None:
+            self.on_connection_closed(self)
+        self._maybe_connect_for_waiters()
+
+    def _retire(self, conn: UpstreamConnection, now: float) -> None:
+        if conn.state is State.CLOSED:
+            return
+        if now >= conn.expires_at:
+            reason = "max_lifetime"
+        else:
+            reason = "idle_timeout"
+        conn.state = State.IDLE
+        conn.close(reason)
+        self.stats.closed(reason)
+
+    # --- the pool's one timer ---------------------------------------------------------------------
+    def on_deadline(self, now: float) -> None:
+        idle_timeout = self._idle_timeout()
+        keep: list[UpstreamConnection] = []
+        nxt = math.inf
+        for conn in self._idle:
+            if conn.state is not State.IDLE:
+                continue
+            expiry = conn.idle_expiry(idle_timeout)
+            if expiry <= now:
+                self._retire(conn, now)
+            else:
+                keep.append(conn)
+                nxt = min(nxt, expiry)
+        self._idle = keep
+        self.deadline = nxt
+        self._wheel.schedule(self)
+        if not self.closing:
+            self.prewarm()
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+    def close_idle(self, reason: str, linger: int | None = None) -> int:
+        """Close every idle connection gracefully. Returns how many."""
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            if linger is not None:
+                conn.set_linger(linger)
+            conn.close(reason)
+            self.stats.closed(reason)
+        return len(idle)
+
+    def rotate_oldest(self, count: int) -> int:
+        """Close up to `count` of the oldest idle connections, so that new requests open
+        connections to other (newer) endpoints. Returns how many were closed."""
+        if count <= 0 or not self._idle:
+            return 0
+        victims = sorted(self._idle, key=lambda c: c.created_at)[:count]
+        for conn in victims:
+            self._idle.remove(conn)
+            conn.close("rotated")
+            self.stats.closed("rotated")
+        return len(victims)
+
+    def start_closing(self, reason: str) -> None:
+        """No new requests: fail the waiters, close idle connections; active ones finish and
+        are closed on release."""
+        self.closing = True
+        while self._waiters:
+            pending = self._waiters.popleft()
+            if not pending.done:
+                pending.done = True
+                pending.waiter.on_pool_error(
+                    ConnectFailed(f"{self.key}: endpoint removed while waiting", self.cluster)
+                )
+        self.close_idle(reason)
+
+    def abort_all(self, reason: str) -> int:
+        """Abort every connection (RST). Returns how many were active."""
+        busy = len(self._active)
+        for conn in list(self._active):
+            conn.abort(reason)
+            self.stats.closed(reason)
+        self._active.clear()
+        self.close_idle(reason)
+        for task in list(self._tasks):
+            task.cancel()
+        return busy
+
+    @property
+    def empty(self) -> bool:
+        return not self._active and not self._idle and not self._connecting

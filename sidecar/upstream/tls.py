@@ -1,0 +1,478 @@
+"""TLS origination per cluster: the context, session resumption, cert reload, error details."""
+
+# Theory of operation.
+#
+# Resumption. asyncio's and uvloop's `create_connection` take an `ssl=` context but no `session=`:
+# there is no public way to offer a cached `ssl.SSLSession`. Both loops, however, build the
+# SSLObject of every connection by calling `context.wrap_bio(incoming, outgoing, server_side=...,
+# server_hostname=...)` on the very context they were given, and `wrap_bio` accepts `session=`.
+# `_ResumingContext` overrides `wrap_bio` to pass the cached session of that server name, so
+# resumption works on both loops with no change to their code.
+#
+# Capture. A TLS 1.2 session is complete when the handshake ends. TLS 1.3 tickets arrive *after*
+# the handshake, in post-handshake messages OpenSSL processes on a later read; the session seen
+# right after connect is not resumable. So the session is captured late: after the first response
+# bytes (`capture_session`) and when the connection is closed (`on_closing`); the newest wins.
+#
+# Scope. Sessions are cached per SNI name, not per endpoint: every endpoint of a cluster serves
+# the same name (and, in practice, shares ticket keys or a session cache), so a new connection to
+# any endpoint resumes. A session is only ever offered to the name it was made for.
+#
+# Reload. Existing connections keep the SSLContext they were made with; a reload builds a new one
+# for new connections. Python binds a session to the SSL_CTX it came from (offering it to another
+# raises "Session refers to a different SSLContext"), and a resumed session skips certificate
+# verification, so each context has its own cache: a reload (new CA, new client certificate)
+# always starts with one full handshake, which is also what makes a rotated client cert be seen.
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import ssl
+import time
+from collections.abc import Sequence
+from typing import Any, Final
+
+log = logging.getLogger("sidecar.tls")
+
+_VERSIONS: Final = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
+DEFAULT_HANDSHAKE_TIMEOUT: Final = 5.0
+INSECURE_WARNING: Final = (
+    "insecure_skip_verify is on: the upstream's certificate and hostname are NOT verified"
+)
+
+# A file's identity as seen through its symlinks: a Kubernetes secret update swaps the `..data`
+# symlink to a new directory, so the resolved path and inode change even if mtime and size do not.
+_Fingerprint = tuple[tuple[object, ...], ...]
+
+
+def _sni_key(name: str | bytes) -> str:
+    """The form `SSLObject.server_hostname` reports (IDNA A-label): lookups and captures agree."""
+    if isinstance(name, str):
+        name = name.encode("idna")
+    return name.decode("ascii").lower()
+
+
+def _still_valid(session: ssl.SSLSession) -> bool:
+    # OpenSSL stamps sessions with wall-clock seconds, so this compares against wall-clock time.
+    return session.time + session.timeout > time.time()
+
+
+def _no_password() -> bytes:
+    # Without a callback OpenSSL would prompt for an encrypted key's passphrase on the terminal;
+    # this makes such a key fail to load instead of hanging a daemon.
+    return b""
+
+
+class _ResumingContext(ssl.SSLContext):
+    """A client context whose `wrap_bio` offers the cached session of the server name asked for."""
+
+    sessions: dict[str, ssl.SSLSession]
+    session_reuse: bool
+
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        if session is None and self.session_reuse and not server_side and server_hostname:
+            key = _sni_key(server_hostname)
+            cached = self.sessions.get(key)
+            if cached is not None and not _still_valid(cached):
+                del self.sessions[key]
+            elif cached is not None:
+                try:
+                    return super().wrap_bio(
+                        incoming, outgoing, server_side, server_hostname, session=cached
+                    )
+                except ValueError:
+                    # A session this context cannot take (another SSL_CTX): drop it and do a
+                    # full handshake. An offered session the *server* no longer knows is not an
+                    # error at all: OpenSSL silently falls back to a full handshake.
+                    del self.sessions[key]
+        return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session=session)
+
+
+class TlsOrigin:
+    """One cluster's TLS client side: context, session cache, counters, and cert reload."""
+
+    def __init__(
+        self,
+        *,
+        sni: str,
+        enabled: bool = True,
+        ca_file: str | os.PathLike[str] | None = None,
+        cert_file: str | os.PathLike[str] | None = None,
+        key_file: str | os.PathLike[str] | None = None,
+        session_reuse: bool = True,
+        alpn: Sequence[str] = ("http/1.1",),
+        min_version: str = "TLSv1.2",
+        insecure_skip_verify: bool = False,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        handshakes: dict[bool, int] | None = None,
+    ) -> None:
+        """Build the first context; a bad file or option raises (a config error at start).
+
+        `handshakes` may be the cluster's stats dict (`{True: n, False: n}`) to count into.
+        """
+        if min_version not in _VERSIONS:
+            raise ValueError(f"min_version must be one of {', '.join(_VERSIONS)}: {min_version!r}")
+        if key_file is not None and cert_file is None:
+            raise ValueError("key_file needs cert_file")
+        if not sni:
+            raise ValueError("sni must not be empty")
+        if handshake_timeout <= 0:
+            raise ValueError("handshake_timeout must be positive")
+        self.enabled = enabled
+        # Typed optional only to match the pool's TlsHooks protocol; it is never None here.
+        self.server_hostname: str | None = sni
+        self.sni = sni
+        self.ca_file = os.fspath(ca_file) if ca_file is not None else None
+        self.cert_file = os.fspath(cert_file) if cert_file is not None else None
+        self.key_file = os.fspath(key_file) if key_file is not None else None
+        self.session_reuse = session_reuse
+        self.alpn = list(alpn)
+        self.min_version = min_version
+        self.insecure_skip_verify = insecure_skip_verify
+        self.handshake_timeout = float(handshake_timeout)
+        self.handshakes: dict[bool, int] = handshakes if handshakes is not None else {}
+        self.handshakes.setdefault(True, 0)
+        self.handshakes.setdefault(False, 0)
+        self.reloads = 0
+        self.reload_errors = 0
+        self._context: _ResumingContext | None = None
+        self._seen: _Fingerprint = ()
+        if not enabled:
+            return
+        if insecure_skip_verify:
+            log.warning("tls: %s (sni %s)", INSECURE_WARNING, sni)
+        self._seen = self._fingerprint()
+        self._context = self._build()
+
+    @classmethod
+    def from_config(
+        cls, cfg: Any, default_sni: str, *, handshakes: dict[bool, int] | None = None
+    ) -> TlsOrigin | None:
+        """From a config object with the SPEC §4 `tls` attribute names; None when TLS is off."""
+        if cfg is None or not getattr(cfg, "enabled", True):
+            return None
+        timeout = getattr(cfg, "handshake_timeout", None)
+        if timeout is None:
+            timeout = DEFAULT_HANDSHAKE_TIMEOUT
+        elif hasattr(timeout, "total_seconds"):
+            timeout = timeout.total_seconds()
+        min_version = getattr(cfg, "min_version", None) or "TLSv1.2"
+        alpn = getattr(cfg, "alpn", None)
+        return cls(
+            sni=getattr(cfg, "sni", None) or default_sni,
+            ca_file=getattr(cfg, "ca_file", None),
+            cert_file=getattr(cfg, "cert_file", None),
+            key_file=getattr(cfg, "key_file", None),
+            session_reuse=bool(getattr(cfg, "session_reuse", True)),
+            alpn=("http/1.1",) if alpn is None else list(alpn),
+            min_version=str(getattr(min_version, "value", min_version)),
+            insecure_skip_verify=bool(getattr(cfg, "insecure_skip_verify", False)),
+            handshake_timeout=float(timeout),
+            handshakes=handshakes,
+        )
+
+    # --- what the connection code calls -----------------------------------------------------
+    def context_for_connect(self) -> ssl.SSLContext:
+        """The current context; pass it as `ssl=` with `server_hostname=self.server_hostname`."""
+        if self._context is None:
+            raise RuntimeError("TLS is disabled for this cluster")
+        return self._context
+
+    def on_connected(self, transport: asyncio.BaseTransport) -> None:
+        """After `create_connection` returned: count the handshake, keep a TLS 1.2 session."""
+        sslobj = transport.get_extra_info("ssl_object")
+        if sslobj is None:
+            return
+        self.handshakes[bool(sslobj.session_reused)] += 1
+        self.capture_session(transport)
+
+    def capture_session(self, transport: asyncio.BaseTransport) -> None:
+        """Keep the connection's newest session; call once the first response bytes arrived."""
+        sslobj = transport.get_extra_info("ssl_object")
+        if sslobj is None or not self.session_reuse or sslobj.server_side:
+            return
+        context = sslobj.context
+        hostname = sslobj.server_hostname
+        if not isinstance(context, _ResumingContext) or not hostname:
+            return
+        session = sslobj.session
+        if session is None:
+            return
+        if sslobj.version() == "TLSv1.3":
+            # Before its NewSessionTicket arrives a TLS 1.3 session cannot be resumed; storing
+            # it would evict a good ticket with a useless one.
+            if not session.has_ticket:
+                return
+        elif not (session.has_ticket or session.id):
+            return
+        # Into the cache of the context that made this connection: after a reload, connections
+        # of the old context must not feed sessions to the new one.
+        context.sessions[_sni_key(hostname)] = session
+
+    def on_closing(self, transport: asyncio.BaseTransport) -> None:
+        """Before closing (or from `connection_lost`): TLS 1.3 tickets have arrived by now."""
+        self.capture_session(transport)
+
+    def describe_error(self, exc: BaseException) -> str:
+        """`describe_tls_error`, plus the setting of this origin that explains the failure."""
+        detail = describe_tls_error(exc)
+        kind = classify_tls_error(exc)
+        if kind == "unknown_ca":
+            return f"{detail}; trusting {self.ca_file or 'the system trust store'}"
+        if kind == "protocol_version":
+            return f"{detail}; min_version is {self.min_version}"
+        if kind in ("handshake_failure", "client_certificate_rejected"):
+            mine = self.cert_file or "none configured"
+            return f"{detail}; client certificate: {mine}"
+        return detail
+
+    # --- observation ------------------------------------------------------------------------
+    def resumption_ratio(self) -> float | None:
+        """Resumed / all completed handshakes; None before the first one."""
+        total = self.handshakes[True] + self.handshakes[False]
+        return self.handshakes[True] / total if total else None
+
+    def cached_sessions(self) -> int:
+        return len(self._context.sessions) if self._context is not None else 0
+
+    def redacted_view(self) -> dict[str, Any]:
+        """For /config and /clusters: paths and settings, never key material."""
+        if not self.enabled:
+            return {"enabled": False}
+        view: dict[str, Any] = {
+            "enabled": True,
+            "sni": self.sni,
+            "ca_file": self.ca_file,
+            "trust": "ca_file" if self.ca_file else "system trust store",
+            "cert_file": self.cert_file,
+            "key_file": self.key_file,  # the path only, never the content
+            "session_reuse": self.session_reuse,
+            "alpn": list(self.alpn),
+            "min_version": self.min_version,
+            "insecure_skip_verify": self.insecure_skip_verify,
+            "handshake_timeout": self.handshake_timeout,
+            "handshakes": {"resumed": self.handshakes[True], "full": self.handshakes[False]},
+            "resumption_ratio": self.resumption_ratio(),
+            "cached_sessions": self.cached_sessions(),
+            "reloads": self.reloads,
+            "reload_errors": self.reload_errors,
+        }
+        if self.insecure_skip_verify:
+            view["warning"] = INSECURE_WARNING
+        return view
+
+    def __repr__(self) -> str:
+        return (
+            f"<TlsOrigin sni={self.sni} [Handshakes: {self.handshakes[True]} resumed, "
+            f"{self.handshakes[False]} full | Sessions: {self.cached_sessions()} | "
+            f"Reloads: {self.reloads}, {self.reload_errors} rejected]>"
+        )
+
+    # --- certificate reload -----------------------------------------------------------------
+    def maybe_reload(self) -> bool:
+        """Rebuild the context if a cert/key/CA file changed; True when a new one is in use.
+
+        A file that fails to load is rejected with a log line: the previous context stays in use,
+        and the same broken files are not retried until they change again.
+        """
+        if not self.enabled:
+            return False
+        seen = self._fingerprint()  # before reading: a change during the read is seen next time
+        if seen == self._seen:
+            return False
+        self._seen = seen
+        try:
+            context = self._build()
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            self.reload_errors += 1
+            log.error(
+                "tls: rejected new certificate files for sni %s, keeping the previous ones: %s",
+                self.sni,
+                exc,
+            )
+            return False
+        self._context = context
+        self.reloads += 1
+        log.info("tls: reloaded certificate files for sni %s", self.sni)
+        return True
+
+    async def watch(self, interval: float) -> None:
+        """Call `maybe_reload` every `interval` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            self.maybe_reload()
+
+    def _files(self) -> list[str]:
+        return [p for p in (self.ca_file, self.cert_file, self.key_file) if p is not None]
+
+    def _fingerprint(self) -> _Fingerprint:
+        out: list[tuple[object, ...]] = []
+        for path in self._files():
+            try:
+                real = os.path.realpath(path)
+                st = os.stat(real)
+            except OSError as exc:
+                out.append((path, "error", exc.errno))
+                continue
+            out.append((path, real, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+        return tuple(out)
+
+    def _build(self) -> _ResumingContext:
+        context = _ResumingContext(ssl.PROTOCOL_TLS_CLIENT)  # verification + hostname check on
+        context.minimum_version = _VERSIONS[self.min_version]
+        if self.insecure_skip_verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        elif self.ca_file is not None:
+            context.load_verify_locations(cafile=self.ca_file)
+        else:
+            context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+        if self.cert_file is not None:
+            context.load_cert_chain(self.cert_file, self.key_file, password=_no_password)
+        if self.alpn:
+            context.set_alpn_protocols(self.alpn)
+        context.sessions = {}
+        context.session_reuse = self.session_reuse
+        return context
+
+
+# --- error details for 502 connect_failed ----------------------------------------------------
+_PROTOCOL_REASONS: Final = frozenset(
+    {
+        "UNSUPPORTED_PROTOCOL",
+        "NO_PROTOCOLS_AVAILABLE",
+        "TLSV1_ALERT_PROTOCOL_VERSION",
+        "WRONG_SSL_VERSION",
+        "VERSION_TOO_LOW",
+        "VERSION_TOO_HIGH",
+    }
+)
+_CLIENT_CERT_REASONS: Final = frozenset(
+    {
+        "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+        "SSLV3_ALERT_BAD_CERTIFICATE",
+        "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+        "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+        "SSLV3_ALERT_CERTIFICATE_REVOKED",
+        "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
+        "TLSV1_ALERT_UNKNOWN_CA",
+        "TLSV1_ALERT_ACCESS_DENIED",
+    }
+)
+_NOT_TLS_REASONS: Final = frozenset(
+    {"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "RECORD_LAYER_FAILURE"}
+)
+_ALPN_REASONS: Final = frozenset({"TLSV1_ALERT_NO_APPLICATION_PROTOCOL", "NO_APPLICATION_PROTOCOL"})
+# X509_V_ERR_* codes: https://docs.openssl.org/3.0/man1/openssl-verification-options/
+_UNKNOWN_CA_CODES: Final = frozenset({2, 18, 19, 20, 21})
+_EXPIRED: Final = 10
+_NOT_YET_VALID: Final = 9
+_HOSTNAME_CODES: Final = frozenset({62, 64})
+_HANDSHAKE_TIMEOUT = re.compile(r"SSL handshake is taking longer than ([0-9.]+) seconds")
+
+
+def _tls_cause(exc: BaseException) -> BaseException:
+    """The most telling exception in a `raise ... from` chain (an SSLError beats a wrapper)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (ssl.SSLError, TimeoutError, ConnectionAbortedError)):
+            return current
+        current = current.__cause__ or current.__context__
+    return exc
+
+
+def _reason_text(exc: ssl.SSLError) -> str:
+    reason = exc.reason or ""
+    return reason.lower().replace("_", " ") if reason else str(exc)
+
+
+def classify_tls_error(exc: BaseException) -> str:
+    """A bounded kind for logs and metrics: `unknown_ca`, `hostname_mismatch`, `expired`, ..."""
+    exc = _tls_cause(exc)
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        code = exc.verify_code
+        if code in _UNKNOWN_CA_CODES:
+            return "unknown_ca"
+        if code in _HOSTNAME_CODES:
+            return "hostname_mismatch"
+        if code == _EXPIRED:
+            return "expired"
+        if code == _NOT_YET_VALID:
+            return "not_yet_valid"
+        return "verify_failed"
+    if isinstance(exc, TimeoutError):
+        return "handshake_timeout"
+    if isinstance(exc, ConnectionAbortedError) and _HANDSHAKE_TIMEOUT.search(str(exc)):
+        return "handshake_timeout"
+    if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+        return "closed_during_handshake"
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason or ""
+        if reason in _PROTOCOL_REASONS:
+            return "protocol_version"
+        if reason in _CLIENT_CERT_REASONS:
+            return "client_certificate_rejected"
+        if reason in _NOT_TLS_REASONS:
+            return "not_tls"
+        if reason in _ALPN_REASONS:
+            return "alpn"
+        if reason == "SSLV3_ALERT_HANDSHAKE_FAILURE":
+            return "handshake_failure"
+        return "tls_error"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection_refused"
+    if isinstance(exc, ConnectionResetError):
+        return "closed_during_handshake"
+    return "connect_error"
+
+
+def describe_tls_error(exc: BaseException) -> str:
+    """The `detail` of a 502 `connect_failed` for a failed TLS connect, in a user's terms."""
+    kind = classify_tls_error(exc)
+    exc = _tls_cause(exc)
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        message = (exc.verify_message or _reason_text(exc)).rstrip(".")
+        message = message[:1].lower() + message[1:]
+        if kind == "unknown_ca":
+            return f"certificate verify failed: {message} (unknown CA)"
+        return f"certificate verify failed: {message}"
+    if kind == "handshake_timeout":
+        match = _HANDSHAKE_TIMEOUT.search(str(exc))
+        if match:
+            return f"TLS handshake timeout: no handshake within {match.group(1)}s"
+        return "TLS handshake timeout: connect or handshake did not finish in time"
+    if kind == "closed_during_handshake":
+        return "TLS handshake failed: the upstream closed the connection"
+    if isinstance(exc, ssl.SSLError):
+        reason = _reason_text(exc)
+        if kind == "protocol_version":
+            return f"TLS protocol version: no version in common with the upstream ({reason})"
+        if kind == "client_certificate_rejected":
+            return f"TLS client certificate rejected by the upstream ({reason})"
+        if kind == "not_tls":
+            return f"TLS handshake failed: the upstream does not speak TLS ({reason})"
+        if kind == "alpn":
+            return f"TLS ALPN: no application protocol in common ({reason})"
+        if kind == "handshake_failure":
+            # TLS 1.2 servers send this one alert for a missing client certificate as well as
+            # for no common cipher or curve.
+            return (
+                "TLS handshake refused by the upstream: no common cipher or curve, or a client "
+                f"certificate required ({reason})"
+            )
+        return f"TLS error: {reason}"
+    if kind == "connection_refused":
+        return "connection refused"
+    return f"connect failed: {type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
