@@ -82,7 +82,7 @@ class App:
             log.error("task failed", exc_info=task.exception(),
                       extra={"fields": {"task": task.get_name()}})
 
-    # --- clusters ----------------------------------------------------------------------------------
+    # --- clusters ---------------------------------------------------------------------------------
     def _default_sni(self, c: ClusterConfig) -> str | None:
         d = c.discovery
         if d.type == "dns":
@@ -147,7 +147,7 @@ class App:
     def _build_dynamic(self, host: str, port: int) -> Cluster:
         return self.build_cluster(cfgmod.dynamic_cluster(host, port))
 
-    # --- listeners ---------------------------------------------------------------------------------
+    # --- listeners --------------------------------------------------------------------------------
     def _own_addresses(self) -> frozenset[tuple[str, int]]:
         return frozenset((li.host, li.port) for li in self.listeners.values())
 
@@ -201,7 +201,7 @@ class App:
             names.add(lc.cluster)
         return names
 
-    # --- drain hooks ---------------------------------------------------------------------------------
+    # --- drain hooks ------------------------------------------------------------------------------
     def _counts(self) -> Counts:
         inflight = sum(c.stats.inflight for c in self.contexts.values())
         conns = sum(c.stats.downstream_connections for c in self.contexts.values())
@@ -247,7 +247,7 @@ class App:
             return DEFAULT_GRACE_AUTO
         return float(grace)
 
-    # --- start -------------------------------------------------------------------------------------
+    # --- start ------------------------------------------------------------------------------------
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.wheel = Wheel(self.loop)
@@ -395,7 +395,7 @@ class App:
         for cluster in new_static.values():
             cluster.prewarm()
 
-    # --- run and stop ------------------------------------------------------------------------------
+    # --- run and stop -----------------------------------------------------------------------------
     def _on_signal(self) -> None:
         self._signals += 1
         if self._signals == 1:

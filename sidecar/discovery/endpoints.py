@@ -1,4 +1,4 @@
-"""The values discovery speaks (after linkerd2-proxy's resolve.rs): Reset, Add, Remove, DoesNotExist.
+"""The values discovery speaks (after linkerd2-proxy's resolve.rs): Reset/Add/Remove/DoesNotExist.
 
 A resolver knows nothing of clusters; a cluster knows nothing of where endpoints came from.
 A resolver calls `emit(delta)` synchronously from the event loop; the cluster applies it at once.

@@ -291,7 +291,7 @@ class Exchange:
             if self.response_done:
                 self._finish()
 
-    # --- ConnectionUser: the upstream connection calls back ----------------------------------------
+    # --- ConnectionUser: the upstream connection calls back ---------------------------------------
     def on_response_head(self, head: ResponseHead) -> None:
         status = head.status
         proto = self.proto
@@ -415,7 +415,7 @@ class Exchange:
             if conn is not None and conn.transport is not None:
                 conn.transport.resume_reading()
 
-    # --- CONNECT -------------------------------------------------------------------------------------
+    # --- CONNECT ----------------------------------------------------------------------------------
     def _open_connect_tunnel(self, conn: UpstreamConnection) -> None:
         self._phase(Phase.TUNNEL)
         conn.to_tunnel()

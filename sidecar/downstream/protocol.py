@@ -102,9 +102,7 @@ class DownstreamProtocol(asyncio.Protocol):
     def eof_received(self) -> bool:
         # The app half-closed. An exchange in progress still owes it a response.
         ex = self.exchange
-        if ex is not None and ex.phase is not Phase.DONE:
-            return True
-        return False
+        return ex is not None and ex.phase is not Phase.DONE
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.closed:
@@ -132,7 +130,7 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.exchange is not None:
             self.exchange.resume_upstream()
 
-    # --- writing -----------------------------------------------------------------------------------
+    # --- writing ----------------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
         transport = self.transport
         if transport is not None and not self.closed:
@@ -148,7 +146,7 @@ class DownstreamProtocol(asyncio.Protocol):
         app's client pool is the app's business (SPEC section 6)."""
         return self.discarding
 
-    # --- RequestSink -------------------------------------------------------------------------------
+    # --- RequestSink ------------------------------------------------------------------------------
     def on_request_head(self, head: RequestHead) -> None:
         if self.exchange is not None or self.queue:
             self._enqueue(("head", head))
@@ -190,7 +188,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.queue.append(event)
         self.gate.pause(PIPELINED)
 
-    # --- requests ----------------------------------------------------------------------------------
+    # --- requests ---------------------------------------------------------------------------------
     def _begin(self, head: RequestHead) -> None:
         ctx = self.ctx
         now = self.loop.time()
@@ -336,7 +334,7 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.close()
 
-    # --- tunnels -----------------------------------------------------------------------------------
+    # --- tunnels ----------------------------------------------------------------------------------
     def start_tunnel(
         self, ex: Exchange, conn: UpstreamConnection, to_app: bytes = b"", to_upstream: bytes = b""
     ) -> None:
@@ -357,7 +355,8 @@ class DownstreamProtocol(asyncio.Protocol):
             ctx.stats.downstream_connections -= 1
             ctx.stats.inflight -= 1
             if ex.cluster is not None:
-                ex.cluster.stats.request_done(self.listener_name, ex.status, self.now() - ex.started)
+                elapsed = self.now() - ex.started
+                ex.cluster.stats.request_done(self.listener_name, ex.status, elapsed)
             ctx.changed()
 
         tunnel = Tunnel(app_transport, up_transport, finished)
@@ -365,7 +364,7 @@ class DownstreamProtocol(asyncio.Protocol):
         tunnel.start(to_upstream=to_upstream or ex.upgrade_rest, to_app=to_app)
         self.exchange = None
 
-    # --- deadlines (Timed) ---------------------------------------------------------------------------
+    # --- deadlines (Timed) ------------------------------------------------------------------------
     def _set_deadline(self, when: float) -> None:
         self.deadline = when
         self.ctx.wheel.schedule(self)
@@ -392,7 +391,7 @@ class DownstreamProtocol(asyncio.Protocol):
         else:
             self._close()  # idle keep-alive (or a connection that never sent anything)
 
-    # --- draining ----------------------------------------------------------------------------------
+    # --- draining ---------------------------------------------------------------------------------
     @property
     def idle(self) -> bool:
         return self.exchange is None and not self.parser.in_head
@@ -405,8 +404,9 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def abort(self) -> None:
         if self.transport is not None and not self.closed:
-            from sidecar.upstream.connection import _LINGER_ABORT
             import socket
+
+            from sidecar.upstream.connection import _LINGER_ABORT
 
             sock = self.transport.get_extra_info("socket")
             if sock is not None:

@@ -118,7 +118,8 @@ def _is_self(table: RouteTable, host: str, port: int) -> bool:
         if host == own_host or host == "localhost":
             return True
         try:
-            if ipaddress.ip_address(host).is_loopback and ipaddress.ip_address(own_host).is_loopback:
+            both = ipaddress.ip_address(host), ipaddress.ip_address(own_host)
+            if both[0].is_loopback and both[1].is_loopback:
                 return True
         except ValueError:
             continue

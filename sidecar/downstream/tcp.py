@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import cast
 import logging
+from typing import cast
 
 from sidecar.downstream.context import ListenerContext
 from sidecar.downstream.tunnel import Tunnel

@@ -172,7 +172,7 @@ class _StopParsing(Exception):
     """Raised inside a callback to stop llhttp after a bodyless response to HEAD."""
 
 
-def _unwrap(exc: httptools.HttpParserError, error: type[ProtocolError] | type[Exception]) -> Exception:
+def _unwrap(exc: httptools.HttpParserError, error: type[Exception]) -> Exception:
     """A callback's own exception travels as the parser error's context: give it back."""
     inner = exc.__context__
     if isinstance(inner, (ProtocolError, BadUpstreamResponse)):

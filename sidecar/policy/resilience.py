@@ -62,7 +62,7 @@ class ClusterPolicies:
             )
         self._ejected_any = False
 
-    # --- callbacks from the state machines ---------------------------------------------------------
+    # --- callbacks from the state machines --------------------------------------------------------
     def _on_transition(self, to: str) -> None:
         self.stats.breaker_transitions[to] = self.stats.breaker_transitions.get(to, 0) + 1
 
@@ -77,7 +77,7 @@ class ClusterPolicies:
             self._ejected_any = self.outlier.ejected_count > 0
             self._changed()
 
-    # --- endpoints ---------------------------------------------------------------------------------
+    # --- endpoints --------------------------------------------------------------------------------
     def set_endpoints(self, endpoints: list[tuple[str, str, int]]) -> None:
         self.outlier.set_endpoints(k for k, _, _ in endpoints)
         if self.health is not None:
@@ -98,7 +98,7 @@ class ClusterPolicies:
     def breaker_state_name(self) -> str:
         return _BREAKER_NAMES[self.breaker.state_code]
 
-    # --- per request -------------------------------------------------------------------------------
+    # --- per request ------------------------------------------------------------------------------
     def replayable(self, method: bytes, idempotency_key: bool, length: int | None) -> bool:
         return self.retry.is_retryable_request(method, idempotency_key, length)
 
@@ -127,7 +127,9 @@ class ClusterPolicies:
             return math.inf
         return float(self.clock.now() + per_try)
 
-    def _retry_delay(self, ex: Any, outcome: Any, reason: str, retry_after: float | None) -> float | None:
+    def _retry_delay(
+        self, ex: Any, outcome: Any, reason: str, retry_after: float | None
+    ) -> float | None:
         if ex.attempt >= ex.max_attempts:
             return None
         remaining = ex.deadline - self.clock.now() if ex.deadline != math.inf else None

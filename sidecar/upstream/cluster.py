@@ -154,7 +154,7 @@ class Cluster:
         self._ready_waiters.append(fut)
         try:
             await asyncio.wait_for(fut, timeout)
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             return False
         return True
 

@@ -182,7 +182,7 @@ class UpstreamConnection(asyncio.Protocol):
             except OSError:
                 pass
 
-    # --- asyncio.Protocol ---------------------------------------------------------------------------
+    # --- asyncio.Protocol -------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         self.transport = transport

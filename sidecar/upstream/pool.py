@@ -479,7 +479,7 @@ class Pool:
         if not self.closing:
             self.prewarm()
 
-    # --- lifecycle ----------------------------------------------------------------------------------
+    # --- lifecycle --------------------------------------------------------------------------------
     def close_idle(self, reason: str, linger: int | None = None) -> int:
         """Close every idle connection gracefully. Returns how many."""
         idle, self._idle = self._idle, []
