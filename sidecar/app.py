@@ -301,7 +301,7 @@ class App:
             c.prewarm()
         deadline = self.loop.time() + PREWARM_WAIT
         while self.loop.time() < deadline and not all(c.prewarmed() for c in clusters):
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # noqa: ASYNC110 (pools have no "prewarmed" event)
         missing = [c.name for c in clusters if not (c.has_answer and c.prewarmed())]
         if missing:
             log.warning("ready without full prewarm", extra={"fields": {"clusters": missing}})

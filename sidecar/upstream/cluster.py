@@ -147,13 +147,13 @@ class Cluster:
             if pool.idle_count:
                 pool.rotate_oldest(math.ceil(pool.idle_count * share))
 
-    async def wait_ready(self, timeout: float) -> bool:
+    async def wait_ready(self, within: float) -> bool:
         if self.has_answer:
             return True
         fut: asyncio.Future[None] = self._loop.create_future()
         self._ready_waiters.append(fut)
         try:
-            await asyncio.wait_for(fut, timeout)
+            await asyncio.wait_for(fut, within)
         except TimeoutError:
             return False
         return True

@@ -420,9 +420,13 @@ class Pool:
         self._maybe_connect_for_waiters()
 
     def _maybe_connect_for_waiters(self) -> None:
-        if self._waiters and self._connecting < len(self._waiters):
-            if self.total < self.settings.max_connections and not self.closing:
-                self._start_connect()
+        if (
+            self._waiters
+            and self._connecting < len(self._waiters)
+            and self.total < self.settings.max_connections
+            and not self.closing
+        ):
+            self._start_connect()
 
     def on_closed(self, conn: UpstreamConnection, was_idle: bool) -> None:
         """Called by a connection whose socket closed (by us or by the upstream)."""
