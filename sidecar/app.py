@@ -386,11 +386,11 @@ class App:
                 self.start_listener(lc)
         own = self._own_addresses()
         for name, ctx in self.contexts.items():
-            lc = new.listener(name)
-            assert lc is not None
-            ctx.table = RouteTable.from_config(lc, own)
+            found = new.listener(name)
+            assert found is not None
+            ctx.table = RouteTable.from_config(found, own)
             ctx.access_log = new.access_log
-            for cname in self._clusters_of(lc):
+            for cname in self._clusters_of(found):
                 self.stats.cluster(cname).expect_listener(name)
         for cluster in new_static.values():
             cluster.prewarm()

@@ -132,7 +132,7 @@ class Listener:
             except OSError:
                 pass
             task = self._loop.create_task(
-                self._loop.connect_accepted_socket(self._factory, conn)  # type: ignore[arg-type]
+                self._loop.connect_accepted_socket(self._factory, conn)
             )
             self._tasks.add(task)
             task.add_done_callback(self._accepted)

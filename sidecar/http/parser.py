@@ -177,7 +177,7 @@ def _unwrap(exc: httptools.HttpParserError, error: type[Exception]) -> Exception
     inner = exc.__context__
     if isinstance(inner, (ProtocolError, BadUpstreamResponse)):
         return inner
-    if isinstance(exc, httptools.HttpParserCallbackError) and inner is not None:
+    if isinstance(exc, httptools.HttpParserCallbackError) and isinstance(inner, Exception):
         # The sink raised something of its own: let it propagate unchanged.
         return inner
     return error(str(exc) or type(exc).__name__)

@@ -15,7 +15,7 @@ class Loaded(Protocol):
 T = TypeVar("T", bound=Loaded)
 
 
-class Balancer(Protocol[T]):  # type: ignore[misc]
+class Balancer(Protocol[T]):
     def pick(self, candidates: Sequence[T], avoid: T | None = None) -> T: ...
 
 

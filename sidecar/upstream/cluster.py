@@ -86,15 +86,12 @@ class Cluster:
         for key, ep in new.items():
             pool = self.pools.get(key)
             if pool is None:
-                revived = self._draining.pop(key, None)
-                if revived is not None and not revived.closing:
-                    pool = revived
-                else:
-                    pool = Pool(
-                        self.name, ep.ip, ep.port, self.settings, self.stats, self._loop,
-                        self._wheel, self.tls,
-                    )
-                    pool.on_connection_closed = self._on_pool_connection_closed
+                # A returning endpoint gets a new pool; an old one still draining finishes.
+                pool = Pool(
+                    self.name, ep.ip, ep.port, self.settings, self.stats, self._loop,
+                    self._wheel, self.tls,
+                )
+                pool.on_connection_closed = self._on_pool_connection_closed
                 self.pools[key] = pool
             if not ep.serving:
                 # Terminating or not ready: no new requests; idle connections close now.

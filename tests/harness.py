@@ -1,0 +1,269 @@
+"""Test harness: a real sidecar process on free loopback ports, and small real upstreams.
+
+`Sidecar(config_dict)` writes the config to a temp file, starts `python -m sidecar run` (with
+`--loop uvloop` or `--loop asyncio`), waits until the admin `/readyz` answers 200, and stops
+the process by its PID. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+LOOPS = ("uvloop", "asyncio")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_get(url: str, timeout: float = 5.0, method: str = "GET") -> tuple[int, bytes]:
+    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+class Sidecar:
+    """A running sidecar. `.port(name)` is a listener's port; `.admin` / `.status` URLs."""
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        loop: str = "uvloop",
+        env: dict[str, str] | None = None,
+        ready_timeout: float = 15.0,
+        wait_ready: bool = True,
+    ) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="sidecar-test-"))
+        config = dict(config)
+        self.admin_port = free_port()
+        self.status_port = free_port()
+        config.setdefault("admin", {"address": f"127.0.0.1:{self.admin_port}"})
+        config.setdefault("status", {"address": f"127.0.0.1:{self.status_port}"})
+        config.setdefault("access_log", False)
+        self.ports: dict[str, int] = {}
+        for listener in config.get("listeners", []):
+            if "address" not in listener:
+                port = free_port()
+                listener["address"] = f"127.0.0.1:{port}"
+            self.ports[listener["name"]] = int(str(listener["address"]).rsplit(":", 1)[1])
+        self.config = config
+        self.config_path = self.dir / "config.yaml"
+        self.write_config(config)
+        self.log_path = self.dir / "sidecar.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "run", "--config", str(self.config_path),
+             "--loop", loop],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+        self.pid = self.proc.pid
+        if wait_ready:
+            self.wait_ready(ready_timeout)
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(config))
+        os.replace(tmp, self.config_path)
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    @property
+    def status(self) -> str:
+        return f"http://127.0.0.1:{self.status_port}"
+
+    def port(self, listener: str) -> int:
+        return self.ports[listener]
+
+    def url(self, listener: str, path: str = "/") -> str:
+        return f"http://127.0.0.1:{self.ports[listener]}{path}"
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sidecar exited {self.proc.returncode}:\n{self.logs()}")
+            try:
+                status, _ = http_get(f"{self.admin}/readyz", timeout=1.0)
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"sidecar not ready within {timeout}s:\n{self.logs()}")
+
+    def logs(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-20000:]
+
+    def metrics(self) -> str:
+        return http_get(f"{self.admin}/metrics")[1].decode()
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples of `name` whose labels include `labels`."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        total = 0.0
+        for family in text_string_to_metric_families(self.metrics()):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v
+                                               for k, v in labels.items()):
+                    total += sample.value
+        return total
+
+    def clusters(self) -> dict[str, Any]:
+        body = http_get(f"{self.admin}/clusters")[1]
+        return {c["name"]: c for c in json.loads(body)["clusters"]}
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+
+    def __enter__(self) -> Sidecar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class ThreadedServer:
+    """Runs an aiohttp `web.Application` on its own loop in a thread, on 127.0.0.1."""
+
+    def __init__(self, app: Any, port: int | None = None, ssl_context: Any = None) -> None:
+        import asyncio
+
+        from aiohttp import web
+
+        self.port = port or free_port()
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._app = app
+        self._runner: web.AppRunner | None = None
+        self._ssl = ssl_context
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise TimeoutError("upstream did not start")
+
+    def _run(self) -> None:
+        import asyncio
+
+        from aiohttp import web
+
+        asyncio.set_event_loop(self._loop)
+
+        async def start() -> None:
+            self._runner = web.AppRunner(self._app, access_log=None, shutdown_timeout=0.5)
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self._ssl)
+            await site.start()
+            self._ready.set()
+
+        self._loop.run_until_complete(start())
+        self._loop.run_forever()
+
+    def call(self, fn: Any) -> None:
+        self._loop.call_soon_threadsafe(fn)
+
+    def stop(self) -> None:
+        import asyncio
+
+        async def cleanup() -> None:
+            if self._runner is not None:
+                await self._runner.cleanup()
+
+        fut = asyncio.run_coroutine_threadsafe(cleanup(), self._loop)
+        with contextlib.suppress(Exception):
+            fut.result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    def __enter__(self) -> ThreadedServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def nginx(conf_body: str, port: int | None = None) -> Iterator[int]:
+    """nginx from apt in the foreground with `conf_body` inside `http {}`; `{port}` is replaced.
+    Stopped by its PID."""
+    exe = "/usr/sbin/nginx"
+    if not os.path.exists(exe):
+        import pytest
+
+        pytest.skip("nginx is not installed (apt-get install nginx-light)")
+    port = port or free_port()
+    d = Path(tempfile.mkdtemp(prefix="sidecar-nginx-"))
+    (d / "logs").mkdir()
+    conf = d / "nginx.conf"
+    conf.write_text(
+        f"""
+daemon off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/logs/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fastcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+  {conf_body.replace("{port}", str(port))}
+}}
+"""
+    )
+    proc = subprocess.Popen([exe, "-p", str(d), "-c", str(conf)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                break
+            if proc.poll() is not None:
+                raise RuntimeError((d / "logs" / "error.log").read_text())
+            time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
