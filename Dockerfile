@@ -1,0 +1,48 @@
+# syntax=docker/dockerfile:1
+# The connection sidecar image: a venv with the sidecar and its dependencies, on a slim
+# Python base, running as uid 10001. No HEALTHCHECK: Kubernetes probes the status port
+# (/healthz, /readyz on 15020), and a Docker healthcheck would only duplicate that.
+ARG PYTHON_IMAGE=python:3.11-slim
+
+# --- builder: build the wheel and install it, with its dependencies, into /opt/sidecar ---
+FROM ${PYTHON_IMAGE} AS builder
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+WORKDIR /src
+RUN python -m venv /opt/sidecar
+COPY pyproject.toml README.md ./
+COPY sidecar ./sidecar
+# The dependencies' versions come from pyproject.toml; every one ships manylinux wheels,
+# so this stage needs no compiler. Bytecode is compiled here, once, because the runtime
+# root filesystem is read-only.
+RUN /opt/sidecar/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
+    && /opt/sidecar/bin/pip install --no-cache-dir /wheels/*.whl \
+    && /opt/sidecar/bin/python -m compileall -q /opt/sidecar \
+    && /opt/sidecar/bin/sidecar --help > /dev/null
+
+# --- runtime: the venv only; no pip cache, no sources, no build tools ---
+FROM ${PYTHON_IMAGE}
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+LABEL org.opencontainers.image.title="connection-sidecar" \
+      org.opencontainers.image.description="A per-pod Kubernetes egress proxy: pooled, health-checked, TLS-resuming, drain-safe." \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.source="https://github.com/example/connection-sidecar" \
+      org.opencontainers.image.base.name="${PYTHON_IMAGE}"
+RUN groupadd --system --gid 10001 sidecar \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home \
+       --home-dir /nonexistent --shell /usr/sbin/nologin sidecar
+COPY --from=builder /opt/sidecar /opt/sidecar
+ENV PATH=/opt/sidecar/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+# A numeric user, so that Kubernetes' runAsNonRoot can verify it without /etc/passwd.
+USER 10001:10001
+WORKDIR /tmp
+# 15001 egress (loopback), 15000 admin (loopback), 15020 status (/healthz, /readyz, /metrics).
+EXPOSE 15001 15000 15020
+ENTRYPOINT ["sidecar"]
+CMD ["run"]
