@@ -395,6 +395,12 @@ class Exchange:
         self._discard_conn("error", abort=True)
         self._failed(exc, stale=stale)
 
+    def batch_begin(self) -> None:
+        self.proto.cork()
+
+    def batch_end(self) -> None:
+        self.proto.uncork()
+
     def on_upstream_pause_writing(self) -> None:
         self.proto.gate.pause(PEER_WRITE_FULL)
 

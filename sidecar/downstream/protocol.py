@@ -23,7 +23,7 @@ from sidecar.flow_control import PIPELINED, WRITE_HIGH_WATER, WRITE_LOW_WATER, R
 from sidecar.http.headers import Headers
 from sidecar.http.parser import RequestHead, RequestParser
 from sidecar.rescue import error_response
-from sidecar.upstream.connection import UpstreamConnection
+from sidecar.upstream.connection import UpstreamConnection, set_nodelay
 
 log = logging.getLogger("sidecar.access")
 _DISCARD_GRACE = 2.0  # how long we keep reading an unwanted request body before closing
@@ -47,6 +47,8 @@ class DownstreamProtocol(asyncio.Protocol):
         "listener_name",
         "peer",
         "upgraded",
+        "_corked",
+        "_out",
     )
 
     def __init__(self, ctx: ListenerContext) -> None:
@@ -66,6 +68,8 @@ class DownstreamProtocol(asyncio.Protocol):
         self.write_paused = False
         self.peer: Any = None
         self.upgraded = False
+        self._corked = 0
+        self._out: list[bytes] = []
 
     def now(self) -> float:
         return self.loop.time()
@@ -75,6 +79,7 @@ class DownstreamProtocol(asyncio.Protocol):
         transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         self.transport = transport
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        set_nodelay(transport)
         self.gate = ReadGate(transport)
         ctx = self.ctx
         ctx.connections.add(self)
@@ -132,14 +137,42 @@ class DownstreamProtocol(asyncio.Protocol):
 
     # --- writing ----------------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
+        if self._corked:
+            self._out.append(data)
+            return
         transport = self.transport
         if transport is not None and not self.closed:
             transport.write(data)
 
     def writelines(self, parts: list[bytes]) -> None:
+        if self._corked:
+            self._out.extend(parts)
+            return
         transport = self.transport
         if transport is not None and not self.closed:
             transport.writelines(parts)
+
+    def cork(self) -> None:
+        """Collect writes until `uncork`: a response head and body parsed from one upstream
+        read leave in one syscall instead of two or three."""
+        self._corked += 1
+
+    def uncork(self) -> None:
+        self._corked -= 1
+        if self._corked == 0 and self._out:
+            self._flush()
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        if len(out) == 1:
+            transport.write(out[0])
+        elif sum(map(len, out)) <= 16384:
+            transport.write(b"".join(out))
+        else:
+            transport.writelines(out)
 
     def closing_after_response(self) -> bool:
         """Whether this response must end the app's connection. Never for a drain: the
@@ -332,6 +365,8 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def _close(self) -> None:
         if self.transport is not None and not self.closed:
+            if self._out:
+                self._flush()
             self.transport.close()
 
     # --- tunnels ----------------------------------------------------------------------------------
