@@ -12,11 +12,13 @@ import signal
 from typing import Any
 
 from sidecar import config as cfgmod
+from sidecar import podinfo
 from sidecar.admin.server import AdminServer, StatusServer
 from sidecar.clock import MONOTONIC
 from sidecar.config import ClusterConfig, Config, ListenerConfig
 from sidecar.discovery.endpoints import Delta, Resolver
 from sidecar.discovery.static import StaticResolver
+from sidecar.discovery.stats import DiscoveryStats
 from sidecar.downstream.context import Limits, ListenerContext
 from sidecar.downstream.listener import Listener
 from sidecar.downstream.protocol import DownstreamProtocol
@@ -24,7 +26,7 @@ from sidecar.downstream.router import RouteTable
 from sidecar.downstream.tcp import TcpProxyProtocol
 from sidecar.lifecycle import Counts, Drain, DrainSettings, DrainState
 from sidecar.observe.loop_lag import watch_loop_lag
-from sidecar.observe.metrics import build_registry, render
+from sidecar.observe.metrics import DiscoveryCollector, build_registry, render
 from sidecar.observe.stats import Stats
 from sidecar.policy.resilience import ClusterPolicies
 from sidecar.timers import Wheel
@@ -35,8 +37,8 @@ from sidecar.upstream.tls import TlsOrigin
 log = logging.getLogger("sidecar")
 
 PREWARM_WAIT = 5.0  # longest wait for min_idle connections before declaring ready anyway
+PREWARM_RETRY = 0.25  # how often failed prewarm connects are tried again during that wait
 DISCOVERY_WAIT = 10.0  # longest wait for each cluster's first discovery answer
-DEFAULT_GRACE_AUTO = 25.0
 
 
 def _is_ip(host: str) -> bool:
@@ -53,13 +55,14 @@ class App:
         self.config_path = config_path
         self.stats = Stats()
         self.registry = build_registry(self.stats)
+        self.discovery_stats: dict[str, DiscoveryStats] = {}
+        self.registry.register(DiscoveryCollector(lambda: list(self.discovery_stats.items())))
         self._tasks: set[asyncio.Task[Any]] = set()
         self._resolver_tasks: dict[str, asyncio.Task[Any]] = {}
         self._tls_tasks: dict[str, asyncio.Task[Any]] = {}
         self.listeners: dict[str, Listener] = {}
         self.contexts: dict[str, ListenerContext] = {}
         self.ready = False
-        self.stopping = asyncio.Event()
         self._signals = 0
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.wheel: Wheel = None  # type: ignore[assignment]
@@ -68,6 +71,8 @@ class App:
         self.admin: AdminServer | None = None
         self.status: StatusServer | None = None
         self._config_stamp: tuple[int, int, int] | None = None
+        self._auto_grace = podinfo.FALLBACK  # drain.grace: auto, until the pod spec is read
+        self._grace_task: asyncio.Task[Any] | None = None
 
     # --- tasks ---------------------------------------------------------------------------------
     def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
@@ -95,6 +100,7 @@ class App:
 
     def _resolver(self, c: ClusterConfig) -> Resolver:
         d = c.discovery
+        stats = self.discovery_stats[c.name] = DiscoveryStats()
         if d.type == "static":
             return StaticResolver([str(e) for e in d.endpoints])
         if d.type == "dns":
@@ -102,10 +108,10 @@ class App:
                 return StaticResolver([cfgmod.join_address(str(d.host), int(d.port))])
             from sidecar.discovery.dns import DnsResolver
 
-            return DnsResolver(str(d.host), int(d.port), float(d.refresh))
+            return DnsResolver(str(d.host), int(d.port), float(d.refresh), stats=stats)
         from sidecar.discovery.kubernetes import KubernetesResolver
 
-        return KubernetesResolver(str(d.service), d.namespace, d.port)
+        return KubernetesResolver(str(d.service), d.namespace, d.port, stats=stats)
 
     def build_cluster(self, c: ClusterConfig) -> Cluster:
         stats = self.stats.cluster(c.name)
@@ -136,6 +142,8 @@ class App:
         return cluster
 
     def retire_cluster(self, cluster: Cluster) -> None:
+        if self.clusters.static.get(cluster.name) is not cluster:
+            self.discovery_stats.pop(cluster.name, None)
         for tasks in (self._resolver_tasks, self._tls_tasks):
             task = tasks.pop(cluster.name, None)
             if task is not None:
@@ -239,25 +247,30 @@ class App:
     def _on_drain_state(self, state: DrainState) -> None:
         self.stats.process.drain_state = int(state)
 
-    def _grace(self) -> float:
-        grace = self.config.drain.grace
-        if grace == "auto":
-            log.warning("drain.grace: auto outside Kubernetes; using the default",
-                        extra={"fields": {"grace_s": DEFAULT_GRACE_AUTO}})
-            return DEFAULT_GRACE_AUTO
-        return float(grace)
+    def _drain_settings(self, cfg: Config) -> DrainSettings:
+        d = cfg.drain
+        grace = self._auto_grace if d.grace == "auto" else float(d.grace)
+        accept = d.accept_period if d.accept_period is not None else 5.0
+        return DrainSettings(grace, min(accept, grace), d.linger, d.exit_on_zero_connections)
+
+    async def _resolve_auto_grace(self) -> None:
+        """`drain.grace: auto`: until the pod spec is read (bounded), the fallback applies."""
+        result = await podinfo.auto_grace()
+        self._auto_grace = result.seconds
+        if self.config.drain.grace == "auto" and not self.drain.update(
+            self._drain_settings(self.config)
+        ):
+            log.warning("drain.grace: auto resolved after the drain started; keeping the fallback",
+                        extra={"fields": {"grace_s": self.drain.settings.grace}})
 
     # --- start ------------------------------------------------------------------------------------
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.wheel = Wheel(self.loop)
         cfg = self.config
-        d = cfg.drain
-        grace = self._grace()
         self.drain = Drain(
             self.loop,
-            DrainSettings(grace, min(d.accept_period if d.accept_period is not None else 5.0,
-                                     grace), d.linger, d.exit_on_zero_connections),
+            self._drain_settings(cfg),
             self._counts,
             self._close_idle_upstream,
             self._close_idle_downstream,
@@ -279,6 +292,8 @@ class App:
         self.spawn(self._housekeeping(), "housekeeping")
         if self.config_path:
             self.spawn(self._watch_config(), "config-watch")
+        if cfg.drain.grace == "auto":
+            self._grace_task = self.spawn(self._resolve_auto_grace(), "grace-auto")
         self.spawn(self._become_ready(), "readiness")
         log.info(
             "sidecar started",
@@ -294,13 +309,21 @@ class App:
             log.warning(warning)
 
     async def _become_ready(self) -> None:
-        """Ready once every static cluster has endpoints and its min_idle prewarmed (bounded)."""
+        """Ready once every static cluster has endpoints and its min_idle prewarmed (bounded),
+        and `grace: auto` is resolved (bounded too), so a drain uses the pod's number."""
+        if self._grace_task is not None:
+            await asyncio.wait({self._grace_task}, timeout=podinfo.READ_TIMEOUT + 1.0)
         clusters = list(self.clusters.static.values())
         await asyncio.gather(*(c.wait_ready(DISCOVERY_WAIT) for c in clusters))
-        for c in clusters:
-            c.prewarm()
         deadline = self.loop.time() + PREWARM_WAIT
+        next_try = 0.0
         while self.loop.time() < deadline and not all(c.prewarmed() for c in clusters):
+            if self.loop.time() >= next_try:
+                # Again and again: a connect that failed (upstream not listening yet) is not
+                # retried by the pool on its own; prewarm() only opens what is missing.
+                for c in clusters:
+                    c.prewarm()
+                next_try = self.loop.time() + PREWARM_RETRY
             await asyncio.sleep(0.05)  # noqa: ASYNC110 (pools have no "prewarmed" event)
         missing = [c.name for c in clusters if not (c.has_answer and c.prewarmed())]
         if missing:
@@ -377,6 +400,8 @@ class App:
                 self.retire_cluster(cluster)
         self.clusters.static = new_static
         self.config = new
+        if new.drain != old.drain:
+            self.drain.update(self._drain_settings(new))  # ignored once a drain has started
         for name in list(self.listeners):
             if new.listener(name) is None:
                 self.listeners.pop(name).stop_accepting()
@@ -416,10 +441,9 @@ class App:
             await self.drain.done.wait()
             if self.drain.exit_when_drained:
                 break
-            # Drained but asked to stay up (POST /drain?exit=false): wait for a signal.
+            # Drained but asked to stay up (POST /drain?exit=false): a signal (or a later drain
+            # request that allows exiting) sets `done` again with exit_when_drained on.
             self.drain.done.clear()
-            await self.stopping.wait()
-            break
         await self.shutdown()
         return 0
 

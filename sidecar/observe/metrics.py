@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import (
@@ -14,9 +15,8 @@ from prometheus_client.metrics_core import (
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from sidecar.observe.stats import ClusterGauges, Histogram, Stats
+from sidecar.observe.stats import ENDPOINT_STATES, ClusterGauges, Histogram, Stats
 
-ENDPOINT_STATES = ("healthy", "unhealthy")
 _NO_GAUGES = ClusterGauges()  # what a cluster reports before it installed its callback
 
 
@@ -190,14 +190,15 @@ class StatsCollector(Collector):
         )
         endpoints = GaugeMetricFamily(
             "sidecar_endpoints",
-            "Endpoints of the cluster by health (beyond SPEC section 8).",
+            "Endpoints of the cluster by state: serving, unhealthy, ejected, terminating "
+            "(beyond SPEC section 8).",
             labels=["cluster", "state"],
         )
         for c in clusters:
             counts = dict.fromkeys(ENDPOINT_STATES, 0)
             for ep in gauges[c.name].endpoints:
                 healthy.add_metric([c.name, ep.address], 1 if ep.healthy else 0)
-                counts["healthy" if ep.healthy else "unhealthy"] += 1
+                counts[ep.state] = counts.get(ep.state, 0) + 1
             for state, n in counts.items():
                 endpoints.add_metric([c.name, state], n)
         yield healthy
@@ -283,6 +284,43 @@ class StatsCollector(Collector):
         for result, n in p.config_reloads.items():
             reloads.add_metric([result], n)
         yield reloads
+
+
+class DiscoveryCollector(Collector):
+    """Discovery's own counters (beyond SPEC section 8): `source()` yields (cluster, stats)
+    pairs whose objects have `updates`, `errors` (kind -> n), `watch_restarts`, `relists` and
+    `last_success` (wall-clock seconds or None), as `sidecar.discovery.stats.DiscoveryStats`."""
+
+    def __init__(self, source: Callable[[], Iterable[tuple[str, Any]]]) -> None:
+        self._source = source
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        updates = CounterMetricFamily(
+            "sidecar_discovery_updates", "Endpoint updates applied, per cluster.",
+            labels=["cluster"])
+        errors = CounterMetricFamily(
+            "sidecar_discovery_errors", "Discovery failures by kind; the last endpoints "
+            "keep serving.", labels=["cluster", "kind"])
+        restarts = CounterMetricFamily(
+            "sidecar_discovery_watch_restarts", "Watches opened again.", labels=["cluster"])
+        relists = CounterMetricFamily(
+            "sidecar_discovery_relists", "Full lists after the first (410 Expired, recovery).",
+            labels=["cluster"])
+        last = GaugeMetricFamily(
+            "sidecar_discovery_last_success_timestamp_seconds",
+            "When discovery last had a current answer (Unix time).", labels=["cluster"])
+        for name, st in self._source():
+            updates.add_metric([name], st.updates)
+            for kind, n in st.errors.items():
+                errors.add_metric([name, kind], n)
+            restarts.add_metric([name], st.watch_restarts)
+            relists.add_metric([name], st.relists)
+            if st.last_success is not None:
+                last.add_metric([name], st.last_success)
+        yield from (updates, errors, restarts, relists, last)
 
 
 def build_registry(stats: Stats) -> CollectorRegistry:

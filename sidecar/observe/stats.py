@@ -72,7 +72,12 @@ class Histogram:
 @dataclass(slots=True)
 class EndpointGauge:
     address: str  # "ip:port"
-    healthy: bool
+    healthy: bool  # takes new requests: serving, health-checked ok, not ejected
+    # One of ENDPOINT_STATES: why it takes requests or not.
+    state: str = "serving"
+
+
+ENDPOINT_STATES = ("serving", "unhealthy", "ejected", "terminating")
 
 
 @dataclass(slots=True)

@@ -79,13 +79,14 @@ class Cluster:
         old = self.endpoints
         new = apply_delta(old, delta)
         added = [k for k in new if k not in old]
-        for key, pool in list(self.pools.items()):
-            ep = new.get(key)
-            if ep is None:
-                self._retire_pool(key, pool, "endpoint_removed")
+        for key, gone in list(self.pools.items()):
+            if key not in new:
+                self._retire_pool(key, gone, "endpoint_removed")
         for key, ep in new.items():
-            pool = self.pools.get(key)
-            if pool is None:
+            found = self.pools.get(key)
+            if found is not None:
+                pool = found
+            else:
                 # A returning endpoint gets a new pool; an old one still draining finishes.
                 pool = Pool(
                     self.name, ep.ip, ep.port, self.settings, self.stats, self._loop,
@@ -193,7 +194,20 @@ class Cluster:
         policies = self.policies
         if policies is not None:
             g.breaker_state = policies.breaker_state_code()
-        g.endpoints = [EndpointGauge(key, key in serving) for key in self.pools]
+        eps = self.endpoints
+        out = []
+        for key in self.pools:
+            ep = eps.get(key)
+            if key in serving:
+                state = "serving"
+            elif ep is None or not ep.serving:
+                state = "terminating"
+            elif policies is not None and policies.endpoint_ejected(key):
+                state = "ejected"
+            else:
+                state = "unhealthy"
+            out.append(EndpointGauge(key, key in serving, state))
+        g.endpoints = out
         return g
 
     def snapshot(self) -> dict[str, Any]:
