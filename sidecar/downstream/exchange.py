@@ -174,7 +174,9 @@ class Exchange:
             return int(cluster.policies.max_body_bytes)
         return _MAX_REPLAY
 
-    def _upstream_head(self) -> bytes:
+    def _upstream_head(self, now: float | None = None) -> bytes:
+        """The request head for the upstream; `now` (a retry): what is left of the deadline
+        then goes in `x-sidecar-deadline-ms`."""
         head = self.head
         host = head.host if head.host and not head.absolute else head.authority
         extra: Headers = [(b"Host", host or (self.cluster.name.encode() if self.cluster else b""))]
@@ -186,7 +188,8 @@ class Exchange:
             extra.append((b"Connection", b"upgrade"))
             extra.append((b"Upgrade", head.upgrade))
         if self.deadline != math.inf:
-            remaining = max(0, int((self.deadline - self.started) * 1000))
+            sent_at = self.started if now is None else now
+            remaining = max(0, int((self.deadline - sent_at) * 1000))
             extra.append((b"x-sidecar-deadline-ms", b"%d" % remaining))
         return writer.request_head(head.method, head.target, head.forward, extra)
 
@@ -195,7 +198,8 @@ class Exchange:
         a newly opened connection (after a stale pooled one)."""
         cluster = self.cluster
         assert cluster is not None
-        self.attempt += 1
+        if not fresh:
+            self.attempt += 1  # the free retry after a stale connection is not a policy try
         if fresh and self.pool is not None and not self.pool.closing:
             pool = self.pool
         else:
@@ -208,7 +212,10 @@ class Exchange:
         if policies is not None:
             self.try_deadline = policies.try_deadline(self)
             self.proto.deadline_changed()
-        conn = pool.acquire(self, fresh=fresh)
+        # CONNECT always opens a new connection: a tunnel must not inherit one that spoke HTTP,
+        # and a synchronous hand-over would start the tunnel inside the parser's callback,
+        # before the bytes after the CONNECT head (`upgrade_rest`) had been delivered.
+        conn = pool.acquire(self, fresh=fresh or self.head.method == b"CONNECT")
         if conn is None:
             self._phase(Phase.WAITING)
             self.proto.gate.pause(WAITING_UPSTREAM)
@@ -224,6 +231,11 @@ class Exchange:
         self._phase(Phase.ATTACHED)
         self.conn = conn
         conn.bind(self, self.head.method)
+        if self.proto.write_paused:
+            # The app's socket is still full from an earlier (pipelined) response, and the
+            # transport will not call pause_writing again before resume_writing: apply the
+            # backpressure now, or this response would be buffered without bound.
+            self.pause_upstream()
         self.proto.gate.resume(WAITING_UPSTREAM)
         if self.head.method == b"CONNECT":
             self._open_connect_tunnel(conn)
@@ -517,6 +529,8 @@ class Exchange:
         self.response = None
         self.status = 0
         self.request_sent = False
+        if self.deadline != math.inf:
+            self.head_bytes = self._upstream_head(self.proto.now())  # the deadline left now
         try:
             self._attempt(fresh=fresh)
         except SidecarError as exc:
@@ -543,6 +557,7 @@ class Exchange:
         if self.conn is not None:
             self._discard_conn("timeout" if isinstance(exc, UpstreamTimeout) else "error",
                                abort=True)
+        self._release_pool_slot()  # e.g. pool.acquire() raised after _attempt took the slot
         if not exc.cluster and self.cluster is not None:
             exc.cluster = self.cluster.name
         self.last_error = exc
@@ -560,8 +575,16 @@ class Exchange:
         """The request deadline (or the try's) passed."""
         if self.phase in (Phase.DONE, Phase.TUNNEL):
             return
-        if now < self.deadline and now >= self.try_deadline and not self.response_started:
-            # Per-try timeout: this try is over, the request may go on.
+        if now < self.deadline and now >= self.try_deadline:
+            # Per-try timeout: this try is over, the request may go on. Once only: the next
+            # try sets its own; meanwhile (backoff) only the request deadline applies.
+            self.try_deadline = math.inf
+            if self.response_started or not self.replayable:
+                # No other try can follow (the response is reaching the app, or the body grew
+                # too large to replay): abandoning this one would only turn it into a 504.
+                return
+            if self.phase is Phase.WAITING and self.pool is not None:
+                self.pool.cancel(self)  # no connection yet: stop waiting for one
             self._discard_conn("timeout", abort=True)
             self._failed(UpstreamTimeout("per-try timeout"))
             return

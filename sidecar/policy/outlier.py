@@ -18,8 +18,10 @@ benefit), and never all of them: at least one known endpoint always stays in ser
 the percentage. Outlier detection is a relative judgement ("worse than its peers"); with no peer
 left it would turn a partial signal into a full outage of 503 `no_healthy_endpoints`, so a
 cluster failing as a whole is left to the circuit breaker. Consequence: the only endpoint of a
-one-endpoint cluster is never ejected. An endpoint refused by the cap keeps its count and is
-ejected by its next failure if room has freed up by then.
+one-endpoint cluster is never ejected. "In service" also takes the optional `in_service`
+predicate into account (the active health checks): an endpoint is not ejected when no other
+endpoint would be left that is both in service and not ejected. An endpoint refused by the cap
+keeps its count and is ejected by its next failure if room has freed up by then.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class OutlierDetector:
         "_percent",
         "_clock",
         "_on_eject",
+        "_in_service",
         "_hosts",
         "_ejected",
     )
@@ -64,6 +67,7 @@ class OutlierDetector:
         max_ejection_percent: float = 10.0,
         clock: Clock,
         on_eject: Callable[[str], None] | None = None,
+        in_service: Callable[[str], bool] | None = None,
     ) -> None:
         if consecutive_failures < 1:
             raise ValueError("consecutive_failures must be >= 1")
@@ -77,12 +81,17 @@ class OutlierDetector:
         self._percent = max_ejection_percent
         self._clock = clock
         self._on_eject = on_eject
+        self._in_service = in_service
         self._hosts: dict[str, _Host] = {}
         self._ejected: set[str] = set()  # keys ejected, possibly with their time already up
 
     @classmethod
     def from_config(
-        cls, cfg: Any, clock: Clock, on_eject: Callable[[str], None] | None = None
+        cls,
+        cfg: Any,
+        clock: Clock,
+        on_eject: Callable[[str], None] | None = None,
+        in_service: Callable[[str], bool] | None = None,
     ) -> OutlierDetector:
         """From an object shaped like SPEC's `outlier_detection` section."""
         base = seconds(cfg.base_ejection_time)
@@ -95,6 +104,7 @@ class OutlierDetector:
             max_ejection_percent=float(cfg.max_ejection_percent),
             clock=clock,
             on_eject=on_eject,
+            in_service=in_service,
         )
 
     # --- endpoints ------------------------------------------------------------------------
@@ -164,6 +174,11 @@ class OutlierDetector:
         self._expire(now)
         if len(self._ejected) >= self._max_ejected():
             return
+        in_service = self._in_service
+        if in_service is not None and not any(
+            k != key and k not in self._ejected and in_service(k) for k in self._hosts
+        ):
+            return  # it is the last endpoint in service: keep it (O(n), ejections only)
         if host.times_ejected and host.returned_at is not None:
             # Lazy form of Envoy's per-interval decay of the ejection multiplier.
             decay = int((now - host.returned_at) // self._base)

@@ -4,8 +4,27 @@ checker's own task.
 
 What counts as a failure (SPEC section 5): connect failures, resets, timeouts, bad upstream
 responses and 5xx answers. The breaker sees one verdict per request (its final outcome), the
-outlier detector one per try and endpoint. Sidecar-local refusals (no route, pool full,
+outlier detector exactly one per try and endpoint: a try that is retried is judged when the
+retry is decided, the last try when the request ends (`policy_token` is 1 + the number of tries
+already judged, so no try is counted twice). Sidecar-local refusals (no route, pool full,
 breaker open) are verdicts on nobody.
+
+Per-try timeout: it applies only to a try that another try could follow (attempts left, the
+request replayable) and only until the response starts to reach the app. Abandoning the last
+possible try would merely turn a late success into a 504; that try runs to the request
+deadline instead. So with the defaults (3 attempts, per_try_timeout 2s, request 15s) a
+hanging upstream costs 2s + 2s + the rest of the 15s, not 6s.
+
+No panic mode. When every endpoint is unhealthy (active health checks) or otherwise out of
+service, requests get 503 `no_healthy_endpoints` at once, without touching any upstream.
+Reasons: (1) the health check is the operator's explicit statement of "can serve"; balancing
+over endpoints that fail it would hide a real outage behind slow, failing requests, while a
+fast, labelled 503 (counted in `sidecar_local_errors_total{code="no_healthy_endpoints"}`) lets
+the app degrade on purpose and makes a wrong health-check path obvious at once; (2) the cases
+panic mode exists for in Envoy are covered elsewhere: endpoints start healthy (no 503s after a
+scale-up or at start), outlier detection never ejects the last endpoint still in service
+(`in_service` below: healthy and not ejected), and a cluster failing as a whole is the
+circuit breaker's job, which fails fast and probes for recovery.
 """
 
 from __future__ import annotations
@@ -45,7 +64,7 @@ class ClusterPolicies:
             cfg.circuit_breaker, clock, on_transition=self._on_transition
         )
         self.outlier = OutlierDetector.from_config(
-            cfg.outlier_detection, clock, on_eject=self._on_eject
+            cfg.outlier_detection, clock, on_eject=self._on_eject, in_service=self.endpoint_healthy
         )
         self.budget = RetryBudget.from_config(cfg.retry.budget, clock)
         self.retry = RetryPolicy.from_config(cfg.retry)
@@ -108,7 +127,7 @@ class ClusterPolicies:
             return self.retry.attempts
         return min(max(int(n), 1), 10)
 
-    def admit(self, ex: Any) -> bool:
+    def admit(self, ex: Any) -> int:
         """Raises CircuitOpen when the breaker (or its concurrency cap) refuses."""
         refusal = self.breaker.admit()
         if refusal is not None:
@@ -119,13 +138,21 @@ class ClusterPolicies:
             )
             raise CircuitOpen(detail, self.name)
         self.budget.record_request()
-        return True
+        return 1  # the policy token: 1 + tries judged by outlier detection so far
 
     def try_deadline(self, ex: Any) -> float:
+        """The deadline of the try `ex.attempt` that starts now (see the module docstring)."""
         per_try = self.retry.per_try_timeout
-        if per_try is None or ex.max_attempts <= 1:
+        if per_try is None or ex.attempt >= ex.max_attempts or not ex.replayable:
             return math.inf
         return float(self.clock.now() + per_try)
+
+    def _judge_try(self, ex: Any) -> None:
+        """The try that just failed is being retried: its endpoint's verdict, once."""
+        token = ex.policy_token
+        if ex.pool is not None and token and token <= ex.attempt:
+            self.outlier.record(ex.pool.key, False)
+            ex.policy_token = ex.attempt + 1
 
     def _retry_delay(
         self, ex: Any, outcome: Any, reason: str, retry_after: float | None
@@ -142,12 +169,14 @@ class ClusterPolicies:
             self.stats.retry_budget_exhausted += 1
             return None
         self.stats.retried(reason)
+        self._judge_try(ex)
         return delay
 
     def retry_delay(self, ex: Any, exc: SidecarError) -> float | None:
-        """After a failed try (no response byte sent to the app): the backoff, or None."""
-        if ex.pool is not None and isinstance(exc, UpstreamError):
-            self.outlier.record(ex.pool.key, False)
+        """After a failed try (no response byte sent to the app): the backoff, or None. When
+        None, the request ends with `exc` and `on_done` judges the try."""
+        if not isinstance(exc, UpstreamError):
+            return None  # a local refusal (pool_timeout...): not the upstream's doing
         reason = self.retry.classify(exc)
         if reason is None:
             return None
@@ -164,8 +193,6 @@ class ClusterPolicies:
         reason = self.retry.classify(status)
         if reason is None:
             return None
-        if ex.pool is not None and status >= 500:
-            self.outlier.record(ex.pool.key, False)
         retry_after = None
         for name, value in head.headers:
             if name.lower() == b"retry-after":
@@ -174,7 +201,8 @@ class ClusterPolicies:
         return self._retry_delay(ex, status, reason, retry_after)
 
     def on_done(self, ex: Any, error: SidecarError | None) -> None:
-        if not ex.policy_token:
+        token = ex.policy_token
+        if not token:
             return
         ex.policy_token = None
         if error is None:
@@ -185,7 +213,8 @@ class ClusterPolicies:
             self.breaker.release_without_record()
             return
         self.breaker.record(success)
-        if ex.pool is not None and (error is None or isinstance(error, UpstreamError)):
+        # The last try, unless it was already judged (the deadline passed during a backoff).
+        if ex.pool is not None and token <= ex.attempt:
             self.outlier.record(ex.pool.key, success)
 
     def on_abandon(self, ex: Any) -> None:

@@ -14,6 +14,10 @@ Decisions:
   exchange must stop retrying once it has buffered more than `body_fits()` allows.
 * Reasons: failures map to the `reason` labels of SPEC section 8. Status codes match an exact
   code in `on` first ("503"), then "5xx", then "gateway-error" (502/503/504, as Envoy).
+  The sidecar's own failures follow the status it would answer with: a try that timed out
+  (per_try_timeout) is retried when `on` names "timeout" or "504" (so the default list,
+  which has "504" and no "timeout", makes `per_try_timeout` useful), and "5xx" covers
+  connect failures, resets and timeouts as in Envoy.
   "stale" (a reused pooled connection that failed before any response byte, SPEC section 5)
   is always retryable, whatever `on` says: the app must never see that race.
 * Backoff: try n (1-based) failed -> wait uniform(0, min(max, base * 2**(n-1))).
@@ -156,7 +160,14 @@ class RetryPolicy:
             elif status in _GATEWAY_ERRORS and "gateway-error" in self.on:
                 by_status[status] = str(status)
         self._by_status = by_status
-        self._by_code = {k: v for k, v in _FAILURE_REASONS.items() if v in self.on}
+        # The sidecar's own failures: a timeout is what it would answer 504 for, so "504" (and
+        # "gateway-error") covers it; "5xx" covers every failure it would answer with a 5xx.
+        enabled = set(self.on)
+        if enabled & {"504", "gateway-error"}:
+            enabled.add("timeout")
+        if "5xx" in enabled:
+            enabled.update(("connect-failure", "reset", "timeout"))
+        self._by_code = {k: v for k, v in _FAILURE_REASONS.items() if v in enabled}
         self._by_code["stale"] = STALE
 
         self._wait = tenacity.wait_random_exponential(multiplier=backoff_base, max=backoff_max)
