@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 import urllib.error
@@ -60,36 +61,77 @@ def cmd_check(path: str) -> int:
     return 0
 
 
+DRAIN_POLL = 0.2  # seconds between GET /drain polls
+DRAIN_PROGRESS_EVERY = 1.0  # a progress line at least this often, and on every change
+DRAIN_SETTLE = 2.0  # past --timeout, still wait for a sidecar whose own grace ends this soon
+
+
+def _drain_line(info: dict[str, object]) -> str:
+    fields = ("state", "inflight", "connections", "elapsed", "aborted")
+    return json.dumps({k: info[k] for k in fields if k in info})
+
+
 def cmd_drain(admin: str, timeout: float) -> int:
+    """The preStop hook: POST /drain, then poll GET /drain and print progress (one JSON line
+    per change, at least one a second) until the sidecar reports `drained` or is gone (it exits
+    once drained): 0. Not drained within `timeout`: 1.
+
+    The chart gives `--timeout` the pod's grace period minus 5 s, and `drain.grace: auto` gives
+    the sidecar the same deadline, counted from a moment later (when our POST arrives): when
+    `timeout` passes while the sidecar says its own deadline is at most DRAIN_SETTLE seconds
+    away, we wait for it instead of failing a hook that is about to succeed."""
     deadline = time.monotonic() + timeout
     try:
-        status, body = _http("POST", f"{admin}/drain", min(5.0, timeout))
+        status, body = _http("POST", f"{admin}/drain", max(0.5, min(5.0, timeout)))
     except OSError as exc:
         print(f"sidecar drain: cannot reach {admin}: {exc}", file=sys.stderr)
         return 1
     if status != 200:
         print(f"sidecar drain: {status} {body.decode(errors='replace')}", file=sys.stderr)
         return 1
-    last = ""
-    while time.monotonic() < deadline:
+    last_key: tuple[object, ...] | None = None
+    last_print = 0.0
+    settle_until: float | None = None
+    while True:
+        now = time.monotonic()
         try:
             status, body = _http("GET", f"{admin}/drain", 2.0)
-        except OSError:
-            print("sidecar drain: admin gone: drained and exited")
-            return 0  # the sidecar exits once drained
+        except OSError as exc:
+            if isinstance(getattr(exc, "reason", exc), ConnectionError):
+                print("sidecar drain: the sidecar has exited (drained)", flush=True)
+                return 0  # refused or reset: the sidecar exits once drained
+            body = b"{}"  # slow to answer (a busy loop): not a reason to give up early
         try:
             info = json.loads(body)
         except ValueError:
             info = {}
-        line = json.dumps(info, sort_keys=True)
-        if line != last:
-            print(line, flush=True)
-            last = line
+        if not isinstance(info, dict):
+            info = {}
+        key = (info.get("state"), info.get("inflight"), info.get("connections"))
+        if info and (key != last_key or now - last_print >= DRAIN_PROGRESS_EVERY):
+            print(_drain_line(info), flush=True)
+            last_key, last_print = key, now
         if info.get("state") == "drained":
             return 0
-        time.sleep(0.2)
+        if now >= deadline:
+            if settle_until is None:
+                left = _sidecar_left(info)
+                if left is None or left > DRAIN_SETTLE:
+                    break
+                settle_until = now + left + 1.0  # its deadline, and a second to answer
+            if now >= settle_until:
+                break
+        time.sleep(DRAIN_POLL)
     print(f"sidecar drain: not drained within {timeout:g}s", file=sys.stderr)
     return 1
+
+
+def _sidecar_left(info: dict[str, object]) -> float | None:
+    """Seconds until the sidecar's own drain deadline, from its GET /drain answer."""
+    grace, elapsed = info.get("grace"), info.get("elapsed")
+    if isinstance(grace, int | float) and isinstance(elapsed, int | float):
+        return max(0.0, float(grace) - float(elapsed))
+    return None
 
 
 def cmd_config_dump(admin: str) -> int:
@@ -146,6 +188,8 @@ def cmd_run(config_path: str | None, log_format: str, loop: str) -> int:
     except ValueError as exc:  # a listener refused (non-loopback without allow_remote)
         print(f"sidecar: {exc}", file=sys.stderr)
         return 2
+    finally:  # the loop is gone (and its handlers): the kubelet's SIGTERM must not make 0 -> 143
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def main(argv: list[str] | None = None) -> int:
