@@ -24,7 +24,7 @@ from sidecar.downstream.listener import Listener
 from sidecar.downstream.protocol import DownstreamProtocol
 from sidecar.downstream.router import RouteTable
 from sidecar.downstream.tcp import TcpProxyProtocol
-from sidecar.lifecycle import Counts, Drain, DrainSettings, DrainState
+from sidecar.lifecycle import Counts, Drain, DrainSettings, DrainState, linger_seconds
 from sidecar.observe.loop_lag import watch_loop_lag
 from sidecar.observe.metrics import DiscoveryCollector, build_registry, render
 from sidecar.observe.stats import Stats
@@ -58,8 +58,10 @@ class App:
         self.discovery_stats: dict[str, DiscoveryStats] = {}
         self.registry.register(DiscoveryCollector(lambda: list(self.discovery_stats.items())))
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._resolver_tasks: dict[str, asyncio.Task[Any]] = {}
-        self._tls_tasks: dict[str, asyncio.Task[Any]] = {}
+        # A cluster's own tasks (discovery, TLS file watch), keyed by the Cluster object, not its
+        # name: a reload that changes a cluster builds the new one before retiring the old one
+        # under the same name, and retiring must stop only the old one's tasks.
+        self._cluster_tasks: dict[Cluster, list[asyncio.Task[Any]]] = {}
         self.listeners: dict[str, Listener] = {}
         self.contexts: dict[str, ListenerContext] = {}
         self.ready = False
@@ -115,7 +117,10 @@ class App:
 
     def build_cluster(self, c: ClusterConfig) -> Cluster:
         stats = self.stats.cluster(c.name)
-        tls = TlsOrigin.from_config(c.tls, self._default_sni(c) or "") if c.tls.enabled else None
+        try:
+            tls = TlsOrigin.from_config(c.tls, self._default_sni(c) or "")
+        except ValueError as exc:  # a TLS file that does not load, a missing sni: a config error
+            raise ValueError(f"cluster {c.name}: {exc}") from exc
         cluster = Cluster(c, self.loop, self.wheel, stats, tls)
         cluster.policies = ClusterPolicies(
             c.name,
@@ -134,20 +139,19 @@ class App:
                 [(k, ep.ip, ep.port) for k, ep in cluster.endpoints.items()]
             )
 
-        self._resolver_tasks[c.name] = self.spawn(resolver.run(emit), f"discovery:{c.name}")
+        tasks = self._cluster_tasks[cluster] = []
+        tasks.append(self.spawn(resolver.run(emit), f"discovery:{c.name}"))
         if cluster.policies.health is not None:
             cluster.policies.health.start()
         if tls is not None:
-            self._tls_tasks[c.name] = self.spawn(tls.watch(5.0), f"tls-reload:{c.name}")
+            tasks.append(self.spawn(tls.watch(5.0), f"tls-reload:{c.name}"))
         return cluster
 
     def retire_cluster(self, cluster: Cluster) -> None:
         if self.clusters.static.get(cluster.name) is not cluster:
             self.discovery_stats.pop(cluster.name, None)
-        for tasks in (self._resolver_tasks, self._tls_tasks):
-            task = tasks.pop(cluster.name, None)
-            if task is not None:
-                task.cancel()
+        for task in self._cluster_tasks.pop(cluster, []):
+            task.cancel()
         if cluster.policies is not None and cluster.policies.health is not None:
             self.spawn(cluster.policies.health.stop(), f"health-stop:{cluster.name}")
         cluster.start_closing("drain")
@@ -236,9 +240,13 @@ class App:
                     proto.abort()
                     n += 1
             for tunnel in list(ctx.tunnels):
-                log.warning("aborting tunnel at grace", extra={"fields": {"listener": ctx.name}})
+                # Two sockets (the app's and the upstream one, no longer in any pool): each
+                # one still open is reset and counted, as for an HTTP request (app + upstream).
+                ends = sum(not end.closed for end in (tunnel.app, tunnel.upstream))
+                log.warning("aborting tunnel at grace",
+                            extra={"fields": {"listener": ctx.name, "sockets": ends}})
                 tunnel.abort()
-                n += 1
+                n += ends
         for cluster in self.clusters.all():
             n += cluster.abort_all("drain")
         self.stats.process.drain_aborted += n
@@ -278,6 +286,13 @@ class App:
             self._on_drain_state,
         )
         self.clusters = ClusterSet(self.loop, self._build_dynamic, self.retire_cluster)
+        # Signals are handled from here on (before the first await of the start-up): a pod
+        # deleted while the sidecar starts gets a drain and exit 0, not death by SIGTERM.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.loop.add_signal_handler(sig, self._on_signal)
+            except (NotImplementedError, RuntimeError):
+                pass
         for c in cfg.clusters:
             self.clusters.static[c.name] = self.build_cluster(c)
         hooks = Hooks(self)
@@ -318,6 +333,8 @@ class App:
         deadline = self.loop.time() + PREWARM_WAIT
         next_try = 0.0
         while self.loop.time() < deadline and not all(c.prewarmed() for c in clusters):
+            if self.drain.state is not DrainState.SERVING:
+                return  # stopping before we were ready: no connections to open any more
             if self.loop.time() >= next_try:
                 # Again and again: a connect that failed (upstream not listening yet) is not
                 # retried by the pool on its own; prewarm() only opens what is missing.
@@ -389,12 +406,24 @@ class App:
                 raise ValueError(f"listener {lc.name}: address/protocol changes need a restart")
         old_clusters = {c.name: c for c in old.clusters}
         new_static: dict[str, Cluster] = {}
-        for c in new.clusters:
-            existing = self.clusters.static.get(c.name)
-            if existing is not None and old_clusters.get(c.name) == c:
-                new_static[c.name] = existing
-            else:
-                new_static[c.name] = self.build_cluster(c)
+        built: list[Cluster] = []
+        saved_stats = dict(self.discovery_stats)
+        try:
+            for c in new.clusters:
+                existing = self.clusters.static.get(c.name)
+                if existing is not None and old_clusters.get(c.name) == c:
+                    new_static[c.name] = existing
+                else:
+                    new_static[c.name] = self.build_cluster(c)
+                    built.append(new_static[c.name])
+        except BaseException:
+            # Nothing of a config that cannot be applied may keep running (discovery, health
+            # checks, TLS watches), and the running clusters keep their discovery stats.
+            for cluster in built:
+                self.retire_cluster(cluster)
+            self.discovery_stats.clear()
+            self.discovery_stats.update(saved_stats)
+            raise
         for name, cluster in self.clusters.static.items():
             if new_static.get(name) is not cluster:
                 self.retire_cluster(cluster)
@@ -432,11 +461,6 @@ class App:
 
     async def run(self) -> int:
         await self.start()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self.loop.add_signal_handler(sig, self._on_signal)
-            except (NotImplementedError, RuntimeError):
-                pass
         while True:
             await self.drain.done.wait()
             if self.drain.exit_when_drained:
@@ -450,7 +474,7 @@ class App:
     async def shutdown(self) -> None:
         for listener in self.listeners.values():
             listener.stop_accepting()
-        linger = int(self.config.drain.linger)
+        linger = linger_seconds(self.drain.settings.linger)
         for cluster in self.clusters.all():
             cluster.close_idle("drain", linger)
         for cluster in self.clusters.all():

@@ -47,6 +47,7 @@ class DownstreamProtocol(asyncio.Protocol):
         "listener_name",
         "peer",
         "upgraded",
+        "app_eof",
         "_corked",
         "_out",
     )
@@ -68,6 +69,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.write_paused = False
         self.peer: Any = None
         self.upgraded = False
+        self.app_eof = False  # the app half-closed: answer what it sent, then close
         self._corked = 0
         self._out: list[bytes] = []
 
@@ -105,9 +107,12 @@ class DownstreamProtocol(asyncio.Protocol):
             self._bad_request(ProtocolError(exc.detail))
 
     def eof_received(self) -> bool:
-        # The app half-closed. An exchange in progress still owes it a response.
+        # The app half-closed (`shutdown(SHUT_WR)`, `nc -N`): it sends nothing more. The
+        # exchange in progress and pipelined requests are still answered; then we close,
+        # rather than leave the app waiting for our EOF until idle_timeout.
+        self.app_eof = True
         ex = self.exchange
-        return ex is not None and ex.phase is not Phase.DONE
+        return (ex is not None and ex.phase is not Phase.DONE) or bool(self.queue)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.closed:
@@ -296,16 +301,27 @@ class DownstreamProtocol(asyncio.Protocol):
                 self._set_deadline(self.loop.time() + _DISCARD_GRACE)
             ctx.changed()
             return
-        self._set_deadline(self.loop.time() + ctx.limits.idle_timeout)
+        # A pipelined head already begun must still arrive within header_timeout.
+        limits = ctx.limits
+        wait = limits.header_timeout if self.parser.in_head else limits.idle_timeout
+        self._set_deadline(self.loop.time() + wait)
         ctx.changed()
         if self.queue:
             self._run_queue()
+        if self.app_eof and self.exchange is None and not self.queue:
+            self._close()
 
     def _run_queue(self) -> None:
         queue = self.queue
         assert queue is not None
         while queue and self.exchange is None and not self.closed:
             kind, value = queue.popleft()
+            if kind == "error":
+                # Bad bytes after requests that were answered in order: refuse and close.
+                self.queue = None
+                self.write(error_response(value, close=True))
+                self._close()
+                return
             if kind == "head":
                 self._begin(value)
             elif kind == "body":
@@ -315,7 +331,7 @@ class DownstreamProtocol(asyncio.Protocol):
             else:
                 self.on_upgrade(value)
             # Deliver the rest of this request's events to its exchange directly.
-            while queue and queue[0][0] != "head" and self.exchange is not None:
+            while queue and queue[0][0] not in ("head", "error") and self.exchange is not None:
                 kind, value = queue.popleft()
                 ex = self.exchange
                 if ex.phase is Phase.DONE:
@@ -355,6 +371,11 @@ class DownstreamProtocol(asyncio.Protocol):
         the request has been forwarded: an exchange starts only on a complete head."""
         ex = self.exchange
         if ex is not None and ex.phase is not Phase.DONE:
+            if ex.request_done or self.queue:
+                # The bad bytes come after a complete request still being answered (pipelined):
+                # that request, and any queued before the bad one, get their responses first.
+                self._enqueue(("error", exc))
+                return
             # A framing error in the body of a request already under way: cut both legs.
             ex.fail(exc)
             self._close()
@@ -380,6 +401,10 @@ class DownstreamProtocol(asyncio.Protocol):
                 up_transport.close()
             return
         self.upgraded = True
+        if self._out:
+            # The 101 head was corked with this upstream read: it must reach the app before
+            # the tunnel's first byte, and once `closed` is set below a flush would drop it.
+            self._flush()
         ctx = self.ctx
         ctx.connections.discard(self)
         self.deadline = math.inf
@@ -397,6 +422,10 @@ class DownstreamProtocol(asyncio.Protocol):
         tunnel = Tunnel(app_transport, up_transport, finished)
         ctx.tunnels.add(tunnel)
         tunnel.start(to_upstream=to_upstream or ex.upgrade_rest, to_app=to_app)
+        if self.app_eof and up_transport.can_write_eof():
+            # The app's EOF arrived before the tunnel existed: carry the half-close across.
+            up_transport.write_eof()
+            tunnel.app.eof = True
         self.exchange = None
 
     # --- deadlines (Timed) ------------------------------------------------------------------------

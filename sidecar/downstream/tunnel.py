@@ -44,13 +44,20 @@ class _End(asyncio.Protocol):
         if peer.eof:
             self.tunnel.close()
             return False
+        # A TLS transport (an upstream the sidecar originates TLS to) closes on EOF whatever we
+        # answer (asyncio warns if asked to stay open), and cannot send a half-close either.
+        tls = self.transport.get_extra_info("ssl_object") is not None
         if peer.transport.can_write_eof():
             try:
                 peer.transport.write_eof()
             except (OSError, RuntimeError):
                 self.tunnel.close()
                 return False
-            return True  # keep our write side open: the peer may still send
+            return not tls  # keep our write side open: the peer may still send
+        if peer.transport.get_extra_info("ssl_object") is not None and not tls:
+            # The app half-closed towards a TLS upstream: the EOF cannot be carried; keep the
+            # other direction open until the upstream has answered and closed.
+            return True
         self.tunnel.close()
         return False
 

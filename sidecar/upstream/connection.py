@@ -13,10 +13,11 @@ import asyncio
 import enum
 import math
 import socket
+import ssl
 import struct
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from sidecar.errors import BadUpstreamResponse, UpstreamError, UpstreamReset
+from sidecar.errors import BadUpstreamResponse, ConnectFailed, UpstreamError, UpstreamReset
 from sidecar.flow_control import WRITE_HIGH_WATER, WRITE_LOW_WATER
 from sidecar.http.headers import Headers
 from sidecar.http.parser import ResponseHead, ResponseParser
@@ -84,6 +85,7 @@ class UpstreamConnection(asyncio.Protocol):
         "expires_at",
         "idle_since",
         "keepalive_until",
+        "keepalive_timeout",
         "requests",
         "reusable",
         "response_started",
@@ -91,6 +93,9 @@ class UpstreamConnection(asyncio.Protocol):
         "write_paused",
         "tls_resumed",
         "tls_captured",
+        "_in_feed",
+        "_end_pending",
+        "_end_trailers",
     )
 
     def __init__(self, pool: Pool, key: str, now: float, expires_at: float) -> None:
@@ -104,6 +109,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.expires_at = expires_at  # jittered max_lifetime
         self.idle_since = now
         self.keepalive_until = math.inf  # the upstream's `Keep-Alive: timeout=`, minus a margin
+        self.keepalive_timeout: float | None = None  # as the upstream last announced it
         self.requests = 0  # requests started on this connection
         self.reusable = True
         self.response_started = False
@@ -111,6 +117,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.write_paused = False
         self.tls_resumed: bool | None = None
         self.tls_captured = False
+        # While a read is being parsed, the end of a response is held until the whole read
+        # is parsed: the exchange returns the connection to the pool on that end, and bytes
+        # after it in the same read (that nobody asked for) must first mark it unreusable.
+        self._in_feed = False
+        self._end_pending = False
+        self._end_trailers: Headers | None = None
 
     # --- the pool's view ------------------------------------------------------------------------
     def is_idle(self) -> bool:
@@ -212,11 +224,20 @@ class UpstreamConnection(asyncio.Protocol):
         user = self.user
         # Everything the parser hands over from this read goes to the app in one write.
         user.batch_begin()
+        self._in_feed = True
         try:
             self.parser.feed(data)
         except UpstreamError as exc:
-            self._fail(exc)
+            if self._end_pending:
+                # The response was complete; what followed it in this read was not asked for.
+                # The app has its answer; the connection must never carry another.
+                self.reusable = False
+            else:
+                self._fail(exc)
         finally:
+            self._in_feed = False
+            if self._end_pending:
+                self._deliver_end()
             user.batch_end()
 
     def eof_received(self) -> bool:
@@ -239,7 +260,13 @@ class UpstreamConnection(asyncio.Protocol):
         user = self.user
         if user is not None and self.state is State.ACTIVE:
             detail = f"connection lost: {exc}" if exc else "upstream closed the connection"
-            err = UpstreamReset(detail)
+            err: UpstreamError = UpstreamReset(detail)
+            tls = self.pool.tls
+            if (isinstance(exc, ssl.SSLError) and tls is not None and self.requests == 1
+                    and not self.response_started):
+                # A TLS 1.3 server checks our client certificate after our side of the
+                # handshake ended: its alert, on the first read, is a failure to connect.
+                err = ConnectFailed(f"{self.key}: TLS: {tls.describe_error(exc)}")
             self.user = None
             self._closed()
             user.on_upstream_error(err)
@@ -277,10 +304,7 @@ class UpstreamConnection(asyncio.Protocol):
         if not head.keep_alive:
             self.reusable = False
         if head.keep_alive_timeout is not None:
-            # Retire a second early (or at 90 % for short timeouts): the upstream's clock and
-            # ours are not the same clock, and a request crossing its close is the 503 race.
-            margin = min(1.0, head.keep_alive_timeout * 0.1)
-            self.keepalive_until = self.pool.now() + head.keep_alive_timeout - margin
+            self.keepalive_timeout = head.keep_alive_timeout
         user = self.user
         if user is not None:
             user.on_response_head(head)
@@ -291,11 +315,31 @@ class UpstreamConnection(asyncio.Protocol):
             user.on_response_body(data)
 
     def on_response_end(self, trailers: Headers | None) -> None:
+        timeout = self.keepalive_timeout
+        if timeout is not None:
+            # The upstream's idle timer starts when it has sent the response, not at its head
+            # (a long download would otherwise retire a fresh connection). Retire a second
+            # early (or at 90 % for short timeouts): the upstream's clock and ours are not the
+            # same clock, and a request crossing its close is the stale-connection race.
+            self.keepalive_until = self.pool.now() + timeout - min(1.0, timeout * 0.1)
+        if self._in_feed:
+            self._end_pending = True  # delivered once this read is parsed (data_received)
+            self._end_trailers = trailers
+            return
+        user = self.user
+        if user is not None:
+            user.on_response_end(trailers)
+
+    def _deliver_end(self) -> None:
+        self._end_pending = False
+        trailers, self._end_trailers = self._end_trailers, None
         user = self.user
         if user is not None:
             user.on_response_end(trailers)
 
     def on_upgrade(self, rest: bytes) -> None:
+        if self._end_pending:
+            self._deliver_end()  # the 101's end comes before the tunnel's first bytes
         user = self.user
         if user is not None:
             user.on_upgrade(rest)

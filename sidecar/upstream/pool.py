@@ -69,6 +69,7 @@ class TlsHooks(Protocol):
     server_hostname: str | None
 
     def context_for_connect(self) -> ssl.SSLContext: ...
+    def connect_timeouts(self, connect_timeout: float) -> tuple[float, float]: ...
     def on_connected(self, transport: asyncio.BaseTransport) -> None: ...
     def on_closing(self, transport: asyncio.BaseTransport) -> None: ...
     def describe_error(self, exc: BaseException) -> str: ...
@@ -194,7 +195,13 @@ class Pool:
         idle_timeout = self._idle_timeout()
         while idle:
             conn = idle.pop()
-            if conn.state is State.IDLE and not conn.has_expired(now, idle_timeout):
+            # `reusable` too: between the EOF of an upstream closing an idle connection and its
+            # connection_lost (a loop iteration later) the state is still IDLE.
+            if (
+                conn.state is State.IDLE
+                and conn.reusable
+                and not conn.has_expired(now, idle_timeout)
+            ):
                 self._active.add(conn)
                 return conn
             self._retire(conn, now)
@@ -296,6 +303,7 @@ class Pool:
                         settings.connect_timeout,
                     )
                 else:
+                    handshake_timeout, total = tls.connect_timeouts(settings.connect_timeout)
                     await asyncio.wait_for(
                         loop.create_connection(
                             lambda: conn,
@@ -303,9 +311,9 @@ class Pool:
                             self.port,
                             ssl=tls.context_for_connect(),
                             server_hostname=tls.server_hostname,
-                            ssl_handshake_timeout=settings.connect_timeout,
+                            ssl_handshake_timeout=handshake_timeout,
                         ),
-                        settings.connect_timeout,
+                        total,
                     )
             except asyncio.CancelledError:
                 self._connecting -= 1
@@ -343,7 +351,9 @@ class Pool:
         if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
             what = "TLS handshake or TCP connect" if self.tls is not None else "connect"
             return f"{self.key}: {what} timed out after {self.settings.connect_timeout:g}s"
-        if self.tls is not None and isinstance(exc, ssl.SSLError | ssl.CertificateError):
+        if self.tls is not None and isinstance(
+            exc, ssl.SSLError | ssl.CertificateError | ConnectionAbortedError
+        ):  # ConnectionAbortedError: the loop's own ssl_handshake_timeout
             return f"{self.key}: TLS: {self.tls.describe_error(exc)}"
         if isinstance(exc, OSError):
             return f"{self.key}: {exc.strerror or exc}"
@@ -455,7 +465,9 @@ class Pool:
     def _retire(self, conn: UpstreamConnection, now: float) -> None:
         if conn.state is State.CLOSED:
             return
-        if now >= conn.expires_at:
+        if not conn.reusable:
+            reason = "remote_closed"
+        elif now >= conn.expires_at:
             reason = "max_lifetime"
         else:
             reason = "idle_timeout"

@@ -13,6 +13,9 @@
 # the handshake, in post-handshake messages OpenSSL processes on a later read; the session seen
 # right after connect is not resumable. So the session is captured late: after the first response
 # bytes (`capture_session`) and when the connection is closed (`on_closing`); the newest wins.
+# Connections that leave the pool as byte tunnels (TCP listeners, upgrades) never come back for
+# either, so the context also keeps the SSLObject of the newest connection per name and, when the
+# next connection is made, takes that one's session if a ticket has arrived since.
 #
 # Scope. Sessions are cached per SNI name, not per endpoint: every endpoint of a cluster serves
 # the same name (and, in practice, shares ticket keys or a session cache), so a new connection to
@@ -23,16 +26,28 @@
 # raises "Session refers to a different SSLContext"), and a resumed session skips certificate
 # verification, so each context has its own cache: a reload (new CA, new client certificate)
 # always starts with one full handshake, which is also what makes a rotated client cert be seen.
+# Whoever kept a reference to an older context (the HTTP health checker is given one at start)
+# still gets the new material: a superseded context hands every new connection to the current one.
+#
+# Where. Every connection the pool opens to a TLS cluster is TLS: HTTP requests, `Upgrade`
+# tunnels and `protocol: tcp` listeners (the app sends plaintext, the upstream receives it over
+# TLS; TLS as asyncio does it cannot carry the app's half-close, so the tunnel keeps the other
+# direction open until the upstream closes), and CONNECT tunnels routed to a TLS cluster: the
+# operator said that cluster speaks TLS, so the app's bytes inside the tunnel are plaintext
+# and the sidecar wraps them (issue 4). An app that does its own TLS (https:// through
+# HTTP_PROXY) CONNECTs to a forward-proxy target: those get dynamic clusters without TLS and
+# tunnel the app's bytes as they are.
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Final
 
 log = logging.getLogger("sidecar.tls")
@@ -66,11 +81,54 @@ def _no_password() -> bytes:
     return b""
 
 
+def _resumable(sslobj: ssl.SSLObject) -> ssl.SSLSession | None:
+    """The connection's session if a later connection could resume it, else None."""
+    session = sslobj.session
+    if session is None:
+        return None
+    if sslobj.version() == "TLSv1.3":
+        # Before its NewSessionTicket arrives a TLS 1.3 session cannot be resumed; storing it
+        # would evict a good ticket with a useless one.
+        return session if session.has_ticket else None
+    return session if session.has_ticket or session.id else None
+
+
+class _Current:
+    """The context an origin gives new connections; shared by every context it ever built."""
+
+    __slots__ = ("context",)
+
+    def __init__(self) -> None:
+        self.context: _ResumingContext | None = None
+
+
+class TlsFileError(ValueError):
+    """A CA, certificate or key file that cannot be loaded: a configuration error, named."""
+
+
+@contextlib.contextmanager
+def _naming(setting: str, paths: str) -> Iterator[None]:
+    """Turn a failed load into a TlsFileError naming the setting and the file(s)."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        if isinstance(exc, ssl.SSLError):
+            reason = _reason_text(exc) if exc.reason else str(exc)
+        elif isinstance(exc, OSError) and exc.strerror:
+            reason = exc.strerror
+        else:
+            reason = str(exc)
+        raise TlsFileError(f"tls.{setting} {paths}: {reason}") from exc
+
+
 class _ResumingContext(ssl.SSLContext):
     """A client context whose `wrap_bio` offers the cached session of the server name asked for."""
 
     sessions: dict[str, ssl.SSLSession]
     session_reuse: bool
+    current: _Current
+    # The newest connection per server name: its session may have become resumable since.
+    newest: dict[str, ssl.SSLObject]
 
     def wrap_bio(
         self,
@@ -80,8 +138,19 @@ class _ResumingContext(ssl.SSLContext):
         server_hostname: str | bytes | None = None,
         session: ssl.SSLSession | None = None,
     ) -> ssl.SSLObject:
+        successor = self.current.context
+        if successor is not None and successor is not self and not server_side and session is None:
+            # Superseded by a reload: new connections get the new material (and its sessions).
+            return successor.wrap_bio(incoming, outgoing, server_side, server_hostname)
         if session is None and self.session_reuse and not server_side and server_hostname:
             key = _sni_key(server_hostname)
+            newest = self.newest.pop(key, None)
+            if newest is not None:
+                fresh = _resumable(newest)
+                if fresh is not None:
+                    self.sessions[key] = fresh
+                else:
+                    self.newest[key] = newest  # its ticket may still come; keep waiting
             cached = self.sessions.get(key)
             if cached is not None and not _still_valid(cached):
                 del self.sessions[key]
@@ -113,20 +182,25 @@ class TlsOrigin:
         alpn: Sequence[str] = ("http/1.1",),
         min_version: str = "TLSv1.2",
         insecure_skip_verify: bool = False,
-        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
         handshakes: dict[bool, int] | None = None,
     ) -> None:
         """Build the first context; a bad file or option raises (a config error at start).
 
         `handshakes` may be the cluster's stats dict (`{True: n, False: n}`) to count into.
+        `handshake_timeout` None: the TCP connect and the handshake share the pool's
+        connect_timeout (see `connect_timeouts`).
         """
         if min_version not in _VERSIONS:
             raise ValueError(f"min_version must be one of {', '.join(_VERSIONS)}: {min_version!r}")
         if key_file is not None and cert_file is None:
             raise ValueError("key_file needs cert_file")
         if not sni:
-            raise ValueError("sni must not be empty")
-        if handshake_timeout <= 0:
+            raise ValueError(
+                "tls.sni is required when the discovery endpoints are IP addresses (it names "
+                "the certificate to verify and the SNI to send)"
+            )
+        if handshake_timeout is not None and handshake_timeout <= 0:
             raise ValueError("handshake_timeout must be positive")
         self.enabled = enabled
         # Typed optional only to match the pool's TlsHooks protocol; it is never None here.
@@ -139,20 +213,20 @@ class TlsOrigin:
         self.alpn = list(alpn)
         self.min_version = min_version
         self.insecure_skip_verify = insecure_skip_verify
-        self.handshake_timeout = float(handshake_timeout)
+        self.handshake_timeout = None if handshake_timeout is None else float(handshake_timeout)
         self.handshakes: dict[bool, int] = handshakes if handshakes is not None else {}
         self.handshakes.setdefault(True, 0)
         self.handshakes.setdefault(False, 0)
         self.reloads = 0
         self.reload_errors = 0
-        self._context: _ResumingContext | None = None
+        self._current = _Current()
         self._seen: _Fingerprint = ()
         if not enabled:
             return
         if insecure_skip_verify:
             log.warning("tls: %s (sni %s)", INSECURE_WARNING, sni)
         self._seen = self._fingerprint()
-        self._context = self._build()
+        self._current.context = self._build()
 
     @classmethod
     def from_config(
@@ -161,10 +235,8 @@ class TlsOrigin:
         """From a config object with the SPEC §4 `tls` attribute names; None when TLS is off."""
         if cfg is None or not getattr(cfg, "enabled", True):
             return None
-        timeout = getattr(cfg, "handshake_timeout", None)
-        if timeout is None:
-            timeout = DEFAULT_HANDSHAKE_TIMEOUT
-        elif hasattr(timeout, "total_seconds"):
+        timeout = getattr(cfg, "handshake_timeout", None)  # None: the pool's connect_timeout
+        if timeout is not None and hasattr(timeout, "total_seconds"):
             timeout = timeout.total_seconds()
         min_version = getattr(cfg, "min_version", None) or "TLSv1.2"
         alpn = getattr(cfg, "alpn", None)
@@ -177,24 +249,44 @@ class TlsOrigin:
             alpn=("http/1.1",) if alpn is None else list(alpn),
             min_version=str(getattr(min_version, "value", min_version)),
             insecure_skip_verify=bool(getattr(cfg, "insecure_skip_verify", False)),
-            handshake_timeout=float(timeout),
+            handshake_timeout=None if timeout is None else float(timeout),
             handshakes=handshakes,
         )
 
     # --- what the connection code calls -----------------------------------------------------
     def context_for_connect(self) -> ssl.SSLContext:
         """The current context; pass it as `ssl=` with `server_hostname=self.server_hostname`."""
-        if self._context is None:
+        context = self._current.context
+        if context is None:
             raise RuntimeError("TLS is disabled for this cluster")
-        return self._context
+        return context
+
+    @property
+    def _context(self) -> _ResumingContext | None:
+        return self._current.context
+
+    def connect_timeouts(self, connect_timeout: float) -> tuple[float, float]:
+        """(the handshake's own limit, the limit of TCP connect + handshake) for a connect.
+
+        Without a `handshake_timeout` both share `connect_timeout`, as in plain TCP; with one,
+        the TCP connect keeps `connect_timeout` and the handshake gets its own on top.
+        """
+        if self.handshake_timeout is None:
+            return connect_timeout, connect_timeout
+        return self.handshake_timeout, connect_timeout + self.handshake_timeout
 
     def on_connected(self, transport: asyncio.BaseTransport) -> None:
-        """After `create_connection` returned: count the handshake, keep a TLS 1.2 session."""
+        """After `create_connection` returned: count the handshake, keep a TLS 1.2 session, and
+        remember the connection so that the next connect can take its TLS 1.3 ticket."""
         sslobj = transport.get_extra_info("ssl_object")
         if sslobj is None:
             return
         self.handshakes[bool(sslobj.session_reused)] += 1
         self.capture_session(transport)
+        context = sslobj.context
+        hostname = sslobj.server_hostname
+        if self.session_reuse and isinstance(context, _ResumingContext) and hostname:
+            context.newest[_sni_key(hostname)] = sslobj
 
     def capture_session(self, transport: asyncio.BaseTransport) -> None:
         """Keep the connection's newest session; call once the first response bytes arrived."""
@@ -205,15 +297,8 @@ class TlsOrigin:
         hostname = sslobj.server_hostname
         if not isinstance(context, _ResumingContext) or not hostname:
             return
-        session = sslobj.session
+        session = _resumable(sslobj)
         if session is None:
-            return
-        if sslobj.version() == "TLSv1.3":
-            # Before its NewSessionTicket arrives a TLS 1.3 session cannot be resumed; storing
-            # it would evict a good ticket with a useless one.
-            if not session.has_ticket:
-                return
-        elif not (session.has_ticket or session.id):
             return
         # Into the cache of the context that made this connection: after a reload, connections
         # of the old context must not feed sessions to the new one.
@@ -293,7 +378,7 @@ class TlsOrigin:
         self._seen = seen
         try:
             context = self._build()
-        except (OSError, ssl.SSLError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # TlsFileError, or anything else a load raises
             self.reload_errors += 1
             log.error(
                 "tls: rejected new certificate files for sni %s, keeping the previous ones: %s",
@@ -301,7 +386,7 @@ class TlsOrigin:
                 exc,
             )
             return False
-        self._context = context
+        self._current.context = context
         self.reloads += 1
         log.info("tls: reloaded certificate files for sni %s", self.sni)
         return True
@@ -334,15 +419,21 @@ class TlsOrigin:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
         elif self.ca_file is not None:
-            context.load_verify_locations(cafile=self.ca_file)
+            ca_file = self.ca_file
+            with _naming("ca_file", ca_file):
+                context.load_verify_locations(cafile=ca_file)
         else:
             context.load_default_certs(ssl.Purpose.SERVER_AUTH)
         if self.cert_file is not None:
-            context.load_cert_chain(self.cert_file, self.key_file, password=_no_password)
+            cert_file, key_file = self.cert_file, self.key_file
+            with _naming("cert_file/key_file", f"{cert_file}, {key_file or cert_file}"):
+                context.load_cert_chain(cert_file, key_file, password=_no_password)
         if self.alpn:
             context.set_alpn_protocols(self.alpn)
         context.sessions = {}
         context.session_reuse = self.session_reuse
+        context.current = self._current
+        context.newest = {}
         return context
 
 

@@ -17,7 +17,12 @@ from typing import Any, TypeVar, cast
 import pytest
 import uvloop
 
-from sidecar.upstream.tls import TlsOrigin, classify_tls_error, describe_tls_error
+from sidecar.upstream.tls import (
+    TlsFileError,
+    TlsOrigin,
+    classify_tls_error,
+    describe_tls_error,
+)
 from tests.integration.tls_servers import (
     AiohttpTlsUpstream,
     KubeSecretDir,
@@ -83,9 +88,15 @@ class _OneRequest(asyncio.Protocol):
 
 
 async def fetch(
-    origin: TlsOrigin, port: int, *, server_hostname: str | None = None, wait_for: float = TIMEOUT
+    origin: TlsOrigin,
+    port: int,
+    *,
+    server_hostname: str | None = None,
+    wait_for: float = TIMEOUT,
+    tunnel: bool = False,
 ) -> Fetched:
-    """One request on a new connection, with the exact hook sequence the connection code uses."""
+    """One request on a new connection, with the exact hook sequence the connection code uses.
+    `tunnel`: like a connection that left the pool as a byte tunnel, only `on_connected`."""
     loop = asyncio.get_running_loop()
     hostname = server_hostname or origin.server_hostname
     transport, proto = await asyncio.wait_for(
@@ -104,7 +115,8 @@ async def fetch(
         resumed = bool(transport.get_extra_info("ssl_object").session_reused)
         await asyncio.wait_for(asyncio.shield(proto.done), TIMEOUT)
     finally:
-        origin.on_closing(transport)
+        if not tunnel:
+            origin.on_closing(transport)
         transport.close()
     head, _, body = bytes(proto.data).partition(b"\r\n\r\n")
     return Fetched(int(head.split(b" ", 2)[1]), body, resumed)
@@ -164,6 +176,56 @@ def test_resumption_aiohttp(run: Run[Any], pki: Pki, version: str) -> None:
     assert after_first(client) >= 0.9
     assert server == client
     assert origin.resumption_ratio() == sum(client) / CONNECTIONS
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_tunnels_feed_the_session_cache(run: Run[Any], pki: Pki, version: str) -> None:
+    """Connections that never report back (TCP listeners, upgrades) still feed the cache: the
+    next connect takes the newest connection's session once its TLS 1.3 ticket has arrived."""
+    origin = TlsOrigin(sni="upstream.test", ca_file=pki.ca_file)
+
+    async def scenario() -> tuple[list[bool], list[bool]]:
+        async with AiohttpTlsUpstream(server_context(pki.server, version=version)) as up:
+            got = [await fetch(origin, up.ports[0], tunnel=True) for _ in range(5)]
+            return [f.resumed for f in got], up.reused
+
+    client, server = run(scenario())
+    assert client == server == [False, True, True, True, True]
+
+
+def test_a_superseded_context_hands_new_connections_to_the_current_one(
+    run: Run[Any], pki: Pki, tmp_path: Path
+) -> None:
+    """Whoever kept the context of before a reload (the health checker) uses the new material."""
+    secret = _secret(pki, tmp_path / "secret", "client-a")
+    origin = TlsOrigin(
+        sni="upstream.test", ca_file=pki.ca_file, cert_file=secret.cert, key_file=secret.key
+    )
+    kept = origin.context_for_connect()
+    _rotate(pki, secret, "client-b")
+    assert origin.maybe_reload()
+    assert origin.context_for_connect() is not kept
+    context = server_context(pki.server, version="TLSv1.3", client_ca=pki.ca_file)
+
+    async def scenario() -> Fetched:
+        async with AiohttpTlsUpstream(context) as up:
+            loop = asyncio.get_running_loop()
+            transport, proto = await loop.create_connection(
+                lambda: _OneRequest("upstream.test"),
+                "127.0.0.1",
+                up.ports[0],
+                ssl=kept,
+                server_hostname="upstream.test",
+            )
+            try:
+                assert transport.get_extra_info("ssl_object").context is not kept
+                await asyncio.wait_for(asyncio.shield(proto.done), TIMEOUT)
+            finally:
+                transport.close()
+            _, _, body = bytes(proto.data).partition(b"\r\n\r\n")
+            return Fetched(200, body, False)
+
+    assert _cn(run(scenario())) == "client-b"
 
 
 @needs_nginx
@@ -540,9 +602,9 @@ def test_redacted_view_and_from_config(pki: Pki, tmp_path: Path) -> None:
 def test_bad_settings_fail_at_construction(pki: Pki, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="min_version"):
         TlsOrigin(sni="upstream.test", min_version="TLSv1.1")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(TlsFileError, match=r"tls.ca_file .*missing.pem: No such file"):
         TlsOrigin(sni="upstream.test", ca_file=tmp_path / "missing.pem")
     broken = tmp_path / "broken.pem"
     broken.write_text("-----BEGIN CERTIFICATE-----\nnope\n")
-    with pytest.raises(ssl.SSLError):
+    with pytest.raises(TlsFileError, match=r"tls.ca_file .*broken.pem: "):
         TlsOrigin(sni="upstream.test", ca_file=broken)
