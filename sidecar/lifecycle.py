@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,6 +35,12 @@ _TRANSITIONS = {
     DrainState.DRAINING: {DrainState.DRAINED},
     DrainState.DRAINED: set(),
 }
+
+
+def linger_seconds(linger: float) -> int:
+    """SO_LINGER takes whole seconds, and 0 means abort (RST): a graceful `linger` below a
+    second rounds up to 1 s, never down to 0; only `linger: 0` asks for RST."""
+    return 0 if linger <= 0 else max(1, math.ceil(linger))
 
 
 @dataclass
@@ -97,16 +104,25 @@ class Drain:
             return None  # the app still holds a connection (we are asked on it): serve
         return Draining("the sidecar is draining; accept_period is over")
 
+    def update(self, settings: DrainSettings) -> bool:
+        """New settings (a reload, `grace: auto` resolved); only before a drain starts."""
+        if self.state is not DrainState.SERVING:
+            return False
+        self.settings = settings
+        return True
+
     # --- the sequence --------------------------------------------------------------------------
     def start(self, exit_when_drained: bool = True) -> None:
         """Idempotent. A later call may only turn exit on, not off."""
         if self.state is not DrainState.SERVING:
             self.exit_when_drained = self.exit_when_drained or exit_when_drained
+            if self.state is DrainState.DRAINED and self.exit_when_drained:
+                self.done.set()  # drained earlier with exit=false: now the process may go
             return
         self.exit_when_drained = exit_when_drained
         self.started_at = self._loop.time()
         self._transition(DrainState.DRAINING)
-        closed = self._close_idle_upstream(int(self.settings.linger))
+        closed = self._close_idle_upstream(linger_seconds(self.settings.linger))
         log.info(
             "drain started",
             extra={"fields": {"grace_s": self.settings.grace,
@@ -168,10 +184,12 @@ class Drain:
         if self.state is DrainState.SERVING:
             self.started_at = self._loop.time()
             self._transition(DrainState.DRAINING)
+        self.exit_when_drained = True
         if self.state is DrainState.DRAINING:
-            self.aborted = self._abort_everything()
-            self.exit_when_drained = True
+            self.aborted += self._abort_everything()
             self._finish()
+        else:
+            self.done.set()  # already drained (exit=false): exit now
 
     def status(self) -> dict[str, object]:
         c = self._counts()
@@ -183,4 +201,6 @@ class Drain:
             "upstream_active": c.upstream_active,
             "elapsed": round(elapsed, 3),
             "aborted": self.aborted,
+            "grace": self.settings.grace,
+            "accept_period": self.settings.accept_period,
         }
