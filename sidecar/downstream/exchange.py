@@ -233,8 +233,8 @@ class Exchange:
         conn.bind(self, self.head.method)
         if self.proto.write_paused:
             # The app's socket is still full from an earlier (pipelined) response, and the
-            # transport will not call pause_writing again before resume_writing: apply the
-            # backpressure now, or this response would be buffered without bound.
+            # transport will not call pause_writing again before resume_writing: start paused
+            # rather than read this response at full speed into a socket that is full.
             self.pause_upstream()
         self.proto.gate.resume(WAITING_UPSTREAM)
         if self.head.method == b"CONNECT":

@@ -63,13 +63,7 @@ class RouteTable:
             for r in listener.routes
         )
         fp = listener.forward_proxy
-        allowed = []
-        for entry in fp.allowed_hosts:
-            glob, port = entry, None
-            if entry.count(":") == 1 and entry.rsplit(":", 1)[1].isdigit():
-                glob, port_text = entry.rsplit(":", 1)
-                port = int(port_text)
-            allowed.append((glob.lower(), port))
+        allowed = [_allowed_entry(entry) for entry in fp.allowed_hosts]
         return cls(
             cluster=listener.cluster,
             routes=routes,
@@ -78,6 +72,20 @@ class RouteTable:
             connect=fp.connect,
             own_addresses=own_addresses,
         )
+
+
+def _allowed_entry(entry: str) -> tuple[str, int | None]:
+    """An allowed_hosts entry -> (host glob, pinned port). `[v6]` and `[v6]:port` lose their
+    brackets: requests are matched by the bare host, and in a glob `[::1]` would be a
+    character class matching one character."""
+    entry = entry.lower()
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else None
+    if entry.count(":") == 1 and entry.rsplit(":", 1)[1].isdigit():
+        host, port_text = entry.rsplit(":", 1)
+        return host, int(port_text)
+    return entry, None
 
 
 def split_authority(authority: bytes, default_port: int) -> tuple[str, int]:
@@ -108,6 +116,18 @@ def _host_allowed(table: RouteTable, host: str, port: int) -> bool:
     return False
 
 
+def _local(host: str) -> bool:
+    """An address that reaches this host: loopback, or unspecified (connecting to 0.0.0.0 or
+    :: reaches the local host on Linux)."""
+    if host == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return ip.is_loopback or ip.is_unspecified
+
+
 def _is_self(table: RouteTable, host: str, port: int) -> bool:
     """Forwarding to our own listener would loop until file descriptors run out."""
     if not table.own_addresses:
@@ -115,14 +135,9 @@ def _is_self(table: RouteTable, host: str, port: int) -> bool:
     for own_host, own_port in table.own_addresses:
         if own_port != port:
             continue
-        if host == own_host or host == "localhost":
+        # A listener on a loopback or wildcard address is reached through any local address.
+        if host == own_host or (_local(host) and _local(own_host)):
             return True
-        try:
-            both = ipaddress.ip_address(host), ipaddress.ip_address(own_host)
-            if both[0].is_loopback and both[1].is_loopback:
-                return True
-        except ValueError:
-            continue
     return False
 
 

@@ -125,13 +125,21 @@ class Tunnel:
             peer.transport.close()  # flush what we already have for it, then close
         self._finish()
 
-    def close(self, linger: int | None = None) -> None:
+    def close(self, linger: float | None = None) -> None:
+        """Graceful: flush and FIN both ends; with `linger`, reset whatever has not closed
+        within that many seconds (SO_LINGER's bound, without blocking the loop in close())."""
         for end in (self.app, self.upstream):
             if not end.closed:
-                if linger is not None:
-                    _set_linger(end.transport, struct.pack("ii", 1, linger))
                 end.transport.close()
+        if linger is not None and not (self.app.closed and self.upstream.closed):
+            asyncio.get_running_loop().call_later(linger, self._linger_expired)
         self._finish()
+
+    def _linger_expired(self) -> None:
+        for end in (self.app, self.upstream):
+            if not end.closed:
+                _set_linger(end.transport, _LINGER_ABORT)
+                end.transport.abort()
 
     def abort(self) -> None:
         for end in (self.app, self.upstream):

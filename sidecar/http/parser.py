@@ -10,9 +10,17 @@ the parser cannot read unambiguously is refused, never guessed at, because a pro
 message differently from the next hop is how request smuggling happens.
 
 llhttp already refuses Content-Length together with Transfer-Encoding, duplicate
-Content-Length, obs-fold, a Transfer-Encoding whose final coding is not chunked, and bad chunk
-sizes. On top of it we enforce: the head-size limit (431), exactly one Host in HTTP/1.1
-requests, and only `http` absolute-form targets.
+Content-Length, obs-fold and bad chunk sizes. On top of it we enforce: the head-size limit
+(431), exactly one Host in HTTP/1.1 requests, only `http` absolute-form targets, only HTTP/1.0
+and 1.1, and a Transfer-Encoding of exactly `chunked` (in both directions, like Envoy). The
+last one must be ours: llhttp reports a head with `Transfer-Encoding: identity` (or `gzip`) to
+us *before* it refuses the body, and it accepts `gzip, chunked`, whose gzip coding we would
+silently drop when re-framing the body.
+
+Head size. A complete head is measured exactly in the callbacks (target, names, values). An
+unfinished one is bounded by the raw bytes fed while it was in progress, counted only from the
+read *after* the one in which it began: that read may also hold the previous request's body,
+and counting it would refuse a pipelined head that is well within the limit.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ from sidecar.http.headers import (
 )
 
 _HEAD_SLACK = 1024  # bytes beyond max_header_bytes we let llhttp buffer before refusing
+_MAX_RESPONSE_HEAD = 1 << 20
+_VERSIONS = frozenset({"1.1", "1.0"})
 
 # Fields the proxy reads itself; all but expect/idempotency-key are dropped from what it
 # forwards (hop-by-hop per RFC 9110 7.6.1, framing it re-emits, and its own control fields).
@@ -50,6 +60,11 @@ def _int_or_none(value: bytes) -> int | None:
         return int(value.strip())
     except ValueError:
         return None
+
+
+def _only_chunked(value: bytes) -> bool:
+    """True when a Transfer-Encoding value is exactly the `chunked` coding."""
+    return value.strip().lower() == b"chunked"
 
 
 def _drop_named(forward: Headers, connection: set[bytes]) -> Headers:
@@ -191,6 +206,7 @@ class RequestParser:
         "_parser",
         "_max_head",
         "_head_bytes",
+        "_raw_head",
         "_in_head",
         "_url",
         "_headers",
@@ -198,6 +214,7 @@ class RequestParser:
         "_host_count",
         "_head",
         "upgraded",
+        "finished",
     )
 
     def __init__(self, sink: RequestSink, max_header_bytes: int = 65536) -> None:
@@ -205,6 +222,7 @@ class RequestParser:
         self._parser = httptools.HttpRequestParser(self)
         self._max_head = max_header_bytes
         self._head_bytes = 0
+        self._raw_head = -1  # raw bytes of the unfinished head; -1: it began in this read
         self._in_head = False
         self._url = b""
         self._headers: Headers = []
@@ -212,6 +230,10 @@ class RequestParser:
         self._host_count = 0
         self._head: RequestHead | None = None
         self.upgraded = False
+        # A request without keep-alive (Connection: close, HTTP/1.0) ended: its connection
+        # closes after the response, and what the app sent after it is ignored (RFC 9112 9.6),
+        # not an error that would turn the answer to the request before it into a 400.
+        self.finished = False
 
     @property
     def in_head(self) -> bool:
@@ -221,6 +243,8 @@ class RequestParser:
     def feed(self, data: bytes) -> None:
         if self.upgraded:
             raise ProtocolError("data after upgrade fed to the parser")
+        if self.finished:
+            return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -228,17 +252,23 @@ class RequestParser:
             self._sink.on_upgrade(data[exc.args[0] :])
             return
         except httptools.HttpParserError as exc:
+            if self.finished:
+                return  # llhttp refuses bytes after a closing request; we ignore them
             raise _unwrap(exc, ProtocolError) from None
         if self._in_head:
             # llhttp buffers an unfinished header line itself; bound what it may hold.
-            self._head_bytes += len(data)
-            if self._head_bytes > self._max_head + _HEAD_SLACK:
-                raise HeadTooLarge("request head larger than max_header_bytes")
+            if self._raw_head < 0:
+                self._raw_head = 0  # began in this read: count from the next one (see top)
+            else:
+                self._raw_head += len(data)
+                if self._raw_head > self._max_head + _HEAD_SLACK:
+                    raise HeadTooLarge("request head larger than max_header_bytes")
 
     # --- httptools callbacks -----------------------------------------------------------------
     def on_message_begin(self) -> None:
         self._in_head = True
         self._head_bytes = 0
+        self._raw_head = -1
         self._url = b""
         self._headers = []
         self._trailers = None
@@ -251,9 +281,13 @@ class RequestParser:
             raise HeadTooLarge("request target larger than max_header_bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._in_head:  # a trailer field after a chunked body
+        if not self._in_head:  # a trailer field after a chunked body: bounded like a head
             if self._trailers is None:
                 self._trailers = []
+                self._head_bytes = 0
+            self._head_bytes += len(name) + len(value) + 4
+            if self._head_bytes > self._max_head:
+                raise HeadTooLarge("request trailers larger than max_header_bytes")
             self._trailers.append((name, value))
             return
         self._head_bytes += len(name) + len(value) + 4
@@ -281,7 +315,9 @@ class RequestParser:
             elif low == b"content-length":
                 head.content_length = int(value)
             elif low == b"transfer-encoding":
-                head.chunked = True  # llhttp guarantees chunked is the final coding
+                if head.chunked or not _only_chunked(value):
+                    raise ProtocolError("Transfer-Encoding other than a single chunked")
+                head.chunked = True
             elif low == b"connection":
                 head.connection |= connection_tokens(value)
             elif low == b"upgrade":
@@ -301,6 +337,11 @@ class RequestParser:
         head.forward = _drop_named(forward, head.connection)
         if self._host_count > 1:
             raise ProtocolError("more than one Host header")
+        if head.version not in _VERSIONS:
+            raise ProtocolError(f"HTTP/{head.version} is not HTTP/1.x")
+        if head.chunked and head.version == "1.0":
+            # RFC 9112 6.1: framing of an HTTP/1.0 message with Transfer-Encoding is faulty.
+            raise ProtocolError("Transfer-Encoding in an HTTP/1.0 request")
         if head.upgrade is not None and b"upgrade" not in head.connection:
             head.upgrade = None  # Upgrade without Connection: upgrade is not a request to upgrade
         url = self._url
@@ -333,6 +374,9 @@ class RequestParser:
         self._sink.on_request_body(body)
 
     def on_message_complete(self) -> None:
+        head = self._head
+        if head is not None and not head.keep_alive:
+            self.finished = True
         self._sink.on_request_end(self._trailers)
 
 
@@ -353,6 +397,9 @@ class ResponseParser:
         "_informational",
         "_done",
         "_head_bytes",
+        "_raw_head",
+        "_heads_fed",
+        "_tail",
         "upgraded",
     )
 
@@ -368,6 +415,11 @@ class ResponseParser:
         self._informational = False
         self._done = True  # no response in progress
         self._head_bytes = 0
+        self._raw_head = -1  # as in RequestParser
+        # Only while answering HEAD: heads completed in this feed(), and the last bytes of the
+        # previous read (a head's blank line may straddle two reads), to find where it ended.
+        self._heads_fed = 0
+        self._tail = b""
         self.upgraded = False
 
     @property
@@ -387,8 +439,14 @@ class ResponseParser:
         self._method_head = method == b"HEAD"
         self._head = None
         self._done = False
+        self._tail = b""
 
     def feed(self, data: bytes) -> None:
+        head_request = self._method_head
+        if head_request:
+            self._heads_fed = 0
+            tail = self._tail if self._in_head else b""
+            self._tail = data[-3:]
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -397,18 +455,28 @@ class ResponseParser:
         except httptools.HttpParserError as exc:
             inner = exc.__context__
             if isinstance(inner, _StopParsing):
-                if data[self._stop_offset(data) :].strip():
+                if head_request and self._after_heads(tail + data, self._heads_fed).strip():
                     raise BadUpstreamResponse("bytes after a response to HEAD") from None
                 return
             raise _unwrap(exc, BadUpstreamResponse) from None
         if self._in_head:
-            self._head_bytes += len(data)
-            if self._head_bytes > 1 << 20:
-                raise BadUpstreamResponse("response head larger than 1 MiB")
+            if self._raw_head < 0:
+                self._raw_head = 0
+            else:
+                self._raw_head += len(data)
+                if self._raw_head > _MAX_RESPONSE_HEAD:
+                    raise BadUpstreamResponse("response head larger than 1 MiB")
 
-    def _stop_offset(self, data: bytes) -> int:
-        end = data.find(b"\r\n\r\n")
-        return len(data) if end < 0 else end + 4
+    @staticmethod
+    def _after_heads(data: bytes, heads: int) -> bytes:
+        """The bytes after the `heads`-th blank line of `data` (interim 1xx heads may precede
+        the final head of a HEAD response in the same read)."""
+        end = -4
+        for _ in range(heads):
+            end = data.find(b"\r\n\r\n", end + 4)
+            if end < 0:
+                return b""
+        return data[end + 4 :]
 
     def eof(self) -> None:
         """The upstream closed its side."""
@@ -422,8 +490,13 @@ class ResponseParser:
 
     # --- httptools callbacks -----------------------------------------------------------------
     def on_message_begin(self) -> None:
+        if self._done:
+            # Refused at its first byte: a response nobody asked for must not wait in the
+            # parser to be read as the answer to the next request (response splitting).
+            raise BadUpstreamResponse("bytes from the upstream with no request outstanding")
         self._in_head = True
         self._head_bytes = 0
+        self._raw_head = -1
         self._headers = []
         self._trailers = None
         self._reason = b""
@@ -433,6 +506,10 @@ class ResponseParser:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._in_head:
+            # Counted here too: a whole head in one read never reaches the check in feed().
+            self._head_bytes += len(name) + len(value)
+            if self._head_bytes > _MAX_RESPONSE_HEAD:
+                raise BadUpstreamResponse("response head larger than 1 MiB")
             self._headers.append((name, value))
         else:
             if self._trailers is None:
@@ -441,6 +518,7 @@ class ResponseParser:
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._heads_fed += 1
         if self._done:
             raise BadUpstreamResponse("response without a request")
         parser = self._parser
@@ -458,6 +536,9 @@ class ResponseParser:
             elif low == b"content-length":
                 head.content_length = int(value)
             elif low == b"transfer-encoding":
+                if head.chunked or not _only_chunked(value):
+                    # We re-frame bodies: an extra coding (gzip) would be dropped silently.
+                    raise BadUpstreamResponse("Transfer-Encoding other than a single chunked")
                 head.chunked = True
             elif low == b"connection":
                 head.connection |= connection_tokens(value)

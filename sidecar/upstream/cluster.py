@@ -65,7 +65,9 @@ class Cluster:
         self.endpoints: dict[str, Endpoint] = {}
         self.pools: dict[str, Pool] = {}
         self._serving: list[Pool] = []
-        self._draining: dict[str, Pool] = {}  # pools of endpoints gone, finishing their work
+        # Pools of endpoints gone, finishing their work. A set, not a dict by address: an
+        # endpoint that leaves, returns and leaves again may have two pools draining.
+        self._draining: set[Pool] = set()
         self._balancer = make_balancer(config.load_balancer)
         self._ready_waiters: list[asyncio.Future[None]] = []
         self.has_answer = False  # discovery has answered at least once
@@ -114,11 +116,11 @@ class Cluster:
         del self.pools[key]
         pool.start_closing(reason)
         if not pool.empty:
-            self._draining[key] = pool
+            self._draining.add(pool)
 
     def _on_pool_connection_closed(self, pool: Pool) -> None:
-        if pool.closing and pool.empty and self._draining.get(pool.key) is pool:
-            del self._draining[pool.key]
+        if pool.closing and pool.empty:
+            self._draining.discard(pool)
 
     def _rebuild_serving(self) -> None:
         eps = self.endpoints
@@ -182,7 +184,7 @@ class Cluster:
 
     # --- observation ----------------------------------------------------------------------------
     def _all_pools(self) -> list[Pool]:
-        return [*self.pools.values(), *self._draining.values()]
+        return [*self.pools.values(), *self._draining]
 
     def gauges(self) -> ClusterGauges:
         g = ClusterGauges()
@@ -253,7 +255,7 @@ class Cluster:
             return True
         return all(p.idle_count + p.active_count >= want for p in self._serving)
 
-    def close_idle(self, reason: str, linger: int | None = None) -> int:
+    def close_idle(self, reason: str, linger: float | None = None) -> int:
         return sum(p.close_idle(reason, linger) for p in self._all_pools())
 
     def start_closing(self, reason: str) -> None:

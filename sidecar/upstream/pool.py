@@ -496,13 +496,14 @@ class Pool:
             self.prewarm()
 
     # --- lifecycle --------------------------------------------------------------------------------
-    def close_idle(self, reason: str, linger: int | None = None) -> int:
+    def close_idle(self, reason: str, linger: float | None = None) -> int:
         """Close every idle connection gracefully. Returns how many."""
         idle, self._idle = self._idle, []
         for conn in idle:
             if linger is not None:
-                conn.set_linger(linger)
-            conn.close(reason)
+                conn.close_within(reason, linger)
+            else:
+                conn.close(reason)
             self.stats.closed(reason)
         return len(idle)
 
