@@ -588,6 +588,13 @@ class Exchange:
             self._discard_conn("timeout", abort=True)
             self._failed(UpstreamTimeout("per-try timeout"))
             return
+        if self.phase is Phase.ROUTED and self.attempt == 0 and self.cluster is not None:
+            # Still waiting for the cluster's first discovery answer (a forward-proxy host
+            # resolving): nothing was ever sent, the name did not resolve in time.
+            self.fail(ConnectFailed(
+                f"{self.cluster.name}: no address resolved within "
+                f"{now - self.started:.3f}s", self.cluster.name))
+            return
         self.fail(UpstreamTimeout(f"request timeout after {now - self.started:.3f}s"))
 
     def next_deadline(self) -> float:
