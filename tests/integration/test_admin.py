@@ -351,7 +351,8 @@ def test_metrics_scrape_has_every_spec_metric_with_zero_series(loop: str) -> Non
             'sidecar_downstream_connections{listener="l1"} 0.0',
             'sidecar_inflight_requests{listener="l1"} 0.0',
             'sidecar_downstream_connections_shed_total{listener="l1"} 0.0',
-            'sidecar_endpoints{cluster="c1",state="healthy"} 0.0',
+            'sidecar_endpoints{cluster="c1",state="serving"} 0.0',
+            'sidecar_endpoints{cluster="c1",state="terminating"} 0.0',
             "sidecar_drain_state 0.0",
             "sidecar_drain_aborted_connections_total 0.0",
             "sidecar_event_loop_lag_seconds_count 0.0",
@@ -393,7 +394,10 @@ def test_metrics_follow_stats_and_gauges(loop: str) -> None:
             idle=7,
             pending=1,
             breaker_state=1,
-            endpoints=[EndpointGauge("10.0.0.1:80", True), EndpointGauge("10.0.0.2:80", False)],
+            endpoints=[
+                EndpointGauge("10.0.0.1:80", True),
+                EndpointGauge("10.0.0.2:80", False, "unhealthy"),
+            ],
         )
 
         status, text = await h.get(f"{h.admin_url}/metrics")
@@ -419,7 +423,7 @@ def test_metrics_follow_stats_and_gauges(loop: str) -> None:
             'sidecar_circuit_breaker_state{cluster="c1"} 1.0',
             'sidecar_endpoint_healthy{cluster="c1",endpoint="10.0.0.1:80"} 1.0',
             'sidecar_endpoint_healthy{cluster="c1",endpoint="10.0.0.2:80"} 0.0',
-            'sidecar_endpoints{cluster="c1",state="healthy"} 1.0',
+            'sidecar_endpoints{cluster="c1",state="serving"} 1.0',
             'sidecar_endpoints{cluster="c1",state="unhealthy"} 1.0',
             'sidecar_inflight_requests{listener="l1"} 2.0',
             'sidecar_downstream_connections{listener="l1"} 5.0',

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -48,11 +47,7 @@ async def serve(
         await runner.cleanup()
 
 
-def free_port() -> int:
-    """A port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
+from tests.harness import free_port  # noqa: E402  (outside the ephemeral range)
 
 
 async def wait_for(cond: Callable[[], bool], within: float = 5.0) -> None:

@@ -232,12 +232,7 @@ def nginx_available() -> bool:
     return os.access(NGINX, os.X_OK)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
+from tests.harness import free_port  # noqa: E402  (outside the ephemeral range)
 
 _NGINX_CONF = """\
 daemon off;
