@@ -12,7 +12,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
-from sidecar.errors import HostNotAllowed, NoRoute, ProtocolError
+from sidecar.errors import HostNotAllowed, NoRoute, ProtocolError, SidecarError
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +42,9 @@ class ForwardTarget:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+Decision = ForwardTarget | tuple[type[SidecarError], str]
+
+
 @dataclass(frozen=True, slots=True)
 class RouteTable:
     cluster: str | None = None
@@ -50,6 +53,11 @@ class RouteTable:
     allowed: tuple[tuple[str, int | None], ...] = ()  # (glob, pinned port)
     connect: bool = False
     own_addresses: frozenset[tuple[str, int]] = field(default_factory=frozenset)
+    # (authority, connect) -> (host, port, forward decision): the same few destinations come
+    # back on every request, and globbing plus address parsing per request showed in profiles.
+    cache: dict[tuple[bytes, bool], tuple[str, int, Decision]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @classmethod
     def from_config(cls, listener: Any, own_addresses: frozenset[tuple[str, int]]) -> RouteTable:
@@ -147,16 +155,35 @@ def route(
     """The cluster name, or a ForwardTarget. Raises NoRoute / HostNotAllowed / ProtocolError."""
     if table.cluster is not None:
         return table.cluster
-    host, port = split_authority(authority, 443 if connect else 80)
+    key = (authority, connect)
+    hit = table.cache.get(key)
+    if hit is None:
+        host, port = split_authority(authority, 443 if connect else 80)
+        if len(table.cache) >= _CACHE_MAX:
+            table.cache.clear()
+        hit = table.cache[key] = (host, port, _forward_decision(table, host, port, connect))
+    host, port, decision = hit
     for r in table.routes:
         if r.matches(host, path):
             return r.cluster
+    if isinstance(decision, ForwardTarget):
+        return decision
+    kind, detail = decision
+    raise kind(detail)
+
+
+_CACHE_MAX = 4096
+
+
+def _forward_decision(table: RouteTable, host: str, port: int, connect: bool) -> Decision:
+    """What the forward proxy does with host:port: a target, or the refusal to raise (kept as
+    a class and text, since a raised exception is mutated on its way to the app)."""
     if table.forward and (table.connect or not connect):
         if not _host_allowed(table, host, port):
-            raise HostNotAllowed(f"{host}:{port} is not in forward_proxy.allowed_hosts")
+            return HostNotAllowed, f"{host}:{port} is not in forward_proxy.allowed_hosts"
         if _is_self(table, host, port):
-            raise HostNotAllowed(f"{host}:{port} is this sidecar's own listener")
+            return HostNotAllowed, f"{host}:{port} is this sidecar's own listener"
         return ForwardTarget(host, port)
     if connect and table.forward:
-        raise HostNotAllowed("CONNECT is not enabled on this listener")
-    raise NoRoute(f"no route for {host}")
+        return HostNotAllowed, "CONNECT is not enabled on this listener"
+    return NoRoute, f"no route for {host}"
