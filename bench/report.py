@@ -1,0 +1,278 @@
+"""Turning result rows into ratios, goal checks, a terminal table and docs/benchmarks.md."""
+
+from __future__ import annotations
+
+from typing import Any
+
+Row = dict[str, Any]
+
+# (kind, numerator target, denominator target, what is compared)
+RATIOS = (
+    ("throughput", "sidecar", "envoy", "rps"),
+    ("throughput", "sidecar", "direct", "rps"),
+    ("throughput", "envoy", "direct", "rps"),
+    ("throughput", "sidecar-fwd", "pproxy", "rps"),
+    ("tls_naive", "sidecar-tls", "direct-tls", "rps"),
+    ("tls_naive", "envoy-tls", "direct-tls", "rps"),
+    ("tls_naive", "sidecar-tls", "direct-tls-full", "rps"),
+    ("tls_naive", "direct-tls", "direct-tls-full", "rps"),
+    ("tls_handshake", "sidecar-tls reuse", "sidecar-tls no-reuse", "rps"),
+)
+
+
+def _ok(row: Row | None) -> bool:
+    return row is not None and not row.get("error") and bool(row.get("rps"))
+
+
+def find(rows: list[Row], kind: str, case: str, target: str) -> Row | None:
+    for row in rows:
+        if row["kind"] == kind and row["case"] == case and row["target"] == target:
+            return row
+    return None
+
+
+def compute_ratios(rows: list[Row]) -> list[dict[str, Any]]:
+    out = []
+    cases: dict[str, list[str]] = {}
+    for row in rows:
+        cases.setdefault(row["kind"], [])
+        if row["case"] not in cases[row["kind"]]:
+            cases[row["kind"]].append(row["case"])
+    for kind, num, den, field in RATIOS:
+        for case in cases.get(kind, []):
+            a, b = find(rows, kind, case, num), find(rows, kind, case, den)
+            if not (_ok(a) and _ok(b)):
+                continue
+            assert a is not None and b is not None
+            if a.get(field) is None or not b.get(field):
+                continue
+            out.append({"kind": kind, "case": case, "ratio": f"{num}/{den}", "of": field,
+                        "value": round(a[field] / b[field], 3)})
+    return out
+
+
+def _get(rows: list[Row], kind: str, case: str, target: str, field: str) -> float | None:
+    row = find(rows, kind, case, target)
+    if not _ok(row):
+        return None
+    assert row is not None
+    value = row.get(field)
+    return None if value is None else float(value)
+
+
+def goal_checks(rows: list[Row]) -> list[dict[str, Any]]:
+    """The targets stated in issues 2 and 4, checked against this run (None: not measured)."""
+
+    def ratio(kind: str, case: str, a: str, b: str) -> float | None:
+        x, y = _get(rows, kind, case, a, "rps"), _get(rows, kind, case, b, "rps")
+        return x / y if x is not None and y else None
+
+    sidecar_hwm = [r["proxy"]["hwm_kib"] / 1024 for r in rows
+                   if r["target"] == "sidecar" and r.get("proxy") and not r.get("error")]
+    checks = [
+        ("sidecar rps / Envoy rps, 64 conns, 100 B", ratio("throughput", "c64-100B", "sidecar",
+                                                           "envoy"), ">=", 1.5, "x"),
+        ("sidecar rps, 64 conns, 16 KiB", _get(rows, "throughput", "c64-16KiB", "sidecar", "rps"),
+         ">=", 25000, "rps"),
+        ("sidecar added p50 at 2 000 req/s", _get(rows, "fixed_rate", "rate2000-100B", "sidecar",
+                                                  "added_p50_ms"), "<=", 0.3, "ms"),
+        ("sidecar added p99 at 2 000 req/s", _get(rows, "fixed_rate", "rate2000-100B", "sidecar",
+                                                  "added_p99_ms"), "<=", 1.0, "ms"),
+        ("sidecar peak RSS under load", max(sidecar_hwm) if sidecar_hwm else None, "<=", 60,
+         "MiB"),
+        ("naive TLS app: through sidecar / direct", ratio("tls_naive", "c16-close-100B",
+                                                          "sidecar-tls", "direct-tls"),
+         ">=", 5, "x"),
+    ]
+    out = []
+    for name, value, op, goal, unit in checks:
+        met = None if value is None else (value >= goal if op == ">=" else value <= goal)
+        out.append({"goal": name, "value": None if value is None else round(value, 3),
+                    "unit": unit, "want": f"{op} {goal:g} {unit}", "met": met})
+    return out
+
+
+# -- formatting ---------------------------------------------------------------------------
+
+
+def _num(value: Any, fmt: str = "{:,.0f}") -> str:
+    if value is None:
+        return "-"
+    return fmt.format(value)
+
+
+def _ms(value: Any) -> str:
+    return _num(value, "{:.3f}")
+
+
+def _mib(row: Row) -> str:
+    proxy = row.get("proxy") or {}
+    if not proxy:
+        return "-"
+    return f"{proxy['rss_kib'] / 1024:.1f} / {proxy['hwm_kib'] / 1024:.1f}"
+
+
+def _cpu(row: Row) -> str:
+    proxy = row.get("proxy") or {}
+    return _num(proxy.get("cpu_pct"), "{:.0f}%") if proxy else "-"
+
+
+def _other(row: Row) -> str:
+    """CPU used on the proxy's core by anything but the proxy: the noise of this row."""
+    return _num((row.get("cores") or {}).get("other_on_proxy_core_pct"), "{:.0f}%")
+
+
+def _status(row: Row) -> str:
+    if row.get("error"):
+        return "ERROR: " + str(row["error"]).replace("|", "/").replace("\n", " ")[:160]
+    return "; ".join(row.get("warnings", []))
+
+
+def tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) for each kind of case present, shared by terminal and markdown."""
+    rows: list[Row] = result["rows"]
+    out = []
+    thr = [r for r in rows if r["kind"] == "throughput"]
+    if thr:
+        out.append((
+            "Throughput (wrk, keep-alive, closed loop)",
+            ["case", "target", "rps", "p50 ms", "p99 ms", "vs direct", "proxy CPU",
+             "other CPU on core", "RSS / peak MiB", "notes"],
+            [[r["case"], r["target"], _num(r.get("rps")), _ms(r.get("p50_ms")),
+              _ms(r.get("p99_ms")), _ratio_cell(rows, r, "direct"), _cpu(r), _other(r),
+              _mib(r), _status(r)] for r in thr],
+        ))
+    fixed = [r for r in rows if r["kind"] == "fixed_rate"]
+    if fixed:
+        out.append((
+            "Latency at a fixed rate (bench/loadgen.py, open loop)",
+            ["case", "target", "achieved rps", "p50 ms", "p99 ms", "p99.9 ms",
+             "added p50 ms", "added p99 ms", "p99 incl. queue", "proxy CPU",
+             "other CPU on core", "RSS / peak MiB", "notes"],
+            [[r["case"], r["target"], _num(r.get("rps")), _ms(r.get("p50_ms")),
+              _ms(r.get("p99_ms")), _ms(r.get("p999_ms")), _ms(r.get("added_p50_ms")),
+              _ms(r.get("added_p99_ms")), _ms(r.get("p99_incl_queue_ms")), _cpu(r), _other(r),
+              _mib(r), _status(r)] for r in fixed],
+        ))
+    naive = [r for r in rows if r["kind"] == "tls_naive"]
+    if naive:
+        out.append((
+            "Naive TLS app: a new connection per request (wrk -H 'Connection: close')",
+            ["case", "target", "rps", "p50 ms", "p99 ms", "vs direct-tls", "proxy CPU", "notes"],
+            [[r["case"], r["target"], _num(r.get("rps")), _ms(r.get("p50_ms")),
+              _ms(r.get("p99_ms")), _ratio_cell(rows, r, "direct-tls"), _cpu(r), _status(r)]
+             for r in naive],
+        ))
+    hs = [r for r in rows if r["kind"] == "tls_handshake"]
+    if hs:
+        out.append((
+            "Upstream TLS handshakes: nginx closes after every response",
+            ["case", "target", "rps = handshakes/s", "resumed (metrics)", "resumption ratio",
+             "p50 ms", "p99 ms", "proxy CPU", "notes"],
+            [[r["case"], r["target"], _num(r.get("rps")),
+              _num(r.get("handshakes", {}).get("resumed_fraction"), "{:.0%}"),
+              _num(r.get("tls_resumption_ratio"), "{:.2f}"),
+              _ms(r.get("p50_ms")), _ms(r.get("p99_ms")), _cpu(r), _status(r)] for r in hs],
+        ))
+    return out
+
+
+def _ratio_cell(rows: list[Row], row: Row, base: str) -> str:
+    if row["target"] == base or not _ok(row):
+        return "-"
+    other = find(rows, row["kind"], row["case"], base)
+    if not _ok(other):
+        return "-"
+    assert other is not None
+    return f"{row['rps'] / other['rps']:.2f}x"
+
+
+def _text_table(header: list[str], body: list[list[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *body, strict=False)]
+    # the notes column can be long: don't pad it
+    widths[-1] = 0
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
+    lines.append("  ".join("-" * max(w, len(h)) for h, w in zip(header, widths, strict=True)))
+    for row in body:
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return "\n".join(lines)
+
+
+def terminal(result: dict[str, Any]) -> str:
+    meta = result["meta"]
+    load = meta.get("loadavg", {})
+    parts = [f"load average {load.get('start', '-')} -> {load.get('end', '-')}; other CPU on the "
+             f"proxy core, mean {_num(meta.get('other_on_proxy_core_pct'), '{:.0f}%')}"]
+    for title, header, body in tables(result):
+        parts.append(f"\n== {title}\n" + _text_table(header, body))
+    if result.get("ratios"):
+        body = [[r["kind"], r["case"], r["ratio"], r["of"], f"{r['value']:.2f}"]
+                for r in result["ratios"]]
+        parts.append("\n== Ratios\n" + _text_table(["kind", "case", "ratio", "of", "value"],
+                                                     body))
+    if result.get("goals"):
+        parts.append("\n== Goals (issues 2 and 4)\n" + "\n".join(
+            f"  [{_met(g['met'])}] {g['goal']}: {_goal_value(g)} (want {g['want']})"
+            for g in result["goals"]))
+    return "\n".join(parts)
+
+
+def _goal_value(goal: dict[str, Any]) -> str:
+    fmt = {"x": "{:.2f} x", "rps": "{:,.0f} rps", "ms": "{:.3f} ms", "MiB": "{:.1f} MiB"}
+    return _num(goal["value"], fmt.get(goal.get("unit", ""), "{:,.3f}"))
+
+
+def _met(met: bool | None) -> str:
+    return {True: "met", False: "NOT MET", None: "n/a"}[met]
+
+
+def _md_table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    meta = result["meta"]
+    machine = meta["machine"]
+    load = meta.get("loadavg", {})
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `bench/run.py`; do not edit by hand. What the cases measure and how to read",
+        "them: [bench/README.md](../bench/README.md). Raw figures: `bench/results/latest.json`.",
+        "",
+        f"- **Date:** {meta['date']}",
+        f"- **Command:** `{meta['command']}`",
+        f"- **Machine:** {machine['nproc']} CPUs, {machine['cpu_model']}, "
+        f"Linux {machine['kernel']}, {machine['mem_total_mib']:,} MiB RAM",
+        f"- **Pinning:** proxy under test on core {meta['pinning']['proxy_core']}; wrk, "
+        f"bench/loadgen.py and nginx (1 worker) on core {meta['pinning']['load_core']}",
+        f"- **Load average** at start / end: {load.get('start', '-')} / {load.get('end', '-')} "
+        "(other work on the machine makes the figures noisy; compare rows of one run)",
+        f"- **Other CPU on the proxy core** during the cases (other processes, steal), mean: "
+        f"{_num(meta.get('other_on_proxy_core_pct'), '{:.0f}%')}; per row in the tables",
+        f"- **Per case:** {meta['params']['warmup_s']:g} s warm-up, then "
+        f"{meta['params']['duration_s']:g} s measured; wrk -t{meta['params']['wrk_threads']}; "
+        f"proxy core kept awake (--keep-awake): "
+        f"{'yes' if meta['params'].get('keep_awake') else 'no'}; "
+        f"nice {meta['params'].get('priority', 0)}",
+        "- **Versions:** " + ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()),
+        "",
+    ]
+    if result.get("goals"):
+        lines += ["## Goals", "", _md_table(
+            ["goal", "this run", "want", ""],
+            [[g["goal"], _goal_value(g), g["want"], _met(g["met"])]
+             for g in result["goals"]]), ""]
+    for title, header, body in tables(result):
+        lines += [f"## {title}", "", _md_table(header, body), ""]
+    if result.get("ratios"):
+        lines += ["## Ratios", "", _md_table(
+            ["kind", "case", "ratio", "of", "value"],
+            [[r["kind"], r["case"], r["ratio"], r["of"], f"{r['value']:.2f}"]
+             for r in result["ratios"]]), ""]
+    notes = meta.get("notes", [])
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(lines)
