@@ -181,6 +181,7 @@ class App:
 
     def start_listener(self, lc: ListenerConfig) -> None:
         ctx = self._context(lc)
+        ctx.watch_requests = self.drain.state is not DrainState.SERVING
         if lc.protocol == "tcp":
             assert lc.cluster is not None
             cluster_name = lc.cluster
@@ -254,6 +255,8 @@ class App:
 
     def _on_drain_state(self, state: DrainState) -> None:
         self.stats.process.drain_state = int(state)
+        for ctx in self.contexts.values():
+            ctx.watch_requests = state is not DrainState.SERVING
 
     def _drain_settings(self, cfg: Config) -> DrainSettings:
         d = cfg.drain

@@ -47,8 +47,10 @@ class ListenerContext:
     admit: Callable[[], SidecarError | None] = lambda: None
     connections: set[DownstreamProtocol] = field(default_factory=set)
     tunnels: set[Tunnel] = field(default_factory=set)
-    # Called when connections/tunnels/in-flight change (the drain watches this).
+    # Called when connections/tunnels change, and (with watch_requests, set while draining)
+    # when requests finish.
     on_change: Callable[[], None] | None = None
+    watch_requests: bool = False
 
     def changed(self) -> None:
         if self.on_change is not None:

@@ -289,6 +289,9 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.closed:
             ctx.changed()
             return
+        # In-flight counts matter to the drain only; connection counts are reported when
+        # connections close. So the per-request callback runs only while draining.
+        watch = ctx.watch_requests
         if not keep_alive:
             if ex.request_done or self.upgraded:
                 self._close()
@@ -299,13 +302,15 @@ class DownstreamProtocol(asyncio.Protocol):
                 self.queue = None
                 self.gate.resume(PIPELINED)
                 self._set_deadline(self.loop.time() + _DISCARD_GRACE)
-            ctx.changed()
+            if watch:
+                ctx.changed()
             return
         # A pipelined head already begun must still arrive within header_timeout.
         limits = ctx.limits
         wait = limits.header_timeout if self.parser.in_head else limits.idle_timeout
         self._set_deadline(self.loop.time() + wait)
-        ctx.changed()
+        if watch:
+            ctx.changed()
         if self.queue:
             self._run_queue()
         if self.app_eof and self.exchange is None and not self.queue:
