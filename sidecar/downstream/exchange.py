@@ -548,11 +548,7 @@ class Exchange:
         has already begun."""
         if self.phase is Phase.DONE:
             return
-        if self.backoff_handle is not None:
-            self.backoff_handle.cancel()
-            self.backoff_handle = None
-        if self.phase is Phase.WAITING and self.pool is not None:
-            self.pool.cancel(self)
+        if self._stop_waiting():
             self.proto.gate.resume(WAITING_UPSTREAM)
         if self.conn is not None:
             self._discard_conn("timeout" if isinstance(exc, UpstreamTimeout) else "error",
@@ -597,6 +593,16 @@ class Exchange:
             return
         self.fail(UpstreamTimeout(f"request timeout after {now - self.started:.3f}s"))
 
+    def _stop_waiting(self) -> bool:
+        """Cancel a pending backoff and leave the pool's queue. True if it was queued."""
+        if self.backoff_handle is not None:
+            self.backoff_handle.cancel()
+            self.backoff_handle = None
+        if self.phase is Phase.WAITING and self.pool is not None:
+            self.pool.cancel(self)
+            return True
+        return False
+
     def next_deadline(self) -> float:
         return min(self.deadline, self.try_deadline)
 
@@ -604,11 +610,7 @@ class Exchange:
         """The app went away mid-exchange: stop, free what we hold."""
         if self.phase is Phase.DONE:
             return
-        if self.backoff_handle is not None:
-            self.backoff_handle.cancel()
-            self.backoff_handle = None
-        if self.phase is Phase.WAITING and self.pool is not None:
-            self.pool.cancel(self)
+        self._stop_waiting()
         if self.phase is not Phase.TUNNEL:
             self._discard_conn("error", abort=True)
         self._release_pool_slot()
