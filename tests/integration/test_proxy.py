@@ -246,19 +246,15 @@ class _RawConn(asyncio.Protocol):
         t.abort()
 
 
-class RawUpstream:
-    """A scripted HTTP/1.1 upstream that records every byte and head it receives."""
+class _LoopServer:
+    """A server on the test's loop thread whose connections `stop()` aborts."""
 
-    def __init__(self, lt: LoopThread) -> None:
+    def __init__(self, lt: LoopThread, factory: Callable[[], asyncio.Protocol]) -> None:
         self.lt = lt
-        self.received = 0
-        self.unanswered = 0
-        self.heads: list[bytes] = []
         self.transports: set[asyncio.Transport] = set()
 
         async def start() -> asyncio.AbstractServer:
-            return await asyncio.get_running_loop().create_server(
-                lambda: _RawConn(self), "127.0.0.1", 0)
+            return await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
 
         self.server = lt.run(start())
         self.port = self.server.sockets[0].getsockname()[1]
@@ -271,6 +267,16 @@ class RawUpstream:
             await self.server.wait_closed()
 
         self.lt.run(stop())
+
+
+class RawUpstream(_LoopServer):
+    """A scripted HTTP/1.1 upstream that records every byte and head it receives."""
+
+    def __init__(self, lt: LoopThread) -> None:
+        self.received = 0
+        self.unanswered = 0
+        self.heads: list[bytes] = []
+        super().__init__(lt, lambda: _RawConn(self))
 
 
 class _TcpConn(asyncio.Protocol):
@@ -307,26 +313,11 @@ class _TcpConn(asyncio.Protocol):
         return True
 
 
-class TcpUpstream:
+class TcpUpstream(_LoopServer):
+    """Counts what each connection sends (reading slowly) and answers the count at EOF."""
+
     def __init__(self, lt: LoopThread) -> None:
-        self.lt = lt
-        self.transports: set[asyncio.Transport] = set()
-
-        async def start() -> asyncio.AbstractServer:
-            return await asyncio.get_running_loop().create_server(
-                lambda: _TcpConn(self), "127.0.0.1", 0)
-
-        self.server = lt.run(start())
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    def stop(self) -> None:
-        async def stop() -> None:
-            self.server.close()
-            for t in list(self.transports):
-                t.abort()
-            await self.server.wait_closed()
-
-        self.lt.run(stop())
+        super().__init__(lt, lambda: _TcpConn(self))
 
 
 @dataclass
