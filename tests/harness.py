@@ -39,6 +39,7 @@ def _ephemeral_range() -> tuple[int, int]:
 
 _EPHEMERAL = _ephemeral_range()
 _rng = random.Random(os.getpid() ^ int(time.time() * 1000))
+_handed_out: set[int] = set()
 
 
 def free_port() -> int:
@@ -48,13 +49,20 @@ def free_port() -> int:
     Ports below the range are never handed out implicitly."""
     lo = 10000
     hi = _EPHEMERAL[0] if _EPHEMERAL[0] > lo + 1000 else 30000
+    if len(_handed_out) > (hi - lo) // 2:
+        _handed_out.clear()
     for _ in range(200):
         port = _rng.randrange(lo, hi)
+        # Never the same port twice in a run: two calls for one config (admin and a listener)
+        # must not collide, and neither bound yet, so bind() alone cannot tell.
+        if port in _handed_out:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
+            _handed_out.add(port)
             return port
     raise RuntimeError("no free port found")
 

@@ -97,14 +97,20 @@ class DownstreamProtocol(asyncio.Protocol):
                 ex.upgrade_rest += data
                 self.transport.pause_reading()  # type: ignore[union-attr]
             return
-        if self.exchange is None and not self.parser.in_head and not self.discarding:
-            self._set_deadline(self.loop.time() + self.ctx.limits.header_timeout)
+        parser = self.parser
+        starting = self.exchange is None and not parser.in_head and not self.discarding
         try:
-            self.parser.feed(data)
+            parser.feed(data)
         except ProtocolError as exc:
             self._bad_request(exc)
+            return
         except SidecarError as exc:  # a request-level refusal raised inside a callback
             self._bad_request(ProtocolError(exc.detail))
+            return
+        if starting and parser.in_head and self.exchange is None and not self.closed:
+            # A head began in this read and is not complete: it has header_timeout from now.
+            # (A head complete in one read, the usual case, never needs this deadline.)
+            self._set_deadline(self.loop.time() + self.ctx.limits.header_timeout)
 
     def eof_received(self) -> bool:
         # The app half-closed (`shutdown(SHUT_WR)`, `nc -N`): it sends nothing more. The

@@ -59,7 +59,12 @@ class TcpProxyProtocol(asyncio.Protocol):
             self.on_pool_connection(conn)
 
     def data_received(self, data: bytes) -> None:
-        self.pending += data  # only before the tunnel exists; reading is paused then
+        # Only before the tunnel exists. uvloop starts reading after connection_made returns
+        # even when it paused reading there, so pause again here: without this, an app sending
+        # fast piled its bytes up here until the upstream connected (48 MiB sent, 85 MiB held).
+        self.pending += data
+        if self.transport is not None:
+            self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         self.eof = True
