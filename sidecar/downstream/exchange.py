@@ -618,7 +618,3 @@ class Exchange:
         if policies is not None:
             policies.on_abandon(self)
         self.phase = Phase.DONE
-
-
-def connect_failed(detail: str, cluster: str) -> ConnectFailed:
-    return ConnectFailed(detail, cluster)

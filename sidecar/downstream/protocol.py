@@ -23,7 +23,7 @@ from sidecar.flow_control import PIPELINED, WRITE_HIGH_WATER, WRITE_LOW_WATER, R
 from sidecar.http.headers import Headers
 from sidecar.http.parser import RequestHead, RequestParser
 from sidecar.rescue import error_response
-from sidecar.upstream.connection import UpstreamConnection, set_nodelay
+from sidecar.upstream.connection import UpstreamConnection, reset, set_nodelay
 
 log = logging.getLogger("sidecar.access")
 _DISCARD_GRACE = 2.0  # how long we keep reading an unwanted request body before closing
@@ -479,17 +479,7 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def abort(self) -> None:
         if self.transport is not None and not self.closed:
-            import socket
-
-            from sidecar.upstream.connection import _LINGER_ABORT
-
-            sock = self.transport.get_extra_info("socket")
-            if sock is not None:
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
-                except OSError:
-                    pass
-            self.transport.abort()
+            reset(self.transport)
 
     def _access_log(self, ex: Exchange) -> None:
         head = ex.head

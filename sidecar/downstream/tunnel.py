@@ -10,13 +10,10 @@ either side is lost. `on_close` tells the owner (for counting and draining).
 from __future__ import annotations
 
 import asyncio
-import socket
-import struct
 from collections.abc import Callable
 
 from sidecar.flow_control import WRITE_HIGH_WATER, WRITE_LOW_WATER
-
-_LINGER_ABORT = struct.pack("ii", 1, 0)
+from sidecar.upstream.connection import reset
 
 
 class _End(asyncio.Protocol):
@@ -138,14 +135,12 @@ class Tunnel:
     def _linger_expired(self) -> None:
         for end in (self.app, self.upstream):
             if not end.closed:
-                _set_linger(end.transport, _LINGER_ABORT)
-                end.transport.abort()
+                reset(end.transport)
 
     def abort(self) -> None:
         for end in (self.app, self.upstream):
             if not end.closed:
-                _set_linger(end.transport, _LINGER_ABORT)
-                end.transport.abort()
+                reset(end.transport)
         self._finish()
 
     def _finish(self) -> None:
@@ -159,12 +154,3 @@ class Tunnel:
     @property
     def done(self) -> bool:
         return self._done
-
-
-def _set_linger(transport: asyncio.Transport, value: bytes) -> None:
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, value)
-        except OSError:
-            pass

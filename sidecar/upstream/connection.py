@@ -62,6 +62,18 @@ class ConnectionUser(Protocol):
 _LINGER_ABORT = struct.pack("ii", 1, 0)
 
 
+def reset(transport: asyncio.Transport) -> None:
+    """Close now with RST (SO_LINGER on, 0 s): no TIME_WAIT, nothing more sent. For sockets
+    in an unknown state, and for whatever is still busy at a drain's grace."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+        except OSError:
+            pass
+    transport.abort()
+
+
 def set_nodelay(transport: asyncio.BaseTransport) -> None:
     """Heads and bodies go out in separate writes; with Nagle on, the second waits for the
     peer's delayed ACK (40 ms on Linux). Neither loop guarantees TCP_NODELAY: set it."""
@@ -188,13 +200,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.close_reason = self.close_reason or reason
         transport = self.transport
         if transport is not None:
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
-                except OSError:
-                    pass
-            transport.abort()
+            reset(transport)
         else:
             self._closed()
 
