@@ -64,76 +64,49 @@ _PHASES: dict[Phase, frozenset[Phase]] = {
 
 
 class Exchange:
-    __slots__ = (
-        "proto",
-        "head",
-        "cluster",
-        "pool",
-        "conn",
-        "phase",
-        "started",
-        "deadline",
-        "try_deadline",
-        "attempt",
-        "max_attempts",
-        "request_done",
-        "request_sent",
-        "body",
-        "body_len",
-        "replayable",
-        "head_bytes",
-        "response",
-        "response_started",
-        "response_done",
-        "chunked_out",
-        "close_delimited_out",
-        "keep_alive",
-        "upstream_paused",
-        "upgrade_rest",
-        "status",
-        "last_error",
-        "backoff_handle",
-        "tried",
-        "policy_token",
-        "slot_held",
-        "stale_retried",
-    )
+    """No `__slots__`: the many per-request fields start as class attributes, and __init__
+    sets only the few that depend on the request (one exchange per request, so it counts)."""
+
+    cluster: Cluster | None = None
+    pool: Pool | None = None
+    conn: UpstreamConnection | None = None
+    phase: Phase = Phase.ROUTED
+    deadline: float = math.inf
+    try_deadline: float = math.inf
+    attempt: int = 0
+    max_attempts: int = 1
+    request_done: bool = False  # the app sent the whole request
+    request_sent: bool = False  # ... and it all went to the current upstream connection
+    # The request body held here: until a connection is attached (pending), and for replay
+    # while the request is replayable and small enough. None: nothing is kept (yet).
+    body: list[bytes] | None = None
+    body_len: int = 0
+    head_bytes: bytes = b""
+    response: ResponseHead | None = None
+    response_started: bool = False  # a byte of the response went to the app
+    response_done: bool = False
+    chunked_out: bool = False
+    close_delimited_out: bool = False
+    upstream_paused: bool = False
+    upgrade_rest: bytes = b""
+    status: int = 0
+    last_error: SidecarError | None = None
+    backoff_handle: Any = None
+    policy_token: Any = None
+    slot_held: bool = False  # counted in pool.inflight
+    stale_retried: bool = False
+    waited: bool = False  # app reading is paused (WAITING_UPSTREAM) until a connection comes
 
     def __init__(self, proto: DownstreamProtocol, head: RequestHead, now: float) -> None:
         self.proto = proto
         self.head = head
-        self.cluster: Cluster | None = None
-        self.pool: Pool | None = None
-        self.conn: UpstreamConnection | None = None
-        self.phase = Phase.ROUTED
         self.started = now
-        self.deadline = math.inf
-        self.try_deadline = math.inf
-        self.attempt = 0
-        self.max_attempts = 1
-        self.request_done = False  # the app sent the whole request
-        self.request_sent = False  # ... and it all went to the current upstream connection
-        # The request body held here: until a connection is attached (pending), and for
-        # replay while the request is replayable and small enough. None: nothing is kept.
-        self.body: list[bytes] | None = []
-        self.body_len = 0
         self.replayable = head.method in IDEMPOTENT or head.idempotency_key
-        self.head_bytes = b""
-        self.response: ResponseHead | None = None
-        self.response_started = False  # a byte of the response went to the app
-        self.response_done = False
-        self.chunked_out = False
-        self.close_delimited_out = False
         self.keep_alive = head.keep_alive
-        self.upstream_paused = False
-        self.upgrade_rest = b""
-        self.status = 0
-        self.last_error: SidecarError | None = None
-        self.backoff_handle: Any = None
-        self.tried: list[Pool] = []
-        self.policy_token: Any = None
-        self.slot_held = False  # counted in pool.inflight
-        self.stale_retried = False
+        # ConnectionUser's batch_begin/batch_end: what one upstream read yields leaves in one
+        # write. The app connection's own methods, bound once, not relayed per read.
+        self.batch_begin = proto.cork
+        self.batch_end = proto.uncork
 
     def _phase(self, new: Phase) -> None:
         if new not in _PHASES[self.phase]:
@@ -163,7 +136,9 @@ class Exchange:
                 head.method, head.idempotency_key, head.content_length
             )
             self.policy_token = policies.admit(self)  # raises CircuitOpen
-        if head.method == b"CONNECT" or (head.content_length or 0) > self.max_replay():
+        if head.method == b"CONNECT" or (
+            head.content_length and head.content_length > self.max_replay()
+        ):
             self.replayable = False
         self.head_bytes = self._upstream_head()
         self._attempt()
@@ -200,27 +175,26 @@ class Exchange:
         assert cluster is not None
         if not fresh:
             self.attempt += 1  # the free retry after a stale connection is not a policy try
-        if fresh and self.pool is not None and not self.pool.closing:
-            pool = self.pool
-        else:
-            pool = cluster.pick(self.tried[-1] if self.tried else None)
-        self.pool = pool
-        self.tried.append(pool)
+        pool = self.pool  # the previous try's endpoint, if any: another is preferred
+        if not (fresh and pool is not None and not pool.closing):
+            pool = self.pool = cluster.pick(pool)
         pool.inflight += 1
         self.slot_held = True
         policies = cluster.policies
         if policies is not None:
             self.try_deadline = policies.try_deadline(self)
-            self.proto.deadline_changed()
+        deadline = self.deadline
+        self.proto.set_deadline(deadline if deadline < self.try_deadline else self.try_deadline)
         # CONNECT always opens a new connection: a tunnel must not inherit one that spoke HTTP,
         # and a synchronous hand-over would start the tunnel inside the parser's callback,
         # before the bytes after the CONNECT head (`upgrade_rest`) had been delivered.
         conn = pool.acquire(self, fresh=fresh or self.head.method == b"CONNECT")
         if conn is None:
             self._phase(Phase.WAITING)
+            self.waited = True
             self.proto.gate.pause(WAITING_UPSTREAM)
             return
-        self.on_pool_connection(conn)
+        self._attach(conn)
 
     # --- Waiter: the pool calls back ------------------------------------------------------------
     def on_pool_connection(self, conn: UpstreamConnection) -> None:
@@ -228,6 +202,12 @@ class Exchange:
             assert self.pool is not None
             self.pool.release(conn)
             return
+        self._attach(conn)
+
+    def _attach(self, conn: UpstreamConnection) -> None:
+        if self.waited:  # an earlier try of this request waited for a connection
+            self.waited = False
+            self.proto.gate.resume(WAITING_UPSTREAM)
         self._phase(Phase.ATTACHED)
         self.conn = conn
         conn.bind(self, self.head.method)
@@ -236,7 +216,6 @@ class Exchange:
             # transport will not call pause_writing again before resume_writing: start paused
             # rather than read this response at full speed into a socket that is full.
             self.pause_upstream()
-        self.proto.gate.resume(WAITING_UPSTREAM)
         if self.head.method == b"CONNECT":
             self._open_connect_tunnel(conn)
             return
@@ -283,8 +262,10 @@ class Exchange:
         if conn is not None and self.phase is Phase.ATTACHED:
             conn.write(writer.chunk(data) if self.head.chunked else data)
             if self.replayable:
-                assert self.body is not None
-                self.body.append(data)
+                if self.body is None:
+                    self.body = [data]
+                else:
+                    self.body.append(data)
             else:
                 self.body = None
         else:
@@ -354,6 +335,8 @@ class Exchange:
                 extra.append((b"Connection", b"keep-alive"))
         self.response_started = True
         proto.write(writer.response_head(status, head.reason, head.forward, extra))
+        if not self.chunked_out and self.conn is not None:
+            self.conn.deliver_body = proto.write  # no framing to add: straight to the app
 
     def on_response_body(self, data: bytes) -> None:
         if self.chunked_out:
@@ -406,12 +389,6 @@ class Exchange:
         )
         self._discard_conn("error", abort=True)
         self._failed(exc, stale=stale)
-
-    def batch_begin(self) -> None:
-        self.proto.cork()
-
-    def batch_end(self) -> None:
-        self.proto.uncork()
 
     def on_upstream_pause_writing(self) -> None:
         self.proto.gate.pause(PEER_WRITE_FULL)
@@ -484,7 +461,7 @@ class Exchange:
         cluster = self.cluster
         if cluster is None:
             return
-        now = self.proto.now()
+        now = self.proto.loop.time()
         cluster.stats.request_done(self.proto.listener_name, self.status, now - self.started)
         policies = cluster.policies
         if policies is not None:
@@ -548,7 +525,9 @@ class Exchange:
         has already begun."""
         if self.phase is Phase.DONE:
             return
-        if self._stop_waiting():
+        self._stop_waiting()
+        if self.waited:  # also when a try waited and the request ends in a later backoff
+            self.waited = False
             self.proto.gate.resume(WAITING_UPSTREAM)
         if self.conn is not None:
             self._discard_conn("timeout" if isinstance(exc, UpstreamTimeout) else "error",

@@ -23,6 +23,7 @@ from sidecar.flow_control import PIPELINED, WRITE_HIGH_WATER, WRITE_LOW_WATER, R
 from sidecar.http.headers import Headers
 from sidecar.http.parser import RequestHead, RequestParser
 from sidecar.rescue import error_response
+from sidecar.timers import TICK
 from sidecar.upstream.connection import UpstreamConnection, reset, set_nodelay
 
 log = logging.getLogger("sidecar.access")
@@ -50,11 +51,13 @@ class DownstreamProtocol(asyncio.Protocol):
         "app_eof",
         "_corked",
         "_out",
+        "wheel",
     )
 
     def __init__(self, ctx: ListenerContext) -> None:
         self.ctx = ctx
         self.loop = ctx.loop
+        self.wheel = ctx.wheel
         self.listener_name = ctx.name
         self.transport: asyncio.Transport | None = None
         self.parser = RequestParser(self, ctx.limits.max_header_bytes)
@@ -87,7 +90,7 @@ class DownstreamProtocol(asyncio.Protocol):
         ctx.connections.add(self)
         ctx.stats.downstream_connections += 1
         # A new connection must send a head within header_timeout, like a slow one.
-        self._set_deadline(self.loop.time() + ctx.limits.header_timeout)
+        self.set_deadline(self.loop.time() + ctx.limits.header_timeout)
 
     def data_received(self, data: bytes) -> None:
         if self.upgraded:
@@ -110,7 +113,7 @@ class DownstreamProtocol(asyncio.Protocol):
         if starting and parser.in_head and self.exchange is None and not self.closed:
             # A head began in this read and is not complete: it has header_timeout from now.
             # (A head complete in one read, the usual case, never needs this deadline.)
-            self._set_deadline(self.loop.time() + self.ctx.limits.header_timeout)
+            self.set_deadline(self.loop.time() + self.ctx.limits.header_timeout)
 
     def eof_received(self) -> bool:
         # The app half-closed (`shutdown(SHUT_WR)`, `nc -N`): it sends nothing more. The
@@ -257,12 +260,10 @@ class DownstreamProtocol(asyncio.Protocol):
             if not cluster.has_answer:
                 self._await_discovery(ex, cluster)
                 return
-            ex.start(cluster)
+            ex.start(cluster)  # sets this connection's deadline to the request's
         except SidecarError as exc:
             if ex.phase is not Phase.DONE:
                 ex.fail(exc)
-            return
-        self.deadline_changed()
 
     def _await_discovery(self, ex: Exchange, cluster: Any) -> None:
         """A dynamic cluster whose name is still resolving: start once it answers, or fail at
@@ -278,8 +279,6 @@ class DownstreamProtocol(asyncio.Protocol):
                 ex.start(cluster)
             except SidecarError as exc:
                 ex.fail(exc)
-                return
-            self.deadline_changed()
 
         cluster.when_ready(go)
 
@@ -307,14 +306,14 @@ class DownstreamProtocol(asyncio.Protocol):
                 self.discarding = True
                 self.queue = None
                 self.gate.resume(PIPELINED)
-                self._set_deadline(self.loop.time() + _DISCARD_GRACE)
+                self.set_deadline(self.loop.time() + _DISCARD_GRACE)
             if watch:
                 ctx.changed()
             return
         # A pipelined head already begun must still arrive within header_timeout.
         limits = ctx.limits
         wait = limits.header_timeout if self.parser.in_head else limits.idle_timeout
-        self._set_deadline(self.loop.time() + wait)
+        self.set_deadline(self.loop.time() + wait)
         if watch:
             ctx.changed()
         if self.queue:
@@ -440,14 +439,17 @@ class DownstreamProtocol(asyncio.Protocol):
         self.exchange = None
 
     # --- deadlines (Timed) ------------------------------------------------------------------------
-    def _set_deadline(self, when: float) -> None:
+    def set_deadline(self, when: float) -> None:
         self.deadline = when
-        self.ctx.wheel.schedule(self)
+        filed = self.filed_bucket
+        if filed and filed <= when / TICK + 1:
+            return  # the wheel's own first test, spelled out: filed earlier, it re-files then
+        self.wheel.schedule(self)
 
     def deadline_changed(self) -> None:
         ex = self.exchange
         if ex is not None:
-            self._set_deadline(ex.next_deadline())
+            self.set_deadline(ex.next_deadline())
 
     def on_deadline(self, now: float) -> None:
         if self.closed:

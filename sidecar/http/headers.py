@@ -21,9 +21,41 @@ HOP_BY_HOP = frozenset(
 )
 
 
-def connection_tokens(value: bytes) -> set[bytes]:
-    """The lowercased tokens of a `Connection` field value."""
-    return {t.strip().lower() for t in value.split(b",") if t.strip()}
+_TOKENS_CACHE: dict[bytes, frozenset[bytes]] = {}
+_TOKENS_CACHE_MAX = 256  # values seen are few (keep-alive, close, upgrade); a bound for the rest
+
+
+def connection_tokens(value: bytes) -> frozenset[bytes]:
+    """The lowercased tokens of a `Connection` field value (cached: nearly every message
+    carries one of a handful of values)."""
+    tokens = _TOKENS_CACHE.get(value)
+    if tokens is None:
+        tokens = frozenset(t.strip().lower() for t in value.split(b",") if t.strip())
+        if len(_TOKENS_CACHE) < _TOKENS_CACHE_MAX:
+            _TOKENS_CACHE[value] = tokens
+    return tokens
+
+
+class FieldKinds:
+    """What a proxy does with a field, by its name *as received*: one dict lookup per field
+    on the hot path instead of a `lower()` and a set test. Kind 0 means "forward unchanged";
+    others are given by `table` (lowercase name -> kind). The cache of spellings is bounded,
+    so random names sent by a peer cannot grow it without limit."""
+
+    __slots__ = ("_table", "_cache", "_max", "get")
+
+    def __init__(self, table: dict[bytes, int], max_spellings: int = 4096) -> None:
+        self._table = table
+        self._cache: dict[bytes, int] = {}
+        self._max = max_spellings
+        self.get = self._cache.get  # hot path: `kinds.get(name)`, None on a cache miss
+
+    def kind(self, name: bytes) -> int:
+        """The kind of `name` (the slow path after `get` missed)."""
+        kind = self._table.get(name.lower(), 0)
+        if len(self._cache) < self._max:
+            self._cache[name] = kind
+        return kind
 
 
 def parse_keep_alive_timeout(value: bytes) -> float | None:

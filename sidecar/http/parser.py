@@ -32,6 +32,7 @@ import httptools
 from sidecar.errors import BadUpstreamResponse, HeadTooLarge, ProtocolError
 from sidecar.http.headers import (
     HOP_BY_HOP,
+    FieldKinds,
     Headers,
     connection_tokens,
     parse_keep_alive_timeout,
@@ -41,18 +42,37 @@ _HEAD_SLACK = 1024  # bytes beyond max_header_bytes we let llhttp buffer before 
 _MAX_RESPONSE_HEAD = 1 << 20
 _VERSIONS = frozenset({"1.1", "1.0"})
 
-# Fields the proxy reads itself; all but expect/idempotency-key are dropped from what it
-# forwards (hop-by-hop per RFC 9110 7.6.1, framing it re-emits, and its own control fields).
-_REQUEST_SPECIAL = HOP_BY_HOP | {
-    b"host",
-    b"expect",
-    b"idempotency-key",
-    b"x-sidecar-timeout-ms",
-    b"x-sidecar-retry-attempts",
-    b"x-sidecar-deadline-ms",
+# Fields the proxy reads itself, by kind; all but expect/idempotency-key are dropped from what
+# it forwards (hop-by-hop per RFC 9110 7.6.1, framing it re-emits, and its own control
+# fields). Kind 0 (any other name): forwarded unchanged.
+_DROP = 1
+_HOST = 2
+_CONTENT_LENGTH = 3
+_TRANSFER_ENCODING = 4
+_CONNECTION = 5
+_UPGRADE = 6
+_EXPECT = 7
+_IDEMPOTENCY_KEY = 8
+_TIMEOUT_MS = 9
+_RETRY_ATTEMPTS = 10
+_KEEP_ALIVE = 11
+_HOP = {name: _DROP for name in HOP_BY_HOP} | {
+    b"content-length": _CONTENT_LENGTH,
+    b"transfer-encoding": _TRANSFER_ENCODING,
+    b"connection": _CONNECTION,
 }
-_RESPONSE_SPECIAL = HOP_BY_HOP
+_REQUEST_KINDS = FieldKinds(_HOP | {
+    b"upgrade": _UPGRADE,
+    b"host": _HOST,
+    b"expect": _EXPECT,
+    b"idempotency-key": _IDEMPOTENCY_KEY,
+    b"x-sidecar-timeout-ms": _TIMEOUT_MS,
+    b"x-sidecar-retry-attempts": _RETRY_ATTEMPTS,
+    b"x-sidecar-deadline-ms": _DROP,
+})
+_RESPONSE_KINDS = FieldKinds(_HOP | {b"keep-alive": _KEEP_ALIVE})
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
+_NO_TOKENS: frozenset[bytes] = frozenset()
 
 
 def _int_or_none(value: bytes) -> int | None:
@@ -67,7 +87,7 @@ def _only_chunked(value: bytes) -> bool:
     return value.strip().lower() == b"chunked"
 
 
-def _drop_named(forward: Headers, connection: set[bytes]) -> Headers:
+def _drop_named(forward: Headers, connection: frozenset[bytes]) -> Headers:
     """Drop the fields the Connection header named (beyond the usual options)."""
     if not connection or connection <= _CONNECTION_OPTIONS:
         return forward
@@ -76,46 +96,29 @@ def _drop_named(forward: Headers, connection: set[bytes]) -> Headers:
 
 
 class RequestHead:
-    """A request head as received, with the facts the proxy needs pulled out once."""
+    """A request head as received, with the facts the proxy needs pulled out once.
 
-    __slots__ = (
-        "method",
-        "target",  # origin-form target to send upstream (absolute-form rewritten)
-        "version",
-        "headers",
-        "keep_alive",
-        "upgrade",  # the Upgrade value when the app asked to upgrade (WebSocket), else None
-        "content_length",
-        "chunked",
-        "authority",  # host[:port] from the absolute-form target, CONNECT target, or Host
-        "absolute",  # True when the app used absolute-form (forward-proxy style)
-        "connection",  # lowercased tokens of the Connection field
-        "expect_continue",
-        "host",  # the Host value (None if absent)
-        "forward",  # end-to-end fields to send upstream (no hop-by-hop, no Host, no x-sidecar-*)
-        "timeout_ms",  # x-sidecar-timeout-ms
-        "retry_attempts",  # x-sidecar-retry-attempts
-        "idempotency_key",  # the app marked the request safe to retry
-    )
+    No `__slots__` and no `__init__`: the defaults are class attributes and the parser sets
+    only what differs, which makes one head per request cheaper to build than with slots."""
 
-    def __init__(self) -> None:
-        self.method = b""
-        self.target = b""
-        self.version = "1.1"
-        self.headers: Headers = []
-        self.keep_alive = True
-        self.upgrade: bytes | None = None
-        self.content_length: int | None = None
-        self.chunked = False
-        self.authority = b""
-        self.absolute = False
-        self.connection: set[bytes] = set()
-        self.expect_continue = False
-        self.host: bytes | None = None
-        self.forward: Headers = []
-        self.timeout_ms: int | None = None
-        self.retry_attempts: int | None = None
-        self.idempotency_key = False
+    method: bytes = b""
+    target: bytes = b""  # origin-form target to send upstream (absolute-form rewritten)
+    version: str = "1.1"
+    headers: Headers  # as received (always set by the parser)
+    keep_alive: bool = True
+    upgrade: bytes | None = None  # the Upgrade value when the app asked to upgrade, else None
+    content_length: int | None = None
+    chunked: bool = False
+    authority: bytes = b""  # host[:port] from the absolute-form target, CONNECT target, or Host
+    absolute: bool = False  # True when the app used absolute-form (forward-proxy style)
+    connection: frozenset[bytes] = _NO_TOKENS  # lowercased tokens of the Connection field
+    expect_continue: bool = False
+    host: bytes | None = None  # the Host value (None if absent)
+    # End-to-end fields to send upstream (no hop-by-hop, no Host, no x-sidecar-*); always set.
+    forward: Headers
+    timeout_ms: int | None = None  # x-sidecar-timeout-ms
+    retry_attempts: int | None = None  # x-sidecar-retry-attempts
+    idempotency_key: bool = False  # the app marked the request safe to retry
 
     @property
     def has_body(self) -> bool:
@@ -133,32 +136,19 @@ class RequestHead:
 
 
 class ResponseHead:
-    __slots__ = (
-        "status",
-        "reason",
-        "version",
-        "headers",
-        "keep_alive",
-        "content_length",
-        "chunked",
-        "bodyless",  # no body by the rules: HEAD request, 1xx, 204, 304
-        "keep_alive_timeout",
-        "connection",
-        "forward",  # end-to-end fields to send to the app
-    )
+    """A response head as received (class-attribute defaults, as RequestHead)."""
 
-    def __init__(self) -> None:
-        self.status = 0
-        self.reason = b""
-        self.version = "1.1"
-        self.headers: Headers = []
-        self.keep_alive = True
-        self.content_length: int | None = None
-        self.chunked = False
-        self.bodyless = False
-        self.keep_alive_timeout: float | None = None
-        self.connection: set[bytes] = set()
-        self.forward: Headers = []
+    status: int = 0
+    reason: bytes = b""
+    version: str = "1.1"
+    headers: Headers  # always set by the parser
+    keep_alive: bool = True
+    content_length: int | None = None
+    chunked: bool = False
+    bodyless: bool = False  # no body by the rules: HEAD request, 1xx, 204, 304
+    keep_alive_timeout: float | None = None
+    connection: frozenset[bytes] = _NO_TOKENS
+    forward: Headers  # end-to-end fields to send to the app; always set by the parser
 
     @property
     def close_delimited(self) -> bool:
@@ -198,6 +188,11 @@ def _unwrap(exc: httptools.HttpParserError, error: type[Exception]) -> Exception
     return error(str(exc) or type(exc).__name__)
 
 
+def _fields_size(headers: Headers) -> int:
+    """A head's size as the limits count it: each field's name and value plus 4 (": ", CRLF)."""
+    return sum(len(name) + len(value) + 4 for name, value in headers)
+
+
 class RequestParser:
     """Parses the app's requests. `feed()` may call the sink for several pipelined requests."""
 
@@ -205,13 +200,11 @@ class RequestParser:
         "_sink",
         "_parser",
         "_max_head",
-        "_head_bytes",
+        "_read_len",
         "_raw_head",
-        "_in_head",
+        "in_head",  # part of a request head has arrived, not all of it
         "_url",
         "_headers",
-        "_trailers",
-        "_host_count",
         "_head",
         "upgraded",
         "finished",
@@ -221,13 +214,12 @@ class RequestParser:
         self._sink = sink
         self._parser = httptools.HttpRequestParser(self)
         self._max_head = max_header_bytes
-        self._head_bytes = 0
+        self._read_len = 0  # length of the read being parsed
         self._raw_head = -1  # raw bytes of the unfinished head; -1: it began in this read
-        self._in_head = False
+        self.in_head = False
         self._url = b""
+        # The fields of the head being parsed; after it, of the trailers (usually none).
         self._headers: Headers = []
-        self._trailers: Headers | None = None
-        self._host_count = 0
         self._head: RequestHead | None = None
         self.upgraded = False
         # A request without keep-alive (Connection: close, HTTP/1.0) ended: its connection
@@ -235,16 +227,12 @@ class RequestParser:
         # not an error that would turn the answer to the request before it into a 400.
         self.finished = False
 
-    @property
-    def in_head(self) -> bool:
-        """True while part of a request head has arrived but not all of it."""
-        return self._in_head
-
     def feed(self, data: bytes) -> None:
         if self.upgraded:
             raise ProtocolError("data after upgrade fed to the parser")
         if self.finished:
             return
+        self._read_len = len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -255,101 +243,107 @@ class RequestParser:
             if self.finished:
                 return  # llhttp refuses bytes after a closing request; we ignore them
             raise _unwrap(exc, ProtocolError) from None
-        if self._in_head:
+        if self.in_head:
             # llhttp buffers an unfinished header line itself; bound what it may hold.
             if self._raw_head < 0:
                 self._raw_head = 0  # began in this read: count from the next one (see top)
+                if len(data) > self._max_head and (
+                    len(self._url) + _fields_size(self._headers) > self._max_head
+                ):
+                    raise HeadTooLarge("request head larger than max_header_bytes")
             else:
                 self._raw_head += len(data)
                 if self._raw_head > self._max_head + _HEAD_SLACK:
                     raise HeadTooLarge("request head larger than max_header_bytes")
+        elif self._headers and _fields_size(self._headers) > self._max_head:
+            raise HeadTooLarge("request trailers larger than max_header_bytes")
 
     # --- httptools callbacks -----------------------------------------------------------------
     def on_message_begin(self) -> None:
-        self._in_head = True
-        self._head_bytes = 0
+        self.in_head = True
         self._raw_head = -1
         self._url = b""
-        self._headers = []
-        self._trailers = None
-        self._host_count = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._head_bytes += len(url)
-        if self._head_bytes > self._max_head:
-            raise HeadTooLarge("request target larger than max_header_bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._in_head:  # a trailer field after a chunked body: bounded like a head
-            if self._trailers is None:
-                self._trailers = []
-                self._head_bytes = 0
-            self._head_bytes += len(name) + len(value) + 4
-            if self._head_bytes > self._max_head:
-                raise HeadTooLarge("request trailers larger than max_header_bytes")
-            self._trailers.append((name, value))
-            return
-        self._head_bytes += len(name) + len(value) + 4
-        if self._head_bytes > self._max_head:
-            raise HeadTooLarge("request head larger than max_header_bytes")
+        # Head fields and trailer fields alike: sizes are checked once the section is whole
+        # (a section spread over reads is bounded in feed()). The hot path: keep it this short.
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
+        self.in_head = False
+        headers = self._headers
+        self._headers = []  # for trailers
+        url = self._url
+        if (self._raw_head >= 0 or self._read_len > self._max_head) and (
+            len(url) + _fields_size(headers) > self._max_head
+        ):
+            # Only a head spread over reads, or in a read larger than the limit, can be over it.
+            raise HeadTooLarge("request head larger than max_header_bytes")
         parser = self._parser
         head = RequestHead()
-        head.method = parser.get_method()
-        head.version = parser.get_http_version()
-        head.headers = headers = self._headers
+        head.method = method = parser.get_method()
+        head.version = version = parser.get_http_version()
+        head.headers = headers
         head.keep_alive = parser.should_keep_alive()
         host: bytes | None = None
+        host_count = 0
+        connection = _NO_TOKENS
         forward: Headers = []
-        for name, value in headers:
-            low = name.lower()
-            if low not in _REQUEST_SPECIAL:
-                forward.append((name, value))
-            elif low == b"host":
-                self._host_count += 1
+        kinds = _REQUEST_KINDS
+        for field in headers:
+            kind = kinds.get(field[0])
+            if kind is None:
+                kind = kinds.kind(field[0])
+            if not kind:
+                forward.append(field)
+                continue
+            value = field[1]
+            if kind == _HOST:
+                host_count += 1
                 host = value
-            elif low == b"content-length":
+            elif kind == _CONNECTION:
+                connection = connection | connection_tokens(value) if connection else (
+                    connection_tokens(value))
+            elif kind == _CONTENT_LENGTH:
                 head.content_length = int(value)
-            elif low == b"transfer-encoding":
+            elif kind == _TRANSFER_ENCODING:
                 if head.chunked or not _only_chunked(value):
                     raise ProtocolError("Transfer-Encoding other than a single chunked")
                 head.chunked = True
-            elif low == b"connection":
-                head.connection |= connection_tokens(value)
-            elif low == b"upgrade":
+            elif kind == _UPGRADE:
                 head.upgrade = value
-            elif low == b"expect":
+            elif kind == _EXPECT:
                 head.expect_continue = value.strip().lower() == b"100-continue"
-                forward.append((name, value))
-            elif low == b"idempotency-key":
+                forward.append(field)
+            elif kind == _IDEMPOTENCY_KEY:
                 head.idempotency_key = True
-                forward.append((name, value))
-            elif low == b"x-sidecar-timeout-ms":
+                forward.append(field)
+            elif kind == _TIMEOUT_MS:
                 head.timeout_ms = _int_or_none(value)
-            elif low == b"x-sidecar-retry-attempts":
+            elif kind == _RETRY_ATTEMPTS:
                 head.retry_attempts = _int_or_none(value)
             # else: hop-by-hop, or a field of ours the app must not forge: dropped
         head.host = host
-        head.forward = _drop_named(forward, head.connection)
-        if self._host_count > 1:
+        head.connection = connection
+        head.forward = _drop_named(forward, connection) if connection else forward
+        if host_count > 1:
             raise ProtocolError("more than one Host header")
-        if head.version not in _VERSIONS:
-            raise ProtocolError(f"HTTP/{head.version} is not HTTP/1.x")
-        if head.chunked and head.version == "1.0":
-            # RFC 9112 6.1: framing of an HTTP/1.0 message with Transfer-Encoding is faulty.
-            raise ProtocolError("Transfer-Encoding in an HTTP/1.0 request")
-        if head.upgrade is not None and b"upgrade" not in head.connection:
+        if version != "1.1":
+            if version not in _VERSIONS:
+                raise ProtocolError(f"HTTP/{version} is not HTTP/1.x")
+            if head.chunked:
+                # RFC 9112 6.1: framing of an HTTP/1.0 message with Transfer-Encoding is faulty.
+                raise ProtocolError("Transfer-Encoding in an HTTP/1.0 request")
+        if head.upgrade is not None and b"upgrade" not in connection:
             head.upgrade = None  # Upgrade without Connection: upgrade is not a request to upgrade
-        url = self._url
-        if head.method == b"CONNECT":
+        if method == b"CONNECT":
             head.authority = url
             head.target = url
         elif url[:1] == b"/" or url == b"*":
-            if host is None and head.version == "1.1":
+            if host is None and version == "1.1":
                 raise ProtocolError("HTTP/1.1 request without Host")
             head.target = url
             head.authority = host or b""
@@ -377,7 +371,14 @@ class RequestParser:
         head = self._head
         if head is not None and not head.keep_alive:
             self.finished = True
-        self._sink.on_request_end(self._trailers)
+        trailers: Headers | None = self._headers
+        if trailers:
+            self._headers = []
+            if _fields_size(trailers) > self._max_head:
+                raise HeadTooLarge("request trailers larger than max_header_bytes")
+        else:
+            trailers = None
+        self._sink.on_request_end(trailers)
 
 
 class ResponseParser:
@@ -390,14 +391,13 @@ class ResponseParser:
         "_parser",
         "_method_head",
         "_headers",
-        "_trailers",
         "_reason",
         "_in_head",
         "_head",
         "_informational",
         "_done",
-        "_head_bytes",
         "_raw_head",
+        "_read_len",
         "_heads_fed",
         "_tail",
         "upgraded",
@@ -407,15 +407,14 @@ class ResponseParser:
         self._sink = sink
         self._parser: Any = httptools.HttpResponseParser(self)
         self._method_head = False
-        self._headers: Headers = []
-        self._trailers: Headers | None = None
+        self._headers: Headers = []  # of the head being parsed; after it, of the trailers
         self._reason = b""
         self._in_head = False
         self._head: ResponseHead | None = None
         self._informational = False
         self._done = True  # no response in progress
-        self._head_bytes = 0
         self._raw_head = -1  # as in RequestParser
+        self._read_len = 0
         # Only while answering HEAD: heads completed in this feed(), and the last bytes of the
         # previous read (a head's blank line may straddle two reads), to find where it ended.
         self._heads_fed = 0
@@ -437,6 +436,8 @@ class ResponseParser:
             # The previous parser stopped mid-stream after a HEAD response: start afresh.
             self._parser = httptools.HttpResponseParser(self)
         self._method_head = method == b"HEAD"
+        if self._headers:
+            self._headers = []  # left by a response cut short
         self._head = None
         self._done = False
         self._tail = b""
@@ -447,6 +448,7 @@ class ResponseParser:
             self._heads_fed = 0
             tail = self._tail if self._in_head else b""
             self._tail = data[-3:]
+        self._read_len = len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -462,10 +464,16 @@ class ResponseParser:
         if self._in_head:
             if self._raw_head < 0:
                 self._raw_head = 0
+                if len(data) > _MAX_RESPONSE_HEAD and (
+                    _fields_size(self._headers) > _MAX_RESPONSE_HEAD
+                ):
+                    raise BadUpstreamResponse("response head larger than 1 MiB")
             else:
                 self._raw_head += len(data)
                 if self._raw_head > _MAX_RESPONSE_HEAD:
                     raise BadUpstreamResponse("response head larger than 1 MiB")
+        elif self._headers and _fields_size(self._headers) > _MAX_RESPONSE_HEAD:
+            raise BadUpstreamResponse("response trailers larger than 1 MiB")
 
     @staticmethod
     def _after_heads(data: bytes, heads: int) -> bytes:
@@ -495,26 +503,17 @@ class ResponseParser:
             # parser to be read as the answer to the next request (response splitting).
             raise BadUpstreamResponse("bytes from the upstream with no request outstanding")
         self._in_head = True
-        self._head_bytes = 0
         self._raw_head = -1
-        self._headers = []
-        self._trailers = None
         self._reason = b""
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._in_head:
-            # Counted here too: a whole head in one read never reaches the check in feed().
-            self._head_bytes += len(name) + len(value)
-            if self._head_bytes > _MAX_RESPONSE_HEAD:
-                raise BadUpstreamResponse("response head larger than 1 MiB")
-            self._headers.append((name, value))
-        else:
-            if self._trailers is None:
-                self._trailers = []
-            self._trailers.append((name, value))
+        # Head and trailer fields alike (on_headers_complete starts a new list). A head whole
+        # in one read is bounded by the read (256 KiB with uvloop); one spread over reads, by
+        # the count in feed().
+        self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -527,24 +526,35 @@ class ResponseParser:
         head.reason = self._reason
         head.version = parser.get_http_version()
         head.headers = headers = self._headers
+        self._headers = []  # for trailers
+        if (self._raw_head >= 0 or self._read_len > _MAX_RESPONSE_HEAD) and (
+            _fields_size(headers) > _MAX_RESPONSE_HEAD
+        ):
+            raise BadUpstreamResponse("response head larger than 1 MiB")
         head.keep_alive = parser.should_keep_alive()
+        connection = _NO_TOKENS
         forward: Headers = []
-        for name, value in headers:
-            low = name.lower()
-            if low not in _RESPONSE_SPECIAL:
-                forward.append((name, value))
-            elif low == b"content-length":
-                head.content_length = int(value)
-            elif low == b"transfer-encoding":
-                if head.chunked or not _only_chunked(value):
+        kinds = _RESPONSE_KINDS
+        for field in headers:
+            kind = kinds.get(field[0])
+            if kind is None:
+                kind = kinds.kind(field[0])
+            if not kind:
+                forward.append(field)
+            elif kind == _CONTENT_LENGTH:
+                head.content_length = int(field[1])
+            elif kind == _CONNECTION:
+                connection = connection | connection_tokens(field[1]) if connection else (
+                    connection_tokens(field[1]))
+            elif kind == _TRANSFER_ENCODING:
+                if head.chunked or not _only_chunked(field[1]):
                     # We re-frame bodies: an extra coding (gzip) would be dropped silently.
                     raise BadUpstreamResponse("Transfer-Encoding other than a single chunked")
                 head.chunked = True
-            elif low == b"connection":
-                head.connection |= connection_tokens(value)
-            elif low == b"keep-alive":
-                head.keep_alive_timeout = parse_keep_alive_timeout(value)
-        head.forward = _drop_named(forward, head.connection)
+            elif kind == _KEEP_ALIVE:
+                head.keep_alive_timeout = parse_keep_alive_timeout(field[1])
+        head.connection = connection
+        head.forward = _drop_named(forward, connection) if connection else forward
         self._informational = 100 <= status < 200 and status != 101
         head.bodyless = self._method_head or status < 200 or status in (204, 304)
         if head.close_delimited:
@@ -566,4 +576,9 @@ class ResponseParser:
             self._head = None
             return
         self._done = True
-        self._sink.on_response_end(self._trailers)
+        trailers: Headers | None = self._headers
+        if trailers:
+            self._headers = []
+        else:
+            trailers = None
+        self._sink.on_response_end(trailers)

@@ -19,29 +19,24 @@ def reason_for(status: int) -> bytes:
     return _REASONS.get(status, b"Unknown")
 
 
-def _fields(parts: list[bytes], headers: Headers) -> None:
-    for name, value in headers:
-        parts.append(name)
-        parts.append(b": ")
-        parts.append(value)
-        parts.append(CRLF)
+_FIELD = b": ".join  # (name, value) -> b"name: value", at C speed through map()
+_LINES = b"\r\n".join
 
 
 def request_head(method: bytes, target: bytes, headers: Headers, extra: Headers) -> bytes:
-    """`headers` are already end-to-end only; `extra` carries framing, Host and our own fields."""
-    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
-    _fields(parts, headers)
-    _fields(parts, extra)
-    parts.append(CRLF)
-    return b"".join(parts)
+    """`headers` are already end-to-end only; `extra` carries framing, Host and our own fields.
+    One join over C-level maps: this runs for every request, so no Python loop per field."""
+    return _LINES(
+        [b"%b %b HTTP/1.1" % (method, target), *map(_FIELD, headers), *map(_FIELD, extra), b"",
+         b""]
+    )
 
 
 def response_head(status: int, reason: bytes, headers: Headers, extra: Headers) -> bytes:
-    parts = [b"HTTP/1.1 %d " % status, reason or reason_for(status), CRLF]
-    _fields(parts, headers)
-    _fields(parts, extra)
-    parts.append(CRLF)
-    return b"".join(parts)
+    return _LINES(
+        [b"HTTP/1.1 %d %b" % (status, reason or reason_for(status)), *map(_FIELD, headers),
+         *map(_FIELD, extra), b"", b""]
+    )
 
 
 def chunk(data: bytes) -> bytes:
@@ -57,7 +52,4 @@ def chunk_parts(data: bytes) -> list[bytes]:
 def last_chunk(trailers: Headers | None) -> bytes:
     if not trailers:
         return CHUNK_END
-    parts = [b"0\r\n"]
-    _fields(parts, trailers)
-    parts.append(CRLF)
-    return b"".join(parts)
+    return _LINES([b"0", *map(_FIELD, trailers), b"", b""])

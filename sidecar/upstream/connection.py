@@ -15,6 +15,7 @@ import math
 import socket
 import ssl
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from sidecar.errors import BadUpstreamResponse, ConnectFailed, UpstreamError, UpstreamReset
@@ -108,6 +109,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_in_feed",
         "_end_pending",
         "_end_trailers",
+        "deliver_body",
     )
 
     def __init__(self, pool: Pool, key: str, now: float, expires_at: float) -> None:
@@ -135,6 +137,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._in_feed = False
         self._end_pending = False
         self._end_trailers: Headers | None = None
+        # Where response body bytes go while a user is bound: its `on_response_body`, or
+        # something it chose for this response (see `ConnectionUser`).
+        self.deliver_body: Callable[[bytes], None] | None = None
 
     # --- the pool's view ------------------------------------------------------------------------
     def is_idle(self) -> bool:
@@ -158,8 +163,11 @@ class UpstreamConnection(asyncio.Protocol):
     # --- used by the pool and the exchange --------------------------------------------------------
     def bind(self, user: ConnectionUser, method: bytes) -> None:
         """Hand the connection to a request; the response parser expects `method`'s answer."""
-        self._transition(State.ACTIVE)
+        if self.state is not State.IDLE:  # IDLE -> ACTIVE is in the table: checked otherwise
+            self._transition(State.ACTIVE)
+        self.state = State.ACTIVE
         self.user = user
+        self.deliver_body = user.on_response_body
         self.requests += 1
         self.response_started = False
         self.parser.expect(method)
@@ -168,7 +176,7 @@ class UpstreamConnection(asyncio.Protocol):
         """The exchange is done with it: back to idle (the pool decides what happens next)."""
         self.user = None
         if self.state is State.ACTIVE:
-            self._transition(State.IDLE)
+            self.state = State.IDLE  # ACTIVE -> IDLE: always in the table
 
     def to_tunnel(self) -> None:
         self._transition(State.TUNNEL)
@@ -251,7 +259,10 @@ class UpstreamConnection(asyncio.Protocol):
         finally:
             self._in_feed = False
             if self._end_pending:
-                self._deliver_end()
+                self._end_pending = False
+                trailers, self._end_trailers = self._end_trailers, None
+                if self.user is not None:
+                    self.user.on_response_end(trailers)
             user.batch_end()
 
     def eof_received(self) -> bool:
@@ -324,9 +335,8 @@ class UpstreamConnection(asyncio.Protocol):
             user.on_response_head(head)
 
     def on_response_body(self, data: bytes) -> None:
-        user = self.user
-        if user is not None:
-            user.on_response_body(data)
+        if self.user is not None:
+            self.deliver_body(data)  # type: ignore[misc]  # set whenever user is
 
     def on_response_end(self, trailers: Headers | None) -> None:
         timeout = self.keepalive_timeout

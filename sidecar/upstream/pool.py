@@ -195,15 +195,20 @@ class Pool:
         if not idle:
             return None
         now = self._loop.time()
-        idle_timeout = self._idle_timeout()
+        idle_timeout = self.settings.idle_timeout
+        if self.learned_idle_timeout < idle_timeout:
+            idle_timeout = self.learned_idle_timeout
         while idle:
             conn = idle.pop()
             # `reusable` too: between the EOF of an upstream closing an idle connection and its
-            # connection_lost (a loop iteration later) the state is still IDLE.
+            # connection_lost (a loop iteration later) the state is still IDLE. The expiry
+            # test is `has_expired`, spelled out: this runs for every request.
             if (
                 conn.state is State.IDLE
                 and conn.reusable
-                and not conn.has_expired(now, idle_timeout)
+                and now < conn.idle_since + idle_timeout
+                and now < conn.keepalive_until
+                and now < conn.expires_at
             ):
                 self._active.add(conn)
                 return conn
@@ -378,7 +383,7 @@ class Pool:
         if conn.state is State.CLOSED:
             return
         conn.unbind()
-        if self.tls is not None and not conn.tls_captured and conn.transport is not None:
+        if not conn.tls_captured and self.tls is not None and conn.transport is not None:
             # TLS 1.3 tickets arrive after the handshake: by the end of a response they are in.
             conn.tls_captured = True
             self.tls.capture_session(conn.transport)
@@ -394,10 +399,11 @@ class Pool:
             self._maybe_connect_for_waiters()
             return
         conn.idle_since = now
-        self._active.add(conn)
-        if self._hand_over(conn):
-            return  # the waiter has bound it
-        self._active.discard(conn)
+        if self._waiters:
+            self._active.add(conn)
+            if self._hand_over(conn):
+                return  # the waiter has bound it
+            self._active.discard(conn)
         self._park(conn)
 
     def _park(self, conn: UpstreamConnection) -> None:
@@ -414,7 +420,14 @@ class Pool:
             # is trimmed instead, oldest first, once it has stayed idle EXCESS_IDLE seconds.
             expiry = idle[0].idle_since + EXCESS_IDLE
         else:
-            expiry = conn.idle_expiry(self._idle_timeout())
+            # conn.idle_expiry(self._idle_timeout()), spelled out: this runs for every request.
+            expiry = conn.idle_since + self.settings.idle_timeout
+            if self.learned_idle_timeout != math.inf:
+                expiry = min(expiry, conn.idle_since + self.learned_idle_timeout)
+            if conn.keepalive_until < expiry:
+                expiry = conn.keepalive_until
+            if conn.expires_at < expiry:
+                expiry = conn.expires_at
         if expiry < self.deadline:
             self.deadline = expiry
             self._wheel.schedule(self)
