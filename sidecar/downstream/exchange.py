@@ -131,11 +131,7 @@ class Exchange:
         self.deadline = self.started + timeout
         policies = cluster.policies
         if policies is not None:
-            self.max_attempts = policies.max_attempts(head)
-            self.replayable = policies.replayable(
-                head.method, head.idempotency_key, head.content_length
-            )
-            self.policy_token = policies.admit(self)  # raises CircuitOpen
+            policies.start(self)  # max_attempts, replayable, policy_token; raises CircuitOpen
         if head.method == b"CONNECT" or (
             head.content_length and head.content_length > self.max_replay()
         ):
@@ -181,7 +177,7 @@ class Exchange:
         pool.inflight += 1
         self.slot_held = True
         policies = cluster.policies
-        if policies is not None:
+        if policies is not None and policies.retry.per_try_timeout is not None:
             self.try_deadline = policies.try_deadline(self)
         deadline = self.deadline
         self.proto.set_deadline(deadline if deadline < self.try_deadline else self.try_deadline)

@@ -557,8 +557,8 @@ class ResponseParser:
         head.forward = _drop_named(forward, connection) if connection else forward
         self._informational = 100 <= status < 200 and status != 101
         head.bodyless = self._method_head or status < 200 or status in (204, 304)
-        if head.close_delimited:
-            head.keep_alive = False
+        if not (head.bodyless or head.chunked or head.content_length is not None):
+            head.keep_alive = False  # close-delimited (head.close_delimited, spelled out)
         self._head = head
         self._sink.on_response_head(head)
         if self._method_head and not self._informational:

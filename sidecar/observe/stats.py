@@ -140,10 +140,14 @@ class ClusterStats:
             self.requests.setdefault((listener, cc), 0)
 
     def request_done(self, listener: str, status: int, seconds: float) -> None:
-        key = (listener, CODE_CLASSES[min(max(status // 100, 1), 5) - 1])
+        cls = status // 100  # 1xx..5xx; anything below or above is counted with its end
+        key = (listener, CODE_CLASSES[0 if cls <= 1 else 4 if cls >= 5 else cls - 1])
         requests = self.requests
         requests[key] = requests.get(key, 0) + 1
-        self.request_duration.observe(seconds)
+        h = self.request_duration  # h.observe(seconds), spelled out: once per request
+        h.counts[bisect_left(h.buckets, seconds)] += 1
+        h.sum += seconds
+        h.count += 1
 
     def closed(self, reason: str) -> None:
         self.connections_closed[reason] = self.connections_closed.get(reason, 0) + 1

@@ -118,6 +118,17 @@ class ClusterPolicies:
         return _BREAKER_NAMES[self.breaker.state_code]
 
     # --- per request ------------------------------------------------------------------------------
+    def start(self, ex: Any) -> None:
+        """A request begins: set its tries, whether it may be replayed, and admit it (the
+        three calls below in one, for the hot path). Raises CircuitOpen."""
+        head = ex.head
+        n = head.retry_attempts
+        ex.max_attempts = self.retry.attempts if n is None else min(max(int(n), 1), 10)
+        ex.replayable = self.retry.is_retryable_request(
+            head.method, head.idempotency_key, head.content_length
+        )
+        ex.policy_token = self.admit(ex)
+
     def replayable(self, method: bytes, idempotency_key: bool, length: int | None) -> bool:
         return self.retry.is_retryable_request(method, idempotency_key, length)
 

@@ -16,7 +16,7 @@ class RollingCounts:
     reading them is free. Callers must call `roll(now)` (or `add`) before reading them.
     """
 
-    __slots__ = ("_width", "_n", "_a", "_b", "_epoch", "_idx", "a", "b")
+    __slots__ = ("_width", "_n", "_a", "_b", "_epoch", "_idx", "_until", "a", "b")
 
     def __init__(self, window: float, buckets: int = 10) -> None:
         if window <= 0 or buckets < 1:
@@ -27,6 +27,7 @@ class RollingCounts:
         self._b = [0] * buckets
         self._epoch: int | None = None  # bucket number (now // width) of the current bucket
         self._idx = 0
+        self._until = -1.0  # when the current bucket ends: before it, no roll is needed
         self.a = 0
         self.b = 0
 
@@ -37,9 +38,10 @@ class RollingCounts:
             self._advance(epoch)
 
     def add(self, now: float, a: int, b: int) -> None:
-        epoch = int(now // self._width)
-        if epoch != self._epoch:
-            self._advance(epoch)
+        if not now < self._until:
+            epoch = int(now // self._width)
+            if epoch != self._epoch:
+                self._advance(epoch)
         i = self._idx
         self._a[i] += a
         self._b[i] += b
@@ -65,6 +67,7 @@ class RollingCounts:
                 b[i] = 0
         self._epoch = epoch
         self._idx = epoch % n
+        self._until = (epoch + 1) * self._width
 
     def clear(self) -> None:
         n = self._n

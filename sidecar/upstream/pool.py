@@ -380,9 +380,12 @@ class Pool:
     def release(self, conn: UpstreamConnection) -> None:
         """The exchange is done with `conn`; keep it if it is reusable, else close it."""
         self._active.discard(conn)
-        if conn.state is State.CLOSED:
+        state = conn.state
+        if state is State.CLOSED:
             return
-        conn.unbind()
+        conn.user = None  # conn.unbind(), spelled out: once per request
+        if state is State.ACTIVE:
+            conn.state = State.IDLE
         if not conn.tls_captured and self.tls is not None and conn.transport is not None:
             # TLS 1.3 tickets arrive after the handshake: by the end of a response they are in.
             conn.tls_captured = True
