@@ -64,6 +64,7 @@ class Plan:
     profile_duration: float
     max_time: float
     keep_awake: bool = False
+    rounds: int = 1
 
 
 def plan_from_args(args: argparse.Namespace) -> Plan:
@@ -88,6 +89,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         profile_duration=max(10.0, duration),
         max_time=args.max_time,
         keep_awake=args.keep_awake,
+        rounds=max(1, args.rounds),
     )
 
 
@@ -173,8 +175,11 @@ class Runner:
         for conns in plan.conns:
             for size in plan.sizes:
                 case = f"c{conns}-{SIZE_LABEL.get(size, f'{size}B')}"
-                for name in plan.targets:
-                    self.throughput(case, name, conns, size)
+                for _ in range(plan.rounds):
+                    for name in plan.targets:
+                        self.throughput(case, name, conns, size)
+                if plan.rounds > 1:
+                    self._keep_median_rounds(case)
         for name in plan.targets:
             self.fixed_rate(name)
         self.added_latency()
@@ -275,6 +280,21 @@ class Runner:
         row = self._row("throughput", case, name, conns=conns, body_bytes=size)
         self._guarded(row, lambda: self._wrk_case(row, self._usable(name), "main",
                                                   BODIES[size], conns))
+
+    def _keep_median_rounds(self, case: str) -> None:
+        """--rounds N: the targets ran N times in turn; keep, per target, the row of the round
+        with the median rps (a real run, so its latencies belong to it) and record all N."""
+        mine = [r for r in self.rows if r["kind"] == "throughput" and r["case"] == case]
+        self.rows = [r for r in self.rows if not any(r is m for m in mine)]
+        for name in self.plan.targets:  # in the order the tables list targets
+            rounds = [r for r in mine if r["target"] == name]
+            if not rounds:
+                continue
+            measured = sorted((r for r in rounds if not r["error"] and r.get("rps")),
+                              key=lambda r: r["rps"])
+            keep = measured[(len(measured) - 1) // 2] if measured else rounds[0]
+            keep["rounds_rps"] = [round(r["rps"]) if r.get("rps") else None for r in rounds]
+            self.rows.append(keep)
 
     def _guarded(self, row: dict[str, Any], measure: Any) -> None:
         needed = self.plan.warmup + self.plan.duration + 5
@@ -635,6 +655,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--priority", type=int, default=0,
                    help="nice value for every process started (e.g. -10 as root on a busy "
                    "machine; default 0)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run each throughput case N times, the targets taking turns, and "
+                   "report per target the round with the median rps (this VM's speed swings "
+                   "by up to 2x: 3 or 5 make the ratios trustworthy)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     args = p.parse_args(argv)
     bad_sizes = set(map(int, args.sizes.split(","))) - set(BODIES)
@@ -704,6 +728,7 @@ def main(argv: list[str] | None = None) -> int:
                        "wrk_threads": THREADS, "conns": plan.conns, "sizes": plan.sizes,
                        "rate": plan.rate, "rate_connections": plan.rate_conns,
                        "priority": args.priority, "keep_awake": plan.keep_awake,
+                       "rounds": plan.rounds,
                        "targets": plan.targets, "tls": plan.tls, "quick": args.quick},
             "versions": versions(plan),
             "elapsed_s": round(time.monotonic() - runner.started, 1),

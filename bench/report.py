@@ -125,7 +125,11 @@ def _other(row: Row) -> str:
 def _status(row: Row) -> str:
     if row.get("error"):
         return "ERROR: " + str(row["error"]).replace("|", "/").replace("\n", " ")[:160]
-    return "; ".join(row.get("warnings", []))
+    notes = list(row.get("warnings", []))
+    if row.get("rounds_rps"):
+        rounds = ", ".join("-" if v is None else f"{v:,}" for v in row["rounds_rps"])
+        notes.insert(0, f"median of rounds: {rounds}")
+    return "; ".join(notes)
 
 
 def tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -256,7 +260,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"{meta['params']['duration_s']:g} s measured; wrk -t{meta['params']['wrk_threads']}; "
         f"proxy core kept awake (--keep-awake): "
         f"{'yes' if meta['params'].get('keep_awake') else 'no'}; "
-        f"nice {meta['params'].get('priority', 0)}",
+        f"nice {meta['params'].get('priority', 0)}; "
+        f"rounds per throughput case: {meta['params'].get('rounds', 1)} (the median is shown)",
         "- **Versions:** " + ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()),
         "",
     ]
