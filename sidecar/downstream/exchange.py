@@ -179,8 +179,7 @@ class Exchange:
         policies = cluster.policies
         if policies is not None and policies.retry.per_try_timeout is not None:
             self.try_deadline = policies.try_deadline(self)
-        deadline = self.deadline
-        self.proto.set_deadline(deadline if deadline < self.try_deadline else self.try_deadline)
+        self.proto.set_deadline(self.next_deadline())
         # CONNECT always opens a new connection: a tunnel must not inherit one that spoke HTTP,
         # and a synchronous hand-over would start the tunnel inside the parser's callback,
         # before the bytes after the CONNECT head (`upgrade_rest`) had been delivered.

@@ -23,7 +23,6 @@ from sidecar.flow_control import PIPELINED, WRITE_HIGH_WATER, WRITE_LOW_WATER, R
 from sidecar.http.headers import Headers
 from sidecar.http.parser import RequestHead, RequestParser
 from sidecar.rescue import error_response
-from sidecar.timers import TICK
 from sidecar.upstream.connection import UpstreamConnection, reset, set_nodelay
 
 log = logging.getLogger("sidecar.access")
@@ -441,9 +440,6 @@ class DownstreamProtocol(asyncio.Protocol):
     # --- deadlines (Timed) ------------------------------------------------------------------------
     def set_deadline(self, when: float) -> None:
         self.deadline = when
-        filed = self.filed_bucket
-        if filed and filed <= when / TICK + 1:
-            return  # the wheel's own first test, spelled out: filed earlier, it re-files then
         self.wheel.schedule(self)
 
     def deadline_changed(self) -> None:

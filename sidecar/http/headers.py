@@ -36,25 +36,23 @@ def connection_tokens(value: bytes) -> frozenset[bytes]:
     return tokens
 
 
-class FieldKinds:
-    """What a proxy does with a field, by its name *as received*: one dict lookup per field
-    on the hot path instead of a `lower()` and a set test. Kind 0 means "forward unchanged";
-    others are given by `table` (lowercase name -> kind). The cache of spellings is bounded,
-    so random names sent by a peer cannot grow it without limit."""
+class FieldKinds(dict[bytes, int]):
+    """What a proxy does with a field, by its name *as received*: `kinds[name]` is one dict
+    lookup per field on the hot path instead of a `lower()` and a set test. Kind 0 means
+    "forward unchanged"; others are given by `table` (lowercase name -> kind). Spellings are
+    remembered up to a bound, so random names sent by a peer cannot grow it without limit."""
 
-    __slots__ = ("_table", "_cache", "_max", "get")
+    __slots__ = ("_table", "_max")
 
     def __init__(self, table: dict[bytes, int], max_spellings: int = 4096) -> None:
+        super().__init__()
         self._table = table
-        self._cache: dict[bytes, int] = {}
         self._max = max_spellings
-        self.get = self._cache.get  # hot path: `kinds.get(name)`, None on a cache miss
 
-    def kind(self, name: bytes) -> int:
-        """The kind of `name` (the slow path after `get` missed)."""
+    def __missing__(self, name: bytes) -> int:
         kind = self._table.get(name.lower(), 0)
-        if len(self._cache) < self._max:
-            self._cache[name] = kind
+        if len(self) < self._max:
+            self[name] = kind
         return kind
 
 

@@ -294,9 +294,7 @@ class RequestParser:
         forward: Headers = []
         kinds = _REQUEST_KINDS
         for field in headers:
-            kind = kinds.get(field[0])
-            if kind is None:
-                kind = kinds.kind(field[0])
+            kind = kinds[field[0]]
             if not kind:
                 forward.append(field)
                 continue
@@ -305,8 +303,7 @@ class RequestParser:
                 host_count += 1
                 host = value
             elif kind == _CONNECTION:
-                connection = connection | connection_tokens(value) if connection else (
-                    connection_tokens(value))
+                connection = connection | connection_tokens(value)
             elif kind == _CONTENT_LENGTH:
                 head.content_length = int(value)
             elif kind == _TRANSFER_ENCODING:
@@ -536,16 +533,13 @@ class ResponseParser:
         forward: Headers = []
         kinds = _RESPONSE_KINDS
         for field in headers:
-            kind = kinds.get(field[0])
-            if kind is None:
-                kind = kinds.kind(field[0])
+            kind = kinds[field[0]]
             if not kind:
                 forward.append(field)
             elif kind == _CONTENT_LENGTH:
                 head.content_length = int(field[1])
             elif kind == _CONNECTION:
-                connection = connection | connection_tokens(field[1]) if connection else (
-                    connection_tokens(field[1]))
+                connection = connection | connection_tokens(field[1])
             elif kind == _TRANSFER_ENCODING:
                 if head.chunked or not _only_chunked(field[1]):
                     # We re-frame bodies: an extra coding (gzip) would be dropped silently.

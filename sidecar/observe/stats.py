@@ -144,10 +144,7 @@ class ClusterStats:
         key = (listener, CODE_CLASSES[0 if cls <= 1 else 4 if cls >= 5 else cls - 1])
         requests = self.requests
         requests[key] = requests.get(key, 0) + 1
-        h = self.request_duration  # h.observe(seconds), spelled out: once per request
-        h.counts[bisect_left(h.buckets, seconds)] += 1
-        h.sum += seconds
-        h.count += 1
+        self.request_duration.observe(seconds)
 
     def closed(self, reason: str) -> None:
         self.connections_closed[reason] = self.connections_closed.get(reason, 0) + 1

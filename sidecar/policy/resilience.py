@@ -122,8 +122,7 @@ class ClusterPolicies:
         """A request begins: set its tries, whether it may be replayed, and admit it (the
         three calls below in one, for the hot path). Raises CircuitOpen."""
         head = ex.head
-        n = head.retry_attempts
-        ex.max_attempts = self.retry.attempts if n is None else min(max(int(n), 1), 10)
+        ex.max_attempts = self.max_attempts(head)
         ex.replayable = self.retry.is_retryable_request(
             head.method, head.idempotency_key, head.content_length
         )

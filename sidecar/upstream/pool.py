@@ -195,20 +195,15 @@ class Pool:
         if not idle:
             return None
         now = self._loop.time()
-        idle_timeout = self.settings.idle_timeout
-        if self.learned_idle_timeout < idle_timeout:
-            idle_timeout = self.learned_idle_timeout
+        idle_timeout = self._idle_timeout()
         while idle:
             conn = idle.pop()
             # `reusable` too: between the EOF of an upstream closing an idle connection and its
-            # connection_lost (a loop iteration later) the state is still IDLE. The expiry
-            # test is `has_expired`, spelled out: this runs for every request.
+            # connection_lost (a loop iteration later) the state is still IDLE.
             if (
                 conn.state is State.IDLE
                 and conn.reusable
-                and now < conn.idle_since + idle_timeout
-                and now < conn.keepalive_until
-                and now < conn.expires_at
+                and now < conn.idle_expiry(idle_timeout)
             ):
                 self._active.add(conn)
                 return conn
@@ -380,12 +375,9 @@ class Pool:
     def release(self, conn: UpstreamConnection) -> None:
         """The exchange is done with `conn`; keep it if it is reusable, else close it."""
         self._active.discard(conn)
-        state = conn.state
-        if state is State.CLOSED:
+        if conn.state is State.CLOSED:
             return
-        conn.user = None  # conn.unbind(), spelled out: once per request
-        if state is State.ACTIVE:
-            conn.state = State.IDLE
+        conn.unbind()
         if not conn.tls_captured and self.tls is not None and conn.transport is not None:
             # TLS 1.3 tickets arrive after the handshake: by the end of a response they are in.
             conn.tls_captured = True
@@ -423,14 +415,7 @@ class Pool:
             # is trimmed instead, oldest first, once it has stayed idle EXCESS_IDLE seconds.
             expiry = idle[0].idle_since + EXCESS_IDLE
         else:
-            # conn.idle_expiry(self._idle_timeout()), spelled out: this runs for every request.
-            expiry = conn.idle_since + self.settings.idle_timeout
-            if self.learned_idle_timeout != math.inf:
-                expiry = min(expiry, conn.idle_since + self.learned_idle_timeout)
-            if conn.keepalive_until < expiry:
-                expiry = conn.keepalive_until
-            if conn.expires_at < expiry:
-                expiry = conn.expires_at
+            expiry = conn.idle_expiry(self._idle_timeout())
         if expiry < self.deadline:
             self.deadline = expiry
             self._wheel.schedule(self)
