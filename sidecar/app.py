@@ -13,6 +13,7 @@ from typing import Any
 
 from sidecar import config as cfgmod
 from sidecar import podinfo
+from sidecar._build import compiled
 from sidecar.admin.server import AdminServer, StatusServer
 from sidecar.clock import MONOTONIC
 from sidecar.config import ClusterConfig, Config, ListenerConfig
@@ -261,8 +262,8 @@ class App:
     def _drain_settings(self, cfg: Config) -> DrainSettings:
         d = cfg.drain
         grace = self._auto_grace if d.grace == "auto" else float(d.grace)
-        accept = d.accept_period if d.accept_period is not None else 5.0
-        return DrainSettings(grace, min(accept, grace), d.linger, d.exit_on_zero_connections)
+        return DrainSettings(grace, min(d.accept_period, grace), d.linger,
+                             d.exit_on_zero_connections)
 
     async def _resolve_auto_grace(self) -> None:
         """`drain.grace: auto`: until the pod spec is read (bounded), the fallback applies."""
@@ -321,6 +322,7 @@ class App:
                 "status": f"{cfg.status.host}:{self.status.port}",
                 "clusters": [c.name for c in cfg.clusters],
                 "config": self.config_path or "<embedded default>",
+                "compiled": compiled(),  # the request path built with mypyc (setup.py)
             }},
         )
         for warning in cfgmod.config_warnings(cfg):

@@ -489,7 +489,8 @@ async def termination_grace_period(
         found = await client.CoreV1Api(api_client).read_namespaced_pod(
             pod, namespace, _request_timeout=(request_timeout, request_timeout)
         )
-        seconds = found.spec.termination_grace_period_seconds if found.spec else None
+        spec: Any = found.spec  # typed as always present; an API answer may still omit it
+        seconds = spec.termination_grace_period_seconds if spec is not None else None
         return int(seconds) if seconds is not None else None
     except Exception as exc:
         log.warning(

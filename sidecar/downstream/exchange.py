@@ -70,7 +70,7 @@ class Exchange:
     cluster: Cluster | None = None
     pool: Pool | None = None
     conn: UpstreamConnection | None = None
-    phase: Phase = Phase.ROUTED
+    phase: Phase
     deadline: float = math.inf
     try_deadline: float = math.inf
     attempt: int = 0
@@ -100,6 +100,7 @@ class Exchange:
     def __init__(self, proto: DownstreamProtocol, head: RequestHead, now: float) -> None:
         self.proto = proto
         self.head = head
+        self.phase = Phase.ROUTED
         self.started = now
         self.replayable = head.method in IDEMPOTENT or head.idempotency_key
         self.keep_alive = head.keep_alive

@@ -317,13 +317,22 @@ class DownstreamProtocol(asyncio.Protocol):
             ctx.changed()
         if self.queue:
             self._run_queue()
-        if self.app_eof and self.exchange is None and not self.queue:
+        if self.app_eof:
+            self._close_if_answered()
+
+    def _close_if_answered(self) -> None:
+        # Its own method: in exchange_done, mypy holds `self.exchange` at the None it was set to
+        # before `_run_queue` started the next one, and mypyc would compile the test away.
+        if self.exchange is None and not self.queue:
             self._close()
 
     def _run_queue(self) -> None:
+        # No test of `self.exchange` inline here: mypy would hold it narrowed to None for the
+        # loop body though `_begin` sets it, and mypyc checks every read against mypy's type
+        # (a TypeError at run time). `_can_begin` and `_deliver_rest` read it afresh.
         queue = self.queue
         assert queue is not None
-        while queue and self.exchange is None and not self.closed:
+        while queue and self._can_begin():
             kind, value = queue.popleft()
             if kind == "error":
                 # Bad bytes after requests that were answered in order: refuse and close.
@@ -339,23 +348,31 @@ class DownstreamProtocol(asyncio.Protocol):
                 self.on_request_end(value)
             else:
                 self.on_upgrade(value)
-            # Deliver the rest of this request's events to its exchange directly.
-            while queue and queue[0][0] not in ("head", "error") and self.exchange is not None:
-                kind, value = queue.popleft()
-                ex = self.exchange
-                if ex.phase is Phase.DONE:
-                    continue
-                if kind == "body":
-                    ex.request_body(value)
-                elif kind == "end":
-                    ex.request_end(value)
-                else:
-                    self.upgraded = True
-                    ex.upgrade_rest += value
+            self._deliver_rest(queue)
         if not queue:
             self.queue = None
             if not self.closed:
                 self.gate.resume(PIPELINED)
+
+    def _can_begin(self) -> bool:
+        return self.exchange is None and not self.closed
+
+    def _deliver_rest(self, queue: deque[tuple[str, Any]]) -> None:
+        """Deliver the rest of the request just begun to its exchange directly."""
+        while queue and queue[0][0] not in ("head", "error"):
+            ex = self.exchange
+            if ex is None:
+                return
+            kind, value = queue.popleft()
+            if ex.phase is Phase.DONE:
+                continue
+            if kind == "body":
+                ex.request_body(value)
+            elif kind == "end":
+                ex.request_end(value)
+            else:
+                self.upgraded = True
+                ex.upgrade_rest += value
 
     def error_response(self, ex: Exchange, exc: SidecarError) -> None:
         """The sidecar answers for itself (SPEC section 5 error body)."""

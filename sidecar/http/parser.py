@@ -240,7 +240,7 @@ class RequestParser:
             self._sink.on_upgrade(data[exc.args[0] :])
             return
         except httptools.HttpParserError as exc:
-            if self.finished:
+            if self._finished_during_feed():
                 return  # llhttp refuses bytes after a closing request; we ignore them
             raise _unwrap(exc, ProtocolError) from None
         if self.in_head:
@@ -257,6 +257,11 @@ class RequestParser:
                     raise HeadTooLarge("request head larger than max_header_bytes")
         elif self._headers and _fields_size(self._headers) > self._max_head:
             raise HeadTooLarge("request trailers larger than max_header_bytes")
+
+    def _finished_during_feed(self) -> bool:
+        # A method, not `self.finished` inline: feed() tested it on entry, so mypy (and mypyc,
+        # which compiles by mypy's types) would hold it False, though a callback set it since.
+        return self.finished
 
     # --- httptools callbacks -----------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -346,7 +351,9 @@ class RequestParser:
             head.authority = host or b""
         else:
             try:
-                parsed = httptools.parse_url(url)
+                # Any: httptools' stub says `port: int`, but it is None when the URL has none
+                # (and mypyc, which trusts annotations, would raise on that None).
+                parsed: Any = httptools.parse_url(url)
             except httptools.HttpParserInvalidURLError:
                 raise ProtocolError("invalid request target") from None
             if parsed.schema != b"http" or not parsed.host:
@@ -441,6 +448,7 @@ class ResponseParser:
 
     def feed(self, data: bytes) -> None:
         head_request = self._method_head
+        tail = b""
         if head_request:
             self._heads_fed = 0
             tail = self._tail if self._in_head else b""
