@@ -588,9 +588,22 @@ def versions(plan: Plan) -> dict[str, str]:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             out["pproxy"] = importlib.metadata.version("pproxy")
     if {"sidecar", "sidecar-fwd"} & set(plan.targets) and targets.sidecar_available() is None:
-        out["sidecar"] = _version([sys.executable, "-m", "sidecar", "--version"],
-                                  r"sidecar (\S+)")
+        version = _version([sys.executable, "-m", "sidecar", "--version"], r"sidecar (\S+)")
+        out["sidecar"] = f"{version} ({sidecar_build()})"
     return out
+
+
+def sidecar_build() -> str:
+    """Which build of the request path the sidecar runs (setup.py): a figure is only worth
+    quoting with it, since the pure-Python fallback is about 30 % slower per request."""
+    probe = "from sidecar._build import compiled; print(compiled())"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                              timeout=60, check=False)
+        answer = done.stdout.strip()
+        if answer in ("True", "False"):
+            return "mypyc-compiled" if answer == "True" else "pure Python, not compiled"
+    return "build unknown"
 
 
 def machine() -> dict[str, Any]:
