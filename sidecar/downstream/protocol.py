@@ -322,7 +322,8 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def _close_if_answered(self) -> None:
         # Its own method: in exchange_done, mypy holds `self.exchange` at the None it was set to
-        # before `_run_queue` started the next one, and mypyc would compile the test away.
+        # before `_run_queue` started the next one, and mypyc checks each read against that
+        # type (a TypeError once it is not None).
         if self.exchange is None and not self.queue:
             self._close()
 

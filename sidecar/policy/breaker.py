@@ -79,13 +79,13 @@ class CircuitBreaker:
     def __init__(
         self,
         *,
+        clock: Clock,  # first: mypyc cannot describe a required keyword after defaults
         failure_rate_threshold: float = 0.5,
         minimum_requests: int = 20,
         window: float = 10.0,
         open_duration: float = 30.0,
         half_open_max_requests: int = 5,
         max_concurrent_requests: int = 1000,
-        clock: Clock,
         on_transition: Callable[[str], None] | None = None,
         buckets: int = 10,
     ) -> None:

@@ -61,11 +61,11 @@ class OutlierDetector:
     def __init__(
         self,
         *,
+        clock: Clock,  # first: mypyc cannot describe a required keyword after defaults
         consecutive_failures: int = 5,
         base_ejection_time: float = 30.0,
         max_ejection_time: float = 300.0,
         max_ejection_percent: float = 10.0,
-        clock: Clock,
         on_eject: Callable[[str], None] | None = None,
         in_service: Callable[[str], bool] | None = None,
     ) -> None:

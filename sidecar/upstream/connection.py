@@ -259,10 +259,10 @@ class UpstreamConnection(asyncio.Protocol):
         finally:
             self._in_feed = False
             if self._end_pending:
-                self._end_pending = False
-                trailers, self._end_trailers = self._end_trailers, None
-                if self.user is not None:
-                    self.user.on_response_end(trailers)
+                # Through a method: the feed may have let go of the user (a retried 5xx), and
+                # mypy still holds `self.user` at the non-None tested on entry (mypyc checks
+                # reads against that).
+                self._deliver_end()
             user.batch_end()
 
     def eof_received(self) -> bool:
