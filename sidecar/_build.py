@@ -47,6 +47,19 @@ def stale_modules(package: Path = _PACKAGE) -> list[str]:
     return sorted(stale)
 
 
+def use_sources() -> None:
+    """Import this package's modules from their .py files even where compiled ones exist
+    (SIDECAR_PURE=1): how CI tests the pure-Python build a machine without a compiler gets."""
+    loaders = [
+        (importlib.machinery.SourceFileLoader, importlib.machinery.SOURCE_SUFFIXES),
+        (importlib.machinery.SourcelessFileLoader, importlib.machinery.BYTECODE_SUFFIXES),
+    ]
+    for directory in [_PACKAGE, *(p.parent for p in _PACKAGE.rglob("__init__.py"))]:
+        sys.path_importer_cache[str(directory)] = importlib.machinery.FileFinder(
+            str(directory), *loaders
+        )
+
+
 def check_source_tree() -> None:
     stale = stale_modules(_PACKAGE)
     if stale:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib.machinery
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,3 +90,12 @@ def test_the_request_path_is_compiled_where_the_build_says_so() -> None:
     # Benchmarks and CI must test what ships: a silently failed compile would fall back to
     # pure Python and make every figure wrong.
     assert _build.compiled()
+
+
+def test_sidecar_pure_imports_the_sources_even_where_compiled_modules_exist() -> None:
+    # A fresh interpreter: the choice is made when the package is first imported.
+    probe = "from sidecar import _build; print(_build.compiled())"
+    env = {**os.environ, "SIDECAR_PURE": "1"}
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                          text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "False"
