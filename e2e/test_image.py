@@ -5,9 +5,13 @@ No registry can be pulled here (TESTING.md), so:
 - the base `python:3.11-slim` is a local stand-in: a `debootstrap --variant=minbase bookworm`
   rootfs with Debian's Python 3.11 (`python` linked like the official image's), imported with
   `podman import` and cached as an image (built once, ~2 min);
-- pip inside the build has no network (`--network=none`): a wheelhouse made on the host with
-  `pip download` (the pyproject's dependencies, setuptools and wheel) is bind-mounted at
-  /wheelhouse, and the stand-in's /etc/pip.conf points pip at it (`no-index`, `find-links`);
+- pip inside the build takes nothing from the network: a wheelhouse made on the host with
+  `pip download` (the pyproject's dependencies and build requirements: setuptools, wheel,
+  mypy) is bind-mounted at /wheelhouse, and the stand-in's /etc/pip.conf points pip at it
+  (`no-index`, `find-links`). The builder stage's `apt-get install gcc` does reach Debian's
+  mirror (the one registry besides PyPI this machine reaches), so the build has a network;
+- the stand-in carries Python's headers (python3-dev), as the official image does, for the
+  mypyc build of the request path (setup.py);
 - podman runs with runc and low default ulimits from a private containers.conf
   (`CONTAINERS_CONF`), and `podman build --pull=never`.
 
@@ -93,8 +97,9 @@ def ensure_base_image(env: dict[str, str], tmp: Path) -> None:
     if run(env, PODMAN, "image", "exists", BASE, check=False).returncode == 0:
         return
     rootfs = tmp / "rootfs"
-    run(env, "debootstrap", "--variant=minbase", "--include=python3,python3-venv,passwd",
-        "bookworm", str(rootfs), MIRROR, timeout=900)
+    run(env, "debootstrap", "--variant=minbase",
+        "--include=python3,python3-venv,python3-dev,passwd", "bookworm", str(rootfs), MIRROR,
+        timeout=900)
     (rootfs / "usr/local/bin/python").symlink_to("/usr/bin/python3")
     (rootfs / "etc/pip.conf").write_text(PIP_CONF)
     for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
@@ -133,7 +138,7 @@ def image(podman: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> s
     ensure_base_image(podman, tmp_path_factory.mktemp("base"))
     wheels = wheelhouse()
     started = time.monotonic()
-    run(podman, PODMAN, "build", "--pull=never", "--network=none",
+    run(podman, PODMAN, "build", "--pull=never",
         "--volume", f"{wheels}:/wheelhouse:ro",
         "--build-arg", "REVISION=e2e", "--tag", IMAGE, "--file", str(REPO / "Dockerfile"),
         str(REPO), timeout=900)
@@ -159,6 +164,10 @@ def test_image_metadata(podman: dict[str, str], image: str) -> None:
     assert lines == ["10001"], probe.stdout  # non-root; no compiler; no sources
     version = run(podman, PODMAN, "run", "--rm", "--network=none", image, "--version")
     assert version.stdout.startswith("sidecar "), version.stdout
+    # The request path is the mypyc build (the Dockerfile asserts it too).
+    build = run(podman, PODMAN, "run", "--rm", "--network=none", "--entrypoint", "python", image,
+                "-c", "from sidecar._build import compiled; print(compiled())")
+    assert build.stdout.strip() == "True", build.stdout + build.stderr
 
 
 def test_image_runs_the_charts_config_locked_down(
