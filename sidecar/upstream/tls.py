@@ -17,6 +17,14 @@
 # either, so the context also keeps the SSLObject of the newest connection per name and, when the
 # next connection is made, takes that one's session if a ticket has arrived since.
 #
+# Cost. Reading `SSLObject.session` is not an attribute read: CPython copies the session through
+# i2d/d2i_SSL_SESSION, an ASN.1 round trip of the session and the server's certificate chain. With
+# a read on connect, at the first response and at close, it was 40 % of the CPU of a sidecar
+# opening a resumed connection per request (resumption was slower than full handshakes). So a
+# name's cache is refreshed only when it holds nothing captured in the last _RECAPTURE seconds,
+# or when an offered session was not resumed (the server no longer takes it): the session read
+# happens about once per name per _RECAPTURE, not per connection.
+#
 # Scope. Sessions are cached per SNI name, not per endpoint: every endpoint of a cluster serves
 # the same name (and, in practice, shares ticket keys or a session cache), so a new connection to
 # any endpoint resumes. A session is only ever offered to the name it was made for.
@@ -52,6 +60,7 @@ from typing import Any, Final
 
 log = logging.getLogger("sidecar.tls")
 
+_RECAPTURE: Final = 10.0  # seconds a captured session is kept before a newer one is read
 _VERSIONS: Final = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 DEFAULT_HANDSHAKE_TIMEOUT: Final = 5.0
 INSECURE_WARNING: Final = (
@@ -129,6 +138,15 @@ class _ResumingContext(ssl.SSLContext):
     current: _Current
     # The newest connection per server name: its session may have become resumable since.
     newest: dict[str, ssl.SSLObject]
+    # When each name's session was captured (monotonic): younger than _RECAPTURE, none is read.
+    captured_at: dict[str, float]
+
+    def wants_session(self, key: str) -> bool:
+        return time.monotonic() - self.captured_at.get(key, -_RECAPTURE) >= _RECAPTURE
+
+    def keep(self, key: str, session: ssl.SSLSession) -> None:
+        self.sessions[key] = session
+        self.captured_at[key] = time.monotonic()
 
     def wrap_bio(
         self,
@@ -146,14 +164,15 @@ class _ResumingContext(ssl.SSLContext):
             key = _sni_key(server_hostname)
             newest = self.newest.pop(key, None)
             if newest is not None:
-                fresh = _resumable(newest)
+                fresh = _resumable(newest) if self.wants_session(key) else None
                 if fresh is not None:
-                    self.sessions[key] = fresh
+                    self.keep(key, fresh)
                 else:
                     self.newest[key] = newest  # its ticket may still come; keep waiting
             cached = self.sessions.get(key)
             if cached is not None and not _still_valid(cached):
                 del self.sessions[key]
+                self.captured_at.pop(key, None)
             elif cached is not None:
                 try:
                     return super().wrap_bio(
@@ -164,6 +183,7 @@ class _ResumingContext(ssl.SSLContext):
                     # full handshake. An offered session the *server* no longer knows is not an
                     # error at all: OpenSSL silently falls back to a full handshake.
                     del self.sessions[key]
+                    self.captured_at.pop(key, None)
         return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session=session)
 
 
@@ -281,12 +301,18 @@ class TlsOrigin:
         sslobj = transport.get_extra_info("ssl_object")
         if sslobj is None:
             return
-        self.handshakes[bool(sslobj.session_reused)] += 1
-        self.capture_session(transport)
+        resumed = bool(sslobj.session_reused)
+        self.handshakes[resumed] += 1
         context = sslobj.context
         hostname = sslobj.server_hostname
-        if self.session_reuse and isinstance(context, _ResumingContext) and hostname:
-            context.newest[_sni_key(hostname)] = sslobj
+        if not (self.session_reuse and isinstance(context, _ResumingContext) and hostname):
+            return
+        key = _sni_key(hostname)
+        if not resumed:
+            context.captured_at.pop(key, None)  # what we offered (if anything) was refused
+        if context.wants_session(key):
+            self.capture_session(transport)
+            context.newest[key] = sslobj
 
     def capture_session(self, transport: asyncio.BaseTransport) -> None:
         """Keep the connection's newest session; call once the first response bytes arrived."""
@@ -297,12 +323,15 @@ class TlsOrigin:
         hostname = sslobj.server_hostname
         if not isinstance(context, _ResumingContext) or not hostname:
             return
+        key = _sni_key(hostname)
+        if not context.wants_session(key):
+            return  # one captured less than _RECAPTURE ago is cached (see Cost)
         session = _resumable(sslobj)
         if session is None:
             return
         # Into the cache of the context that made this connection: after a reload, connections
         # of the old context must not feed sessions to the new one.
-        context.sessions[_sni_key(hostname)] = session
+        context.keep(key, session)
 
     def on_closing(self, transport: asyncio.BaseTransport) -> None:
         """Before closing (or from `connection_lost`): TLS 1.3 tickets have arrived by now."""
@@ -434,6 +463,7 @@ class TlsOrigin:
         context.session_reuse = self.session_reuse
         context.current = self._current
         context.newest = {}
+        context.captured_at = {}
         return context
 
 

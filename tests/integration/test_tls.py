@@ -608,3 +608,27 @@ def test_bad_settings_fail_at_construction(pki: Pki, tmp_path: Path) -> None:
     broken.write_text("-----BEGIN CERTIFICATE-----\nnope\n")
     with pytest.raises(TlsFileError, match=r"tls.ca_file .*broken.pem: "):
         TlsOrigin(sni="upstream.test", ca_file=broken)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_resumed_connections_do_not_read_their_session_again(
+    run: Run[Any], pki: Pki, version: str
+) -> None:
+    """Reading SSLObject.session costs an ASN.1 round trip of the session and certificates
+    (most of a resumed handshake's CPU): once a name has a fresh session, resumed connections
+    keep using it and no new one is read; a refused offer forces a new read (the test above)."""
+    origin = TlsOrigin(sni="upstream.test", ca_file=pki.ca_file)
+
+    async def scenario() -> tuple[list[bool], list[object]]:
+        async with AiohttpTlsUpstream(server_context(pki.server, version=version)) as up:
+            resumed, cached = [], []
+            for _ in range(6):
+                resumed.append((await fetch(origin, up.ports[0])).resumed)
+                sessions = cast(Any, origin.context_for_connect()).sessions
+                cached.append(sessions.get("upstream.test"))
+            return resumed, cached
+
+    resumed, cached = run(scenario())
+    assert resumed == [False] + [True] * 5
+    assert cached[0] is not None  # the first (full) handshake's session, captured at close
+    assert all(session is cached[0] for session in cached)  # never read again while fresh
