@@ -21,7 +21,8 @@ COPY pyproject.toml setup.py README.md ./
 COPY sidecar ./sidecar
 # The dependencies' versions come from pyproject.toml; every one ships manylinux wheels.
 # The sidecar's own wheel is compiled, and the check refuses an image that fell back to pure
-# Python (`-I`: the installed package, not the sources in the working directory). Bytecode is compiled here, once, because the runtime root filesystem is read-only.
+# Python (`-I`: the installed package, not the sources in the working directory). Bytecode
+# is compiled here, once, because the runtime root filesystem is read-only.
 RUN /opt/sidecar/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
     && /opt/sidecar/bin/pip install --no-cache-dir /wheels/*.whl \
     && /opt/sidecar/bin/python -m compileall -q /opt/sidecar \

@@ -148,6 +148,11 @@ class _ResumingContext(ssl.SSLContext):
         self.sessions[key] = session
         self.captured_at[key] = time.monotonic()
 
+    def forget(self, key: str) -> None:
+        """Drop the name's session: the next connection's is read (see Cost)."""
+        self.sessions.pop(key, None)
+        self.captured_at.pop(key, None)
+
     def wrap_bio(
         self,
         incoming: ssl.MemoryBIO,
@@ -171,8 +176,7 @@ class _ResumingContext(ssl.SSLContext):
                     self.newest[key] = newest  # its ticket may still come; keep waiting
             cached = self.sessions.get(key)
             if cached is not None and not _still_valid(cached):
-                del self.sessions[key]
-                self.captured_at.pop(key, None)
+                self.forget(key)
             elif cached is not None:
                 try:
                     return super().wrap_bio(
@@ -182,8 +186,7 @@ class _ResumingContext(ssl.SSLContext):
                     # A session this context cannot take (another SSL_CTX): drop it and do a
                     # full handshake. An offered session the *server* no longer knows is not an
                     # error at all: OpenSSL silently falls back to a full handshake.
-                    del self.sessions[key]
-                    self.captured_at.pop(key, None)
+                    self.forget(key)
         return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session=session)
 
 
