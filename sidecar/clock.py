@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Protocol
+from typing import Final, Protocol
 
 
 class Clock(Protocol):
@@ -37,4 +37,4 @@ class FakeClock:
         self.t += seconds
 
 
-MONOTONIC = MonotonicClock()
+MONOTONIC: Final = MonotonicClock()

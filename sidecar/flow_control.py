@@ -8,11 +8,12 @@ reason clears on its own. A bit per reason keeps them from resuming each other b
 from __future__ import annotations
 
 import asyncio
+from typing import Final
 
-PEER_WRITE_FULL = 1  # the other leg's write buffer is above its high-water mark
-WAITING_UPSTREAM = 2  # the request has no upstream connection yet
-PIPELINED = 4  # a further request arrived while one is in progress
-DRAINING_BODY = 8  # reserved: the exchange does not want more body for now
+PEER_WRITE_FULL: Final = 1  # the other leg's write buffer is above its high-water mark
+WAITING_UPSTREAM: Final = 2  # the request has no upstream connection yet
+PIPELINED: Final = 4  # a further request arrived while one is in progress
+DRAINING_BODY: Final = 8  # reserved: the exchange does not want more body for now
 
 
 class ReadGate:
@@ -47,5 +48,5 @@ class ReadGate:
 
 # Write buffer limits on both legs: enough to keep a 10 Gbit pipe busy per connection on
 # loopback, small enough that 10 000 connections cannot hold gigabytes.
-WRITE_HIGH_WATER = 256 * 1024
-WRITE_LOW_WATER = 64 * 1024
+WRITE_HIGH_WATER: Final = 256 * 1024
+WRITE_LOW_WATER: Final = 64 * 1024

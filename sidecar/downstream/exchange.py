@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from sidecar.errors import (
     BadUpstreamResponse,
@@ -30,7 +30,7 @@ from sidecar.http import writer
 from sidecar.http.headers import Headers
 from sidecar.http.parser import RequestHead, ResponseHead
 from sidecar.upstream.cluster import Cluster
-from sidecar.upstream.connection import UpstreamConnection
+from sidecar.upstream.connection import ConnectionUser, UpstreamConnection
 from sidecar.upstream.pool import Pool
 
 if TYPE_CHECKING:
@@ -38,9 +38,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sidecar.exchange")
 
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-_CONNECTION_ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
-_MAX_REPLAY = 64 * 1024
+IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+_CONNECTION_ESTABLISHED: Final = b"HTTP/1.1 200 Connection Established\r\n\r\n"
+_MAX_REPLAY: Final = 64 * 1024
 
 
 class Phase(enum.IntEnum):
@@ -52,7 +52,7 @@ class Phase(enum.IntEnum):
     DONE = 5
 
 
-_PHASES: dict[Phase, frozenset[Phase]] = {
+_PHASES: Final[dict[Phase, frozenset[Phase]]] = {
     Phase.ROUTED: frozenset({Phase.WAITING, Phase.ATTACHED, Phase.BACKOFF, Phase.DONE}),
     Phase.WAITING: frozenset({Phase.ATTACHED, Phase.WAITING, Phase.BACKOFF, Phase.DONE}),
     Phase.ATTACHED: frozenset({Phase.WAITING, Phase.ATTACHED, Phase.BACKOFF, Phase.TUNNEL,
@@ -63,7 +63,7 @@ _PHASES: dict[Phase, frozenset[Phase]] = {
 }
 
 
-class Exchange:
+class Exchange(ConnectionUser):
     """No `__slots__`: the many per-request fields start as class attributes, and __init__
     sets only the few that depend on the request (one exchange per request, so it counts)."""
 
@@ -104,10 +104,6 @@ class Exchange:
         self.started = now
         self.replayable = head.method in IDEMPOTENT or head.idempotency_key
         self.keep_alive = head.keep_alive
-        # ConnectionUser's batch_begin/batch_end: what one upstream read yields leaves in one
-        # write. The app connection's own methods, bound once, not relayed per read.
-        self.batch_begin = proto.cork
-        self.batch_end = proto.uncork
 
     def _phase(self, new: Phase) -> None:
         if new not in _PHASES[self.phase]:
@@ -281,6 +277,12 @@ class Exchange:
                 self._finish()
 
     # --- ConnectionUser: the upstream connection calls back ---------------------------------------
+    def batch_begin(self) -> None:
+        self.proto.cork()  # what one upstream read yields leaves in one write to the app
+
+    def batch_end(self) -> None:
+        self.proto.uncork()
+
     def on_response_head(self, head: ResponseHead) -> None:
         status = head.status
         proto = self.proto
@@ -331,8 +333,6 @@ class Exchange:
                 extra.append((b"Connection", b"keep-alive"))
         self.response_started = True
         proto.write(writer.response_head(status, head.reason, head.forward, extra))
-        if not self.chunked_out and self.conn is not None:
-            self.conn.deliver_body = proto.write  # no framing to add: straight to the app
 
     def on_response_body(self, data: bytes) -> None:
         if self.chunked_out:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import math
 from collections import deque
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from sidecar.downstream.context import ListenerContext
 from sidecar.downstream.exchange import Exchange, Phase
@@ -21,15 +21,16 @@ from sidecar.downstream.tunnel import Tunnel
 from sidecar.errors import HeadTimeout, ProtocolError, SidecarError
 from sidecar.flow_control import PIPELINED, WRITE_HIGH_WATER, WRITE_LOW_WATER, ReadGate
 from sidecar.http.headers import Headers
-from sidecar.http.parser import RequestHead, RequestParser
+from sidecar.http.parser import RequestHead, RequestParser, RequestSink
 from sidecar.rescue import error_response
+from sidecar.timers import Timed
 from sidecar.upstream.connection import UpstreamConnection, reset, set_nodelay
 
 log = logging.getLogger("sidecar.access")
-_DISCARD_GRACE = 2.0  # how long we keep reading an unwanted request body before closing
+_DISCARD_GRACE: Final = 2.0  # how long we keep reading an unwanted request body before closing
 
 
-class DownstreamProtocol(asyncio.Protocol):
+class DownstreamProtocol(RequestSink, Timed, asyncio.Protocol):
     __slots__ = (
         "ctx",
         "loop",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from sidecar.errors import HostNotAllowed, NoRoute, ProtocolError, SidecarError
 
@@ -172,7 +172,7 @@ def route(
     raise kind(detail)
 
 
-_CACHE_MAX = 4096
+_CACHE_MAX: Final = 4096
 
 
 def _forward_decision(table: RouteTable, host: str, port: int, connect: bool) -> Decision:

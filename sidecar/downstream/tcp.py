@@ -10,7 +10,7 @@ from sidecar.downstream.context import ListenerContext
 from sidecar.downstream.tunnel import Tunnel
 from sidecar.errors import SidecarError
 from sidecar.upstream.cluster import Cluster
-from sidecar.upstream.connection import UpstreamConnection
+from sidecar.upstream.connection import ConnectionUser, UpstreamConnection
 from sidecar.upstream.pool import Pool
 
 log = logging.getLogger("sidecar.tcp")
@@ -127,7 +127,7 @@ class TcpProxyProtocol(asyncio.Protocol):
         self.pool = None
 
 
-class _NoUser:
+class _NoUser(ConnectionUser):
     """A tunnel's upstream connection has no HTTP user; bytes never reach the parser."""
 
     def on_response_head(self, head: object) -> None: ...

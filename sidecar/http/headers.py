@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 Headers = list[tuple[bytes, bytes]]
 
 # Fields that describe one hop and never travel further (RFC 9110 7.6.1), plus the
 # de-facto `proxy-connection` and the proxy-auth fields meant for this proxy.
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -21,8 +23,9 @@ HOP_BY_HOP = frozenset(
 )
 
 
-_TOKENS_CACHE: dict[bytes, frozenset[bytes]] = {}
-_TOKENS_CACHE_MAX = 256  # values seen are few (keep-alive, close, upgrade); a bound for the rest
+_TOKENS_CACHE: Final[dict[bytes, frozenset[bytes]]] = {}
+# Values seen are few (keep-alive, close, upgrade); a bound for the rest.
+_TOKENS_CACHE_MAX: Final = 256
 
 
 def connection_tokens(value: bytes) -> frozenset[bytes]:

@@ -25,9 +25,10 @@ and counting it would refuse a pipelined head that is well within the limit.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Final
 
 import httptools
+from mypy_extensions import mypyc_attr
 
 from sidecar.errors import BadUpstreamResponse, HeadTooLarge, ProtocolError
 from sidecar.http.headers import (
@@ -38,30 +39,30 @@ from sidecar.http.headers import (
     parse_keep_alive_timeout,
 )
 
-_HEAD_SLACK = 1024  # bytes beyond max_header_bytes we let llhttp buffer before refusing
-_MAX_RESPONSE_HEAD = 1 << 20
-_VERSIONS = frozenset({"1.1", "1.0"})
+_HEAD_SLACK: Final = 1024  # bytes beyond max_header_bytes we let llhttp buffer before refusing
+_MAX_RESPONSE_HEAD: Final = 1 << 20
+_VERSIONS: Final = frozenset({"1.1", "1.0"})
 
 # Fields the proxy reads itself, by kind; all but expect/idempotency-key are dropped from what
 # it forwards (hop-by-hop per RFC 9110 7.6.1, framing it re-emits, and its own control
 # fields). Kind 0 (any other name): forwarded unchanged.
-_DROP = 1
-_HOST = 2
-_CONTENT_LENGTH = 3
-_TRANSFER_ENCODING = 4
-_CONNECTION = 5
-_UPGRADE = 6
-_EXPECT = 7
-_IDEMPOTENCY_KEY = 8
-_TIMEOUT_MS = 9
-_RETRY_ATTEMPTS = 10
-_KEEP_ALIVE = 11
-_HOP = {name: _DROP for name in HOP_BY_HOP} | {
+_DROP: Final = 1
+_HOST: Final = 2
+_CONTENT_LENGTH: Final = 3
+_TRANSFER_ENCODING: Final = 4
+_CONNECTION: Final = 5
+_UPGRADE: Final = 6
+_EXPECT: Final = 7
+_IDEMPOTENCY_KEY: Final = 8
+_TIMEOUT_MS: Final = 9
+_RETRY_ATTEMPTS: Final = 10
+_KEEP_ALIVE: Final = 11
+_HOP: Final = {name: _DROP for name in HOP_BY_HOP} | {
     b"content-length": _CONTENT_LENGTH,
     b"transfer-encoding": _TRANSFER_ENCODING,
     b"connection": _CONNECTION,
 }
-_REQUEST_KINDS = FieldKinds(_HOP | {
+_REQUEST_KINDS: Final = FieldKinds(_HOP | {
     b"upgrade": _UPGRADE,
     b"host": _HOST,
     b"expect": _EXPECT,
@@ -70,9 +71,9 @@ _REQUEST_KINDS = FieldKinds(_HOP | {
     b"x-sidecar-retry-attempts": _RETRY_ATTEMPTS,
     b"x-sidecar-deadline-ms": _DROP,
 })
-_RESPONSE_KINDS = FieldKinds(_HOP | {b"keep-alive": _KEEP_ALIVE})
-_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
-_NO_TOKENS: frozenset[bytes] = frozenset()
+_RESPONSE_KINDS: Final = FieldKinds(_HOP | {b"keep-alive": _KEEP_ALIVE})
+_CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive", b"upgrade"})
+_NO_TOKENS: Final[frozenset[bytes]] = frozenset()
 
 
 def _int_or_none(value: bytes) -> int | None:
@@ -159,18 +160,46 @@ class ResponseHead:
         return f"<ResponseHead {self.status}>"
 
 
-class RequestSink(Protocol):
-    def on_request_head(self, head: RequestHead) -> None: ...
-    def on_request_body(self, data: bytes) -> None: ...
-    def on_request_end(self, trailers: Headers | None) -> None: ...
-    def on_upgrade(self, rest: bytes) -> None: ...
+# The sinks are base classes, not `typing.Protocol`s: compiled, a call through a base class
+# is a direct C call (a vtable slot), while a call through a protocol is a method lookup by
+# name. A parser calls its sink four to ten times per message. Interpreted subclasses (test
+# recorders) are allowed.
+@mypyc_attr(allow_interpreted_subclasses=True)
+class RequestSink:
+    """What a `RequestParser` reports, in order (see the top of this module)."""
+
+    __slots__ = ()
+
+    def on_request_head(self, head: RequestHead) -> None:
+        raise NotImplementedError
+
+    def on_request_body(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def on_request_end(self, trailers: Headers | None) -> None:
+        raise NotImplementedError
+
+    def on_upgrade(self, rest: bytes) -> None:
+        raise NotImplementedError
 
 
-class ResponseSink(Protocol):
-    def on_response_head(self, head: ResponseHead) -> None: ...
-    def on_response_body(self, data: bytes) -> None: ...
-    def on_response_end(self, trailers: Headers | None) -> None: ...
-    def on_upgrade(self, rest: bytes) -> None: ...
+@mypyc_attr(allow_interpreted_subclasses=True)
+class ResponseSink:
+    """What a `ResponseParser` reports, in order."""
+
+    __slots__ = ()
+
+    def on_response_head(self, head: ResponseHead) -> None:
+        raise NotImplementedError
+
+    def on_response_body(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def on_response_end(self, trailers: Headers | None) -> None:
+        raise NotImplementedError
+
+    def on_upgrade(self, rest: bytes) -> None:
+        raise NotImplementedError
 
 
 class _StopParsing(Exception):
@@ -527,7 +556,8 @@ class ResponseParser:
             raise BadUpstreamResponse("response without a request")
         parser = self._parser
         head = ResponseHead()
-        head.status = status = parser.get_status_code()
+        status: int = parser.get_status_code()  # typed: compared below, natively once known int
+        head.status = status
         head.reason = self._reason
         head.version = parser.get_http_version()
         head.headers = headers = self._headers

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 from sidecar.http.headers import Headers
 
-CHUNK_END = b"0\r\n\r\n"
-CRLF = b"\r\n"
+CHUNK_END: Final = b"0\r\n\r\n"
+CRLF: Final = b"\r\n"
 
-_REASONS = {
+_REASONS: Final = {
     100: b"Continue", 101: b"Switching Protocols", 200: b"OK", 204: b"No Content",
     400: b"Bad Request", 403: b"Forbidden", 404: b"Not Found", 408: b"Request Timeout",
     431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
@@ -19,8 +21,8 @@ def reason_for(status: int) -> bytes:
     return _REASONS.get(status, b"Unknown")
 
 
-_FIELD = b": ".join  # (name, value) -> b"name: value", at C speed through map()
-_LINES = b"\r\n".join
+_FIELD: Final = b": ".join  # (name, value) -> b"name: value", at C speed through map()
+_LINES: Final = b"\r\n".join
 
 
 def request_head(method: bytes, target: bytes, headers: Headers, extra: Headers) -> bytes:

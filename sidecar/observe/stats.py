@@ -12,8 +12,9 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Final
 
-CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+CODE_CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
 # Why an upstream connection closed (label `reason` of connections_closed_total).
 CLOSE_REASONS = (

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from sidecar.clock import Clock
 from sidecar.policy._duck import seconds
@@ -40,21 +40,21 @@ class BreakerState(enum.Enum):
     HALF_OPEN = "half_open"
 
 
-CLOSED = BreakerState.CLOSED
-OPEN = BreakerState.OPEN
-HALF_OPEN = BreakerState.HALF_OPEN
+CLOSED: Final = BreakerState.CLOSED
+OPEN: Final = BreakerState.OPEN
+HALF_OPEN: Final = BreakerState.HALF_OPEN
 
 # The only moves the breaker may make; `_transition` refuses anything else.
-TRANSITIONS: dict[BreakerState, frozenset[BreakerState]] = {
+TRANSITIONS: Final[dict[BreakerState, frozenset[BreakerState]]] = {
     CLOSED: frozenset({OPEN}),
     OPEN: frozenset({HALF_OPEN}),
     HALF_OPEN: frozenset({CLOSED, OPEN}),
 }
 
-STATE_CODES: dict[BreakerState, int] = {CLOSED: 0, OPEN: 1, HALF_OPEN: 2}  # SPEC section 8
+STATE_CODES: Final[dict[BreakerState, int]] = {CLOSED: 0, OPEN: 1, HALF_OPEN: 2}  # SPEC section 8
 
-REJECT_OPEN = "open"
-REJECT_CONCURRENCY = "concurrency"
+REJECT_OPEN: Final = "open"
+REJECT_CONCURRENCY: Final = "concurrency"
 
 
 class CircuitBreaker:

@@ -23,13 +23,13 @@ Arithmetic (Finagle's RetryBudget / tower's TpsBudget, the one Linkerd uses), ov
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from sidecar.clock import Clock
 from sidecar.policy._duck import seconds
 from sidecar.policy.window import RollingCounts
 
-_SCALE = 1000  # milli-retries: one retry costs 1000
+_SCALE: Final = 1000  # milli-retries: one retry costs 1000
 
 
 class RetryBudget:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from sidecar.clock import Clock
 from sidecar.errors import CircuitOpen, SidecarError, UpstreamError
@@ -42,7 +42,7 @@ from sidecar.policy.health import HealthChecker
 from sidecar.policy.outlier import OutlierDetector
 from sidecar.policy.retry import RetryPolicy, parse_retry_after
 
-_BREAKER_NAMES = {0: "closed", 1: "open", 2: "half_open"}
+_BREAKER_NAMES: Final = {0: "closed", 1: "open", 2: "half_open"}
 
 
 class ClusterPolicies:

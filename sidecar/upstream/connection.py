@@ -15,13 +15,14 @@ import math
 import socket
 import ssl
 import struct
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Final, cast
+
+from mypy_extensions import mypyc_attr
 
 from sidecar.errors import BadUpstreamResponse, ConnectFailed, UpstreamError, UpstreamReset
 from sidecar.flow_control import WRITE_HIGH_WATER, WRITE_LOW_WATER
 from sidecar.http.headers import Headers
-from sidecar.http.parser import ResponseHead, ResponseParser
+from sidecar.http.parser import ResponseHead, ResponseParser, ResponseSink
 
 if TYPE_CHECKING:
     from sidecar.upstream.pool import Pool
@@ -35,7 +36,7 @@ class State(enum.IntEnum):
     CLOSED = 4
 
 
-_TRANSITIONS: dict[State, frozenset[State]] = {
+_TRANSITIONS: Final[dict[State, frozenset[State]]] = {
     State.CONNECTING: frozenset({State.IDLE, State.ACTIVE, State.CLOSED}),
     State.IDLE: frozenset({State.ACTIVE, State.CLOSED}),
     State.ACTIVE: frozenset({State.IDLE, State.TUNNEL, State.CLOSED}),
@@ -44,23 +45,44 @@ _TRANSITIONS: dict[State, frozenset[State]] = {
 }
 
 
-class ConnectionUser(Protocol):
-    """What a connection reports to whoever holds it (an exchange, or a tunnel)."""
+@mypyc_attr(allow_interpreted_subclasses=True)
+class ConnectionUser:
+    """What a connection reports to whoever holds it (an exchange, or a tunnel). A base class,
+    not a `typing.Protocol`, so that compiled code calls it directly (see `ResponseSink`)."""
 
-    def on_response_head(self, head: ResponseHead) -> None: ...
-    def on_response_body(self, data: bytes) -> None: ...
-    def on_response_end(self, trailers: Headers | None) -> None: ...
-    def on_upgrade(self, rest: bytes) -> None: ...
-    def on_upstream_error(self, exc: UpstreamError) -> None: ...
-    def on_upstream_pause_writing(self) -> None: ...
-    def on_upstream_resume_writing(self) -> None: ...
-    def batch_begin(self) -> None: ...
-    def batch_end(self) -> None: ...
+    __slots__ = ()
+
+    def on_response_head(self, head: ResponseHead) -> None:
+        raise NotImplementedError
+
+    def on_response_body(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def on_response_end(self, trailers: Headers | None) -> None:
+        raise NotImplementedError
+
+    def on_upgrade(self, rest: bytes) -> None:
+        raise NotImplementedError
+
+    def on_upstream_error(self, exc: UpstreamError) -> None:
+        raise NotImplementedError
+
+    def on_upstream_pause_writing(self) -> None:
+        raise NotImplementedError
+
+    def on_upstream_resume_writing(self) -> None:
+        raise NotImplementedError
+
+    def batch_begin(self) -> None:
+        """What the parser hands over from one read follows, until `batch_end`."""
+
+    def batch_end(self) -> None:
+        pass
 
 
 # Close an upstream socket right away with RST (SO_LINGER on, 0 s): used for connections that
 # must not be reused and whose state is unknown (timeouts, protocol errors).
-_LINGER_ABORT = struct.pack("ii", 1, 0)
+_LINGER_ABORT: Final = struct.pack("ii", 1, 0)
 
 
 def reset(transport: asyncio.Transport) -> None:
@@ -86,7 +108,7 @@ def set_nodelay(transport: asyncio.BaseTransport) -> None:
             pass
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection(ResponseSink, asyncio.Protocol):
     __slots__ = (
         "pool",
         "key",
@@ -109,7 +131,6 @@ class UpstreamConnection(asyncio.Protocol):
         "_in_feed",
         "_end_pending",
         "_end_trailers",
-        "deliver_body",
     )
 
     def __init__(self, pool: Pool, key: str, now: float, expires_at: float) -> None:
@@ -137,9 +158,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._in_feed = False
         self._end_pending = False
         self._end_trailers: Headers | None = None
-        # Where response body bytes go while a user is bound: its `on_response_body`, or
-        # something it chose for this response (see `ConnectionUser`).
-        self.deliver_body: Callable[[bytes], None] | None = None
 
     # --- the pool's view ------------------------------------------------------------------------
     def is_idle(self) -> bool:
@@ -167,7 +185,6 @@ class UpstreamConnection(asyncio.Protocol):
             self._transition(State.ACTIVE)
         self.state = State.ACTIVE
         self.user = user
-        self.deliver_body = user.on_response_body
         self.requests += 1
         self.response_started = False
         self.parser.expect(method)
@@ -335,8 +352,9 @@ class UpstreamConnection(asyncio.Protocol):
             user.on_response_head(head)
 
     def on_response_body(self, data: bytes) -> None:
-        if self.user is not None:
-            self.deliver_body(data)  # type: ignore[misc]  # set whenever user is
+        user = self.user
+        if user is not None:
+            user.on_response_body(data)
 
     def on_response_end(self, trailers: Headers | None) -> None:
         timeout = self.keepalive_timeout

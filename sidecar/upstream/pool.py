@@ -21,17 +21,17 @@ import ssl
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from sidecar.errors import ConnectFailed, PoolTimeout, SidecarError
 from sidecar.observe.stats import ClusterStats
-from sidecar.timers import Wheel
+from sidecar.timers import Timed, Wheel
 from sidecar.upstream.connection import State, UpstreamConnection
 
 log = logging.getLogger("sidecar.pool")
 
 # How long idle connections above max_idle may stay before they are closed.
-EXCESS_IDLE = 1.0
+EXCESS_IDLE: Final = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +79,7 @@ class TlsHooks(Protocol):
     def capture_session(self, transport: asyncio.BaseTransport) -> None: ...
 
 
-class _Pending:
+class _Pending(Timed):
     """A queued waiter with its pending_timeout deadline (a Timed for the wheel)."""
 
     __slots__ = ("waiter", "deadline", "filed_bucket", "since", "pool", "done")
@@ -97,7 +97,7 @@ class _Pending:
             self.pool._expire_waiter(self)
 
 
-class Pool:
+class Pool(Timed):
     __slots__ = (
         "cluster",
         "ip",

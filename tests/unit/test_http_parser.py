@@ -18,7 +18,14 @@ from hypothesis import strategies as st
 
 from sidecar.errors import BadUpstreamResponse, HeadTooLarge, ProtocolError
 from sidecar.http.headers import HOP_BY_HOP, Headers, parse_keep_alive_timeout
-from sidecar.http.parser import RequestHead, RequestParser, ResponseHead, ResponseParser
+from sidecar.http.parser import (
+    RequestHead,
+    RequestParser,
+    RequestSink,
+    ResponseHead,
+    ResponseParser,
+    ResponseSink,
+)
 
 Event = tuple[Any, ...]
 
@@ -38,7 +45,7 @@ def _resp_head(h: ResponseHead) -> Event:
     )
 
 
-class Recorder:
+class _Recording:
     """A sink that records events; adjacent body pieces are merged (their split is free)."""
 
     def __init__(self) -> None:
@@ -74,6 +81,14 @@ class Recorder:
         self.events.append(("upgrade", rest))
 
 
+class Recorder(_Recording, RequestSink):
+    """Records what a RequestParser reports."""
+
+
+class ResponseRecorder(_Recording, ResponseSink):
+    """Records what a ResponseParser reports."""
+
+
 def pieces(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c for c in cuts if 0 < c < len(data)})
     return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
@@ -98,8 +113,8 @@ def bytewise(data: bytes) -> list[int]:
 
 def feed_response(
     data: bytes, method: bytes = b"GET", cuts: list[int] | None = None, eof: bool = False
-) -> Recorder:
-    rec = Recorder()
+) -> ResponseRecorder:
+    rec = ResponseRecorder()
     parser = ResponseParser(rec)
     parser.expect(method)
     for piece in pieces(data, cuts or []):
@@ -391,7 +406,7 @@ def test_head_response_with_content_length_has_no_body() -> None:
 
 
 def test_head_then_get_on_the_same_connection() -> None:
-    rec = Recorder()
+    rec = ResponseRecorder()
     parser = ResponseParser(rec)
     parser.expect(b"HEAD")
     parser.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
@@ -410,7 +425,7 @@ def test_bytes_after_a_head_response_are_refused() -> None:
                                    b"HTTP/1.1 200 OK\r\nX-Part", b"H", b"junk"])
 def test_bytes_after_a_complete_response_are_refused_at_their_first_byte(extra: bytes) -> None:
     """Nothing was asked: they must not wait in the parser to answer the next request."""
-    rec = Recorder()
+    rec = ResponseRecorder()
     parser = ResponseParser(rec)
     parser.expect(b"GET")
     with pytest.raises(BadUpstreamResponse):
@@ -439,7 +454,7 @@ def test_204_and_304_have_no_body(status: int) -> None:
 def test_close_delimited_body_is_ended_by_eof() -> None:
     data = b"HTTP/1.1 200 OK\r\nX: y\r\n\r\nuntil the end"
     for cuts in all_splits(data):
-        rec = Recorder()
+        rec = ResponseRecorder()
         parser = ResponseParser(rec)
         parser.expect(b"GET")
         for piece in pieces(data, cuts):
@@ -518,7 +533,7 @@ def test_large_response_head_under_the_limit_passes_in_pieces() -> None:
 
 
 def test_response_without_a_request_is_refused() -> None:
-    parser = ResponseParser(Recorder())
+    parser = ResponseParser(ResponseRecorder())
     with pytest.raises(BadUpstreamResponse):
         parser.feed(OK_CL)
 

@@ -19,7 +19,7 @@ from sidecar.http.parser import ResponseHead
 from sidecar.observe.stats import Stats
 from sidecar.timers import Wheel
 from sidecar.upstream.cluster import Cluster
-from sidecar.upstream.connection import UpstreamConnection
+from sidecar.upstream.connection import ConnectionUser, UpstreamConnection
 from sidecar.upstream.pool import EXCESS_IDLE, Pool, PoolSettings
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
@@ -123,7 +123,7 @@ class Waiter:
         return await asyncio.wait_for(self.fut, BOUND)
 
 
-class User:
+class User(ConnectionUser):
     """Holds a bound connection for one request and records the response."""
 
     def __init__(self) -> None:
