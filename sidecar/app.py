@@ -123,7 +123,7 @@ class App:
         except ValueError as exc:  # a TLS file that does not load, a missing sni: a config error
             raise ValueError(f"cluster {c.name}: {exc}") from exc
         cluster = Cluster(c, self.loop, self.wheel, stats, tls)
-        cluster.policies = ClusterPolicies(
+        cluster.policies = policies = ClusterPolicies(
             c.name,
             c,
             stats,
@@ -136,14 +136,14 @@ class App:
 
         def emit(delta: Delta) -> None:
             cluster.apply(delta)
-            cluster.policies.set_endpoints(
+            policies.set_endpoints(
                 [(k, ep.ip, ep.port) for k, ep in cluster.endpoints.items()]
             )
 
         tasks = self._cluster_tasks[cluster] = []
         tasks.append(self.spawn(resolver.run(emit), f"discovery:{c.name}"))
-        if cluster.policies.health is not None:
-            cluster.policies.health.start()
+        if policies.health is not None:
+            policies.health.start()
         if tls is not None:
             tasks.append(self.spawn(tls.watch(5.0), f"tls-reload:{c.name}"))
         return cluster

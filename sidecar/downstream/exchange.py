@@ -92,10 +92,11 @@ class Exchange(ConnectionUser):
     status: int = 0
     last_error: SidecarError | None = None
     backoff_handle: Any = None
-    policy_token: Any = None
+    policy_token: int | None = None  # see policy/resilience.py
     slot_held: bool = False  # counted in pool.inflight
     stale_retried: bool = False
     waited: bool = False  # app reading is paused (WAITING_UPSTREAM) until a connection comes
+    finished_at: float = 0.0  # loop time when recorded as done (0: not recorded)
 
     def __init__(self, proto: DownstreamProtocol, head: RequestHead, now: float) -> None:
         self.proto = proto
@@ -128,7 +129,8 @@ class Exchange(ConnectionUser):
         self.deadline = self.started + timeout
         policies = cluster.policies
         if policies is not None:
-            policies.start(self)  # max_attempts, replayable, policy_token; raises CircuitOpen
+            # Raises CircuitOpen.
+            self.max_attempts, self.replayable, self.policy_token = policies.start(head)
         if head.method == b"CONNECT" or (
             head.content_length and head.content_length > self.max_replay()
         ):
@@ -174,7 +176,7 @@ class Exchange(ConnectionUser):
         pool.inflight += 1
         self.slot_held = True
         policies = cluster.policies
-        if policies is not None and policies.retry.per_try_timeout is not None:
+        if policies is not None and policies.per_try_timeout is not None:
             self.try_deadline = policies.try_deadline(self)
         self.proto.set_deadline(self.next_deadline())
         # CONNECT always opens a new connection: a tunnel must not inherit one that spoke HTTP,
@@ -439,6 +441,7 @@ class Exchange(ConnectionUser):
 
     def _finish(self) -> None:
         """Both directions complete: return the connection, record, let the next request go."""
+        now = self.proto.loop.time()  # one clock read for the pool, the stats and the app side
         conn = self.conn
         if conn is not None:
             self.conn = None
@@ -447,21 +450,27 @@ class Exchange(ConnectionUser):
                 if conn.transport is not None:
                     conn.transport.resume_reading()
             assert self.pool is not None
-            self.pool.release(conn)
+            self.pool.release(conn, now)
         self._release_pool_slot()
-        self._record(None)
+        self._record(None, now)
         self._phase(Phase.DONE)
         self.proto.exchange_done(self, self.keep_alive)
 
-    def _record(self, error: SidecarError | None) -> None:
+    def _record(self, error: SidecarError | None, now: float = 0.0) -> None:
         cluster = self.cluster
         if cluster is None:
             return
-        now = self.proto.loop.time()
+        if not now:
+            now = self.proto.loop.time()
+        self.finished_at = now
         cluster.stats.request_done(self.proto.listener_name, self.status, now - self.started)
         policies = cluster.policies
-        if policies is not None:
-            policies.on_done(self, error)
+        token = self.policy_token
+        if policies is not None and token:
+            self.policy_token = None
+            pool = self.pool
+            endpoint = pool.key if pool is not None else None
+            policies.on_done(token, self.status, self.attempt, endpoint, error)
 
     def _failed(self, exc: SidecarError, stale: bool = False) -> None:
         """A try failed. Retry when that is safe and allowed, else answer or cut."""

@@ -183,7 +183,11 @@ class DownstreamProtocol(RequestSink, Timed, asyncio.Protocol):
             return
         if len(out) == 1:
             transport.write(out[0])
-        elif sum(map(len, out)) <= 16384:
+            return
+        size = 0
+        for part in out:  # a loop, not sum(map(len, out)): compiled, it makes no call
+            size += len(part)
+        if size <= 16384:
             transport.write(b"".join(out))
         else:
             transport.writelines(out)
@@ -313,7 +317,7 @@ class DownstreamProtocol(RequestSink, Timed, asyncio.Protocol):
         # A pipelined head already begun must still arrive within header_timeout.
         limits = ctx.limits
         wait = limits.header_timeout if self.parser.in_head else limits.idle_timeout
-        self.set_deadline(self.loop.time() + wait)
+        self.set_deadline((ex.finished_at or self.loop.time()) + wait)
         if watch:
             ctx.changed()
         if self.queue:

@@ -35,6 +35,7 @@ from typing import Any, Final
 
 from sidecar.clock import Clock
 from sidecar.errors import CircuitOpen, SidecarError, UpstreamError
+from sidecar.http.parser import RequestHead
 from sidecar.observe.stats import ClusterStats
 from sidecar.policy.breaker import CircuitBreaker
 from sidecar.policy.budget import RetryBudget
@@ -68,6 +69,7 @@ class ClusterPolicies:
         )
         self.budget = RetryBudget.from_config(cfg.retry.budget, clock)
         self.retry = RetryPolicy.from_config(cfg.retry)
+        self.per_try_timeout = self.retry.per_try_timeout  # read per request
         self.max_body_bytes = int(cfg.retry.max_body_bytes)
         self.health: HealthChecker | None = None
         if cfg.health_check.type != "none":
@@ -118,26 +120,25 @@ class ClusterPolicies:
         return _BREAKER_NAMES[self.breaker.state_code]
 
     # --- per request ------------------------------------------------------------------------------
-    def start(self, ex: Any) -> None:
-        """A request begins: set its tries, whether it may be replayed, and admit it (the
-        three calls below in one, for the hot path). Raises CircuitOpen."""
-        head = ex.head
-        ex.max_attempts = self.max_attempts(head)
-        ex.replayable = self.retry.is_retryable_request(
+    def start(self, head: RequestHead) -> tuple[int, bool, int]:
+        """A request begins: (its tries, whether it may be replayed, its policy token once
+        admitted): the three calls below in one, for the hot path. Plain values in and out, so
+        that compiled code looks up nothing by name. Raises CircuitOpen."""
+        replayable = self.retry.is_retryable_request(
             head.method, head.idempotency_key, head.content_length
         )
-        ex.policy_token = self.admit(ex)
+        return self.max_attempts(head), replayable, self.admit()
 
     def replayable(self, method: bytes, idempotency_key: bool, length: int | None) -> bool:
         return self.retry.is_retryable_request(method, idempotency_key, length)
 
-    def max_attempts(self, head: Any) -> int:
+    def max_attempts(self, head: RequestHead) -> int:
         n = head.retry_attempts
         if n is None:
             return self.retry.attempts
         return min(max(int(n), 1), 10)
 
-    def admit(self, ex: Any) -> int:
+    def admit(self, ex: Any = None) -> int:
         """Raises CircuitOpen when the breaker (or its concurrency cap) refuses."""
         refusal = self.breaker.admit()
         if refusal is not None:
@@ -152,7 +153,7 @@ class ClusterPolicies:
 
     def try_deadline(self, ex: Any) -> float:
         """The deadline of the try `ex.attempt` that starts now (see the module docstring)."""
-        per_try = self.retry.per_try_timeout
+        per_try = self.per_try_timeout
         if per_try is None or ex.attempt >= ex.max_attempts or not ex.replayable:
             return math.inf
         return float(self.clock.now() + per_try)
@@ -210,13 +211,20 @@ class ClusterPolicies:
                 break
         return self._retry_delay(ex, status, reason, retry_after)
 
-    def on_done(self, ex: Any, error: SidecarError | None) -> None:
-        token = ex.policy_token
+    def on_done(
+        self,
+        token: int,
+        status: int,
+        attempt: int,
+        endpoint: str | None,
+        error: SidecarError | None,
+    ) -> None:
+        """The request ended: `token` is what `start` gave (its holder clears it, so this
+        runs once), `attempt` the last try's number, `endpoint` the key of its endpoint."""
         if not token:
             return
-        ex.policy_token = None
         if error is None:
-            success = ex.status < 500
+            success = status < 500
         elif isinstance(error, UpstreamError):
             success = False
         else:
@@ -224,8 +232,8 @@ class ClusterPolicies:
             return
         self.breaker.record(success)
         # The last try, unless it was already judged (the deadline passed during a backoff).
-        if ex.pool is not None and token <= ex.attempt:
-            self.outlier.record(ex.pool.key, success)
+        if endpoint is not None and token <= attempt:
+            self.outlier.record(endpoint, success)
 
     def on_abandon(self, ex: Any) -> None:
         if ex.policy_token:

@@ -18,6 +18,7 @@ from typing import Any
 from sidecar.discovery.endpoints import Delta, Endpoint, apply_delta
 from sidecar.errors import ConnectFailed, NoHealthyEndpoints
 from sidecar.observe.stats import ClusterGauges, ClusterStats, EndpointGauge
+from sidecar.policy.resilience import ClusterPolicies
 from sidecar.timers import Wheel
 from sidecar.upstream.balancer import make_balancer
 from sidecar.upstream.pool import Pool, PoolSettings, TlsHooks
@@ -72,7 +73,7 @@ class Cluster:
         self._ready_waiters: list[asyncio.Future[None]] = []
         self.has_answer = False  # discovery has answered at least once
         self.last_used = loop.time()
-        self.policies: Any = None  # resilience policies, installed by policy wiring
+        self.policies: ClusterPolicies | None = None  # installed by policy wiring (app.py)
         stats.gauges = self.gauges
 
     # --- discovery ----------------------------------------------------------------------------

@@ -372,8 +372,9 @@ class Pool(Timed):
             self._start_connect()
 
     # --- returning ------------------------------------------------------------------------------
-    def release(self, conn: UpstreamConnection) -> None:
-        """The exchange is done with `conn`; keep it if it is reusable, else close it."""
+    def release(self, conn: UpstreamConnection, now: float = 0.0) -> None:
+        """The exchange is done with `conn`; keep it if it is reusable, else close it. `now`:
+        the loop time, when the caller has just read it."""
         self._active.discard(conn)
         if conn.state is State.CLOSED:
             return
@@ -382,7 +383,8 @@ class Pool(Timed):
             # TLS 1.3 tickets arrive after the handshake: by the end of a response they are in.
             conn.tls_captured = True
             self.tls.capture_session(conn.transport)
-        now = self._loop.time()
+        if not now:
+            now = self._loop.time()
         if not conn.reusable:
             conn.close("not_reusable")
             self.stats.closed("not_reusable")

@@ -38,6 +38,12 @@ def exchange(p: ClusterPolicies, max_attempts: int = 3, replayable: bool = True)
     return ex
 
 
+def done(p: ClusterPolicies, ex: Any, error: Any) -> None:
+    """What the exchange does when a request ends."""
+    token, ex.policy_token = ex.policy_token, None
+    p.on_done(token, ex.status, ex.attempt, ex.pool.key if ex.pool else None, error)
+
+
 def start_try(ex: Any, key: str) -> None:
     ex.attempt += 1
     ex.pool = SimpleNamespace(key=key)
@@ -58,7 +64,7 @@ def test_a_relayed_5xx_is_one_verdict_when_the_budget_refuses_the_retry() -> Non
     start_try(ex, A)
     assert p.status_retry_delay(ex, head(503)) is None  # no budget
     ex.status = 503
-    p.on_done(ex, None)
+    done(p, ex, None)
     assert failures(p, A) == 1
     assert not p.endpoint_ejected(A)
     assert p.stats.retry_budget_exhausted == 1
@@ -70,7 +76,7 @@ def test_an_unretried_connect_failure_is_one_verdict() -> None:
     start_try(ex, A)
     exc = ConnectFailed("refused")
     assert p.retry_delay(ex, exc) is None
-    p.on_done(ex, exc)
+    done(p, ex, exc)
     assert failures(p, A) == 1
 
 
@@ -83,7 +89,7 @@ def test_each_try_is_judged_once_across_retries() -> None:
     assert p.retry_delay(ex, ConnectFailed("refused")) is not None
     start_try(ex, C)
     ex.status = 200
-    p.on_done(ex, None)
+    done(p, ex, None)
     assert (failures(p, A), failures(p, B), failures(p, C)) == (1, 1, 0)
     assert p.stats.retries["503"] == 1 and p.stats.retries["connect-failure"] == 1
     assert p.breaker.inflight == 0
@@ -94,7 +100,7 @@ def test_deadline_during_backoff_does_not_judge_the_last_try_again() -> None:
     ex = exchange(p)
     start_try(ex, A)
     assert p.status_retry_delay(ex, head(503)) is not None  # judged; now in backoff
-    p.on_done(ex, UpstreamTimeout("request timeout"))  # the deadline passed while waiting
+    done(p, ex, UpstreamTimeout("request timeout"))  # the deadline passed while waiting
     assert failures(p, A) == 1
 
 
@@ -103,7 +109,7 @@ def test_local_refusals_judge_nobody() -> None:
     ex = exchange(p)
     start_try(ex, A)
     assert p.retry_delay(ex, PoolTimeout("full")) is None
-    p.on_done(ex, PoolTimeout("full"))
+    done(p, ex, PoolTimeout("full"))
     assert failures(p, A) == 0
     assert p.breaker.inflight == 0
 
