@@ -141,7 +141,8 @@ class ResponseHead:
 
     status: int = 0
     reason: bytes = b""
-    version: str = "1.1"
+    # No `version`: the proxy never reads it (llhttp frames 1.0 and 1.1 alike and answers
+    # should_keep_alive), and httptools builds it as a new str per response.
     headers: Headers  # always set by the parser
     keep_alive: bool = True
     content_length: int | None = None
@@ -559,7 +560,6 @@ class ResponseParser:
         status: int = parser.get_status_code()  # typed: compared below, natively once known int
         head.status = status
         head.reason = self._reason
-        head.version = parser.get_http_version()
         head.headers = headers = self._headers
         self._headers = []  # for trailers
         if (self._raw_head >= 0 or self._read_len > _MAX_RESPONSE_HEAD) and (

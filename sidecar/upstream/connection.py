@@ -168,7 +168,10 @@ class UpstreamConnection(ResponseSink, asyncio.Protocol):
 
     def idle_expiry(self, idle_timeout: float) -> float:
         """When this idle connection stops being safe to hand out."""
-        return min(self.idle_since + idle_timeout, self.keepalive_until, self.expires_at)
+        when = self.idle_since + idle_timeout  # not min(): a generic call, compiled
+        if self.keepalive_until < when:
+            when = self.keepalive_until
+        return self.expires_at if self.expires_at < when else when
 
     def has_expired(self, now: float, idle_timeout: float) -> bool:
         return now >= self.idle_expiry(idle_timeout)

@@ -40,7 +40,7 @@ def _req_head(h: RequestHead) -> Event:
 
 def _resp_head(h: ResponseHead) -> Event:
     return (
-        "head", h.status, h.reason, h.version, h.keep_alive, h.content_length, h.chunked,
+        "head", h.status, h.reason, h.keep_alive, h.content_length, h.chunked,
         h.bodyless, h.keep_alive_timeout, tuple(h.forward),
     )
 
