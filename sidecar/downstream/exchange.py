@@ -159,7 +159,8 @@ class Exchange(ConnectionUser):
             extra.append((b"Upgrade", head.upgrade))
         if self.deadline != math.inf:
             sent_at = self.started if now is None else now
-            remaining = max(0, int((self.deadline - sent_at) * 1000))
+            left = self.deadline - sent_at
+            remaining = int(left * 1000) if left > 0 else 0  # not max(): a generic call
             extra.append((b"x-sidecar-deadline-ms", b"%d" % remaining))
         return writer.request_head(head.method, head.target, head.forward, extra)
 

@@ -97,11 +97,11 @@ class ClusterGauges:
 
 class ClusterStats:
     """Counters of one cluster. The data path adds to them; nothing here allocates per request
-    except the first time a (listener, code class) pair is seen."""
+    except the first time a listener is seen."""
 
     __slots__ = (
         "name",
-        "requests",
+        "by_listener",
         "request_duration",
         "connections_opened",
         "connections_closed",
@@ -121,8 +121,10 @@ class ClusterStats:
         from sidecar.errors import LOCAL_ERROR_CODES
 
         self.name = name
-        # (listener, code_class) -> count
-        self.requests: dict[tuple[str, str], int] = {}
+        # listener -> request counts by code class (CODE_CLASSES order): per request one dict
+        # lookup and a list slot, no key tuple to build and hash. `requests` is the view
+        # exporters read.
+        self.by_listener: dict[str, list[int]] = {}
         self.request_duration = Histogram(DURATION_BUCKETS)
         self.connections_opened = 0
         self.connections_closed: dict[str, int] = dict.fromkeys(CLOSE_REASONS, 0)
@@ -138,16 +140,25 @@ class ClusterStats:
         # Set by the cluster: returns its live gauges. None until the cluster exists.
         self.gauges: Callable[[], ClusterGauges] | None = None
 
+    @property
+    def requests(self) -> dict[tuple[str, str], int]:
+        """(listener, code class) -> requests."""
+        return {
+            (listener, cc): n
+            for listener, counts in self.by_listener.items()
+            for cc, n in zip(CODE_CLASSES, counts, strict=True)
+        }
+
     def expect_listener(self, listener: str) -> None:
         """Create the zero series for a listener that routes here, so they exist from start."""
-        for cc in CODE_CLASSES:
-            self.requests.setdefault((listener, cc), 0)
+        self.by_listener.setdefault(listener, [0] * len(CODE_CLASSES))
 
     def request_done(self, listener: str, status: int, seconds: float) -> None:
+        counts = self.by_listener.get(listener)
+        if counts is None:
+            counts = self.by_listener[listener] = [0] * len(CODE_CLASSES)
         cls = status // 100  # 1xx..5xx; anything below or above is counted with its end
-        key = (listener, CODE_CLASSES[0 if cls <= 1 else 4 if cls >= 5 else cls - 1])
-        requests = self.requests
-        requests[key] = requests.get(key, 0) + 1
+        counts[0 if cls <= 1 else 4 if cls >= 5 else cls - 1] += 1
         self.request_duration.observe(seconds)
 
     def closed(self, reason: str) -> None:
