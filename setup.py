@@ -25,7 +25,8 @@ import sys
 from setuptools import setup
 
 # The path of every request (docs/architecture.md), and what it calls per request. A module
-# here may not be monkeypatched or subclassed from interpreted code: keep it to the data path.
+# here may not be monkeypatched, nor its classes subclassed from interpreted code except the
+# base classes marked `allow_interpreted_subclasses`: keep it to the data path.
 COMPILED = [
     "sidecar/clock.py",
     "sidecar/flow_control.py",

@@ -239,10 +239,16 @@ class Runner:
             run_wrk(url, connections=conns, duration=self.plan.warmup, script=script,
                     cores=self.load_cores, headers=headers)
         probe = self._probe(target.proc)
+        local_before = _sidecar_local_errors(target)
         figures = run_wrk(url, connections=conns, duration=self.plan.duration, script=script,
                           cores=self.load_cores, headers=headers)
         self._record_usage(row, target.proc, probe)
         row.update(figures)
+        local_after = _sidecar_local_errors(target)
+        if local_before is not None and local_after is not None:
+            # Which of the sidecar's own answers (SPEC section 5 codes) the failures were.
+            local = {code: n - local_before.get(code, 0.0) for code, n in local_after.items()}
+            row["sidecar_local_errors"] = {code: n for code, n in local.items() if n}
         _judge(row)
 
     def _probe(self, proc: Proc | None) -> tuple[float, float, float, dict[int, tuple[int, int]]]:
@@ -520,6 +526,27 @@ def _sidecar_handshakes(target: Target, cluster: str) -> tuple[float, float] | N
     return (resumed, full) if found else None
 
 
+def _sidecar_local_errors(target: Target) -> dict[str, float] | None:
+    """sidecar_local_errors_total by code, all clusters summed (None: not a sidecar)."""
+    if not target.name.startswith("sidecar"):
+        return None
+    port = target.admin_port or target.status_port
+    if port is None:
+        return None
+    try:
+        text = http_request(port, "/metrics").body.decode()
+    except (OSError, BenchError):
+        return None
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("sidecar_local_errors_total{"):
+            code = re.search(r'code="([^"]*)"', line)
+            if code is not None:
+                value = float(line.rsplit(" ", 1)[1])
+                counts[code.group(1)] = counts.get(code.group(1), 0.0) + value
+    return counts
+
+
 def _resumption_ratio(target: Target, cluster: str) -> float | None:
     if target.admin_port is None:
         return None
@@ -543,7 +570,9 @@ def _judge(row: dict[str, Any]) -> None:
         row["error"] = f"{bad} of {requests} requests failed ({errors}, non-2xx " \
                        f"{row.get('non_2xx', 0)})"
     elif bad:
-        row["warnings"].append(f"{bad} failed requests ({errors})")
+        local = row.get("sidecar_local_errors")
+        why = f"; the sidecar's own answers: {local}" if local else ""
+        row["warnings"].append(f"{bad} failed requests ({errors}){why}")
 
 
 def _describe(exc: BaseException) -> str:
