@@ -1,9 +1,10 @@
 """Compiles the request path with mypyc: the same .py files, built as C extensions.
 
-Why: a proxied request spends about 19 us in our Python and profiling finds no hot spot, only
-interpreter overhead spread over ~150 calls. mypyc turns those calls and attribute reads into
-C, which cuts the sidecar's CPU per request by about 30 % with no change to the source
-(docs/benchmarks.md). Only modules on the path of every request are compiled; the rest of the
+Why: interpreted, a proxied request spends about 19 us in our Python and profiling finds no hot
+spot, only interpreter overhead spread over ~150 calls. mypyc turns those calls and attribute
+reads into C: the sidecar's own instructions per request fall to about a third, and a request,
+kernel included, costs about 40 % less CPU, from the same source (docs/architecture.md says
+what keeps it so). Only modules on the path of every request are compiled; the rest of the
 sidecar (config, discovery, admin, metrics) stays interpreted.
 
     pip install .                       # compiled when a C compiler is present
