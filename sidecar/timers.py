@@ -7,6 +7,12 @@ than the one it is already filed under. When a bucket fires, each object in it c
 current deadline: passed -> `on_deadline(now)`; later -> it is filed again. A keep-alive
 connection serving thousands of requests a second is thus filed about once per timeout
 period, not once per request. Precision is one tick (50 ms), ample for timeouts in seconds.
+
+An object that is done (a closed connection, a served waiter) calls `cancel`: the wheel would
+otherwise hold it, and everything it references, until its bucket fires, which for an idle
+timeout is minutes away. At thousands of new connections a second that is hundreds of
+thousands of dead objects kept alive into the collector's oldest generation, and one full
+collection freeing them all at once stalled the loop for over a second.
 """
 
 from __future__ import annotations
@@ -39,7 +45,9 @@ class Wheel:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._buckets: dict[int, list[Timed]] = {}
+        # bucket -> the objects filed under it, a dict used as an insertion-ordered set so
+        # that `cancel` is O(1).
+        self._buckets: dict[int, dict[Timed, None]] = {}
 
     def schedule(self, obj: Timed) -> None:
         """Call after changing `obj.deadline`. O(1); usually does nothing."""
@@ -51,12 +59,26 @@ class Wheel:
         if filed and filed <= bucket:
             return  # it fires earlier anyway and will re-file itself
         obj.filed_bucket = bucket
+        if filed:
+            earlier = self._buckets.get(filed)
+            if earlier is not None:
+                earlier.pop(obj, None)
         entries = self._buckets.get(bucket)
         if entries is None:
-            self._buckets[bucket] = [obj]
+            self._buckets[bucket] = {obj: None}
             self._loop.call_at(bucket * TICK, self._fire, bucket)
         else:
-            entries.append(obj)
+            entries[obj] = None
+
+    def cancel(self, obj: Timed) -> None:
+        """`obj` needs no deadline any more: forget it now. O(1); safe to repeat, and safe
+        from inside `on_deadline` (the bucket being fired skips it)."""
+        filed = obj.filed_bucket
+        if filed:
+            obj.filed_bucket = 0
+            entries = self._buckets.get(filed)
+            if entries is not None:
+                entries.pop(obj, None)
 
     def _fire(self, bucket: int) -> None:
         entries = self._buckets.pop(bucket, None)

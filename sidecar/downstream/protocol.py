@@ -137,6 +137,7 @@ class DownstreamProtocol(RequestSink, Timed, asyncio.Protocol):
                 ex.abandon()
                 ctx.stats.inflight -= 1
         self.deadline = math.inf
+        self.wheel.cancel(self)  # else the wheel keeps this dead connection until its bucket
         ctx.changed()
 
     def pause_writing(self) -> None:
@@ -440,6 +441,7 @@ class DownstreamProtocol(RequestSink, Timed, asyncio.Protocol):
         ctx = self.ctx
         ctx.connections.discard(self)
         self.deadline = math.inf
+        self.wheel.cancel(self)
         self.closed = True  # this protocol object is done; the tunnel owns both sockets
 
         def finished(tunnel: Tunnel) -> None:

@@ -241,6 +241,7 @@ class Pool(Timed):
         for pending in self._waiters:
             if pending.waiter is waiter:
                 pending.done = True
+                self._wheel.cancel(pending)
                 self._waiters.remove(pending)
                 return
 
@@ -263,6 +264,7 @@ class Pool(Timed):
             pending = self._waiters.popleft()
             if not pending.done:
                 pending.done = True
+                self._wheel.cancel(pending)  # it holds the waiter's exchange until its bucket
                 return pending
         return None
 
@@ -547,6 +549,7 @@ class Pool(Timed):
             pending = self._waiters.popleft()
             if not pending.done:
                 pending.done = True
+                self._wheel.cancel(pending)
                 pending.waiter.on_pool_error(
                     ConnectFailed(f"{self.key}: endpoint removed while waiting", self.cluster)
                 )

@@ -172,10 +172,12 @@ async def request(pool: Pool, conn: UpstreamConnection) -> ResponseHead:
     return head
 
 
-def make_pool(port: int, **settings: Any) -> Pool:
+def make_pool(port: int, wheel: Wheel | None = None, **settings: Any) -> Pool:
     loop = asyncio.get_running_loop()
     stats = Stats().cluster("c")
-    return Pool("c", "127.0.0.1", port, PoolSettings(**settings), stats, loop, Wheel(loop))
+    if wheel is None:  # (not `wheel or ...`: an empty Wheel is falsy, it has a __len__)
+        wheel = Wheel(loop)
+    return Pool("c", "127.0.0.1", port, PoolSettings(**settings), stats, loop, wheel)
 
 
 async def connect(pool: Pool) -> UpstreamConnection:
@@ -237,6 +239,28 @@ def test_max_connections_and_fifo_waiters(loop: str) -> None:
             assert await waiters[2].get() is first
             assert len(server.conns) == 2  # never more than max_connections
             assert all(w.calls == 1 for w in waiters)
+            pool.abort_all("drain")
+
+    run_on(loop, main())
+
+
+def test_served_and_cancelled_waiters_leave_the_wheel(loop: str) -> None:
+    """A waiter's pending_timeout entry goes when the waiter is served or gone, not when the
+    timeout would have passed: until then it keeps the request (and its app connection)."""
+    async def main() -> None:
+        async with Server() as server:
+            wheel = Wheel(asyncio.get_running_loop())
+            pool = make_pool(server.port, wheel, max_connections=1, pending_timeout=60)
+            conn = await connect(pool)
+            base = len(wheel)
+            served, gone = Waiter(), Waiter()
+            assert pool.acquire(served) is None and pool.acquire(gone) is None
+            assert len(wheel) == base + 2
+            pool.cancel(gone)
+            assert len(wheel) == base + 1
+            await request(pool, conn)  # released: handed to `served`
+            assert await served.get() is conn
+            assert len(wheel) == base
             pool.abort_all("drain")
 
     run_on(loop, main())
