@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import ipaddress
 import logging
 import os
@@ -48,6 +49,22 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def freeze_heap() -> None:
+    """Exempt what exists now from the cyclic collector's scans (`gc.freeze`).
+
+    Once ready, the heap is mostly modules, config, routes and pools: some 50 000 objects that
+    live as long as the process. Every full collection re-scanned them all, about 25 ms with
+    the loop stopped, every few seconds under connection churn; frozen, a full collection
+    scans only live traffic (about 1 ms seen). Frozen objects are still freed by reference
+    counting; only a frozen reference cycle that turns into garbage stays (an endpoint's pool
+    from startup, removed later, say) until the next call, which unfreezes and collects first.
+    Called when ready and after each config reload; the collect costs one full collection.
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 class App:
@@ -350,6 +367,7 @@ class App:
         missing = [c.name for c in clusters if not (c.has_answer and c.prewarmed())]
         if missing:
             log.warning("ready without full prewarm", extra={"fields": {"clusters": missing}})
+        freeze_heap()
         self.ready = True
         log.info("ready")
 
@@ -397,6 +415,7 @@ class App:
             log.error("config reload could not be applied", extra={"fields": {"error": str(exc)}})
             return False, str(exc)
         self.stats.process.config_reloads["success"] += 1
+        freeze_heap()  # let the replaced config's garbage go, freeze the new one
         log.info("config reloaded", extra={"fields": {"file": self.config_path}})
         return True, "applied"
 
