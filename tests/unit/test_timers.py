@@ -12,11 +12,9 @@ import gc
 import math
 import socket
 import weakref
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Callable
 
 import pytest
-import uvloop
 
 from sidecar._build import compiled
 from sidecar.downstream.context import Limits, ListenerContext
@@ -25,27 +23,10 @@ from sidecar.downstream.router import ForwardTarget, RouteTable
 from sidecar.observe.stats import ListenerStats
 from sidecar.timers import TICK, Timed, Wheel
 from sidecar.upstream.cluster import Cluster
+from tests.unit.test_pool import LOOPS, eventually, run_on
 
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-    "asyncio": asyncio.new_event_loop,
-    "uvloop": uvloop.new_event_loop,
-}
 pytestmark = pytest.mark.parametrize("loop", sorted(LOOPS))
 BOUND = 5.0  # no wait in this file is longer
-
-
-def run_on(loop: str, main: Coroutine[Any, Any, None]) -> None:
-    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
-        runner.run(asyncio.wait_for(main, 30))
-
-
-async def eventually(cond: Callable[[], bool]) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + BOUND
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 # A test class cannot implement the compiled Timed trait (mypyc: "interpreted classes cannot
