@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 Row = dict[str, Any]
@@ -236,7 +238,44 @@ def _md_table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def markdown(result: dict[str, Any]) -> str:
+# The columns of the earlier-runs table: (heading, case, target); rps of each.
+HISTORY_COLUMNS = (
+    ("direct c64-100B", "c64-100B", "direct"),
+    ("sidecar c64-100B", "c64-100B", "sidecar"),
+    ("Envoy c64-100B", "c64-100B", "envoy"),
+    ("sidecar c64-16KiB", "c64-16KiB", "sidecar"),
+    ("Envoy c64-16KiB", "c64-16KiB", "envoy"),
+)
+
+
+def history(results_dir: Path, limit: int = 10) -> list[list[str]]:
+    """The latest full runs kept in `results_dir` (10 s cases, all of direct, sidecar and
+    Envoy), newest first: rps per HISTORY_COLUMNS and the sidecar/Envoy ratios. The VM's
+    speed moves from day to day; the direct and Envoy columns show how much, the ratios are
+    what stays."""
+    rows = []
+    for path in sorted(results_dir.glob("2*.json"), reverse=True):
+        try:
+            result = json.loads(path.read_text())
+            meta = result["meta"]
+            if meta["params"].get("duration_s", 0) < 10:
+                continue
+            values = [_get(result["rows"], "throughput", case, target, "rps")
+                      for _, case, target in HISTORY_COLUMNS]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        found = [v for v in values if v]
+        if len(found) < len(values):
+            continue
+        _, side100, envoy100, side16, envoy16 = found
+        rows.append([meta["date"], *(_num(v) for v in found),
+                     f"{side100 / envoy100:.2f} x", f"{side16 / envoy16:.2f} x"])
+        if len(rows) == limit:
+            break
+    return rows
+
+
+def markdown(result: dict[str, Any], earlier: list[list[str]] | None = None) -> str:
     meta = result["meta"]
     machine = meta["machine"]
     load = meta.get("loadavg", {})
@@ -280,4 +319,12 @@ def markdown(result: dict[str, Any]) -> str:
     notes = meta.get("notes", [])
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    if earlier:
+        lines += [
+            "## Earlier runs (`bench/results/`)", "",
+            "Absolute figures follow the VM's speed, which moves from day to day on the same "
+            "machine kind: the direct and Envoy columns show by how much. The ratios are the "
+            "figures to compare across runs; each row measured the sidecar of its day.", "",
+            _md_table(["date", *(h for h, _, _ in HISTORY_COLUMNS),
+                       "sidecar/Envoy 100B", "sidecar/Envoy 16KiB"], earlier), ""]
     return "\n".join(lines)

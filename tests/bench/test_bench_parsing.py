@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -84,17 +85,21 @@ def test_ratios_and_goals_skip_failed_rows() -> None:
     assert goals["naive TLS app: through sidecar / direct"] is None
 
 
+def _meta() -> dict[str, Any]:
+    return {
+        "date": "2026-01-01 00:00 UTC", "command": "python bench/run.py",
+        "machine": {"nproc": 2, "cpu_model": "Test CPU", "kernel": "6.1",
+                    "mem_total_mib": 1024},
+        "pinning": {"proxy_core": 0, "load_core": 1},
+        "loadavg": {"start": "0.1 0.1 0.1", "end": "0.2 0.1 0.1"},
+        "params": {"duration_s": 10, "warmup_s": 2, "wrk_threads": 1},
+        "versions": {"wrk": "4.1.0"}, "notes": ["a note"],
+    }
+
+
 def test_markdown_has_machine_command_and_a_table() -> None:
     result = {
-        "meta": {
-            "date": "2026-01-01 00:00 UTC", "command": "python bench/run.py",
-            "machine": {"nproc": 2, "cpu_model": "Test CPU", "kernel": "6.1",
-                        "mem_total_mib": 1024},
-            "pinning": {"proxy_core": 0, "load_core": 1},
-            "loadavg": {"start": "0.1 0.1 0.1", "end": "0.2 0.1 0.1"},
-            "params": {"duration_s": 10, "warmup_s": 2, "wrk_threads": 1},
-            "versions": {"wrk": "4.1.0"}, "notes": ["a note"],
-        },
+        "meta": _meta(),
         "rows": [_row("throughput", "c16-100B", "direct", 1000),
                  {**_row("throughput", "c16-100B", "pproxy", 0), "error": "boom|x"}],
     }
@@ -106,3 +111,33 @@ def test_markdown_has_machine_command_and_a_table() -> None:
     assert "ERROR: boom/x" in text  # a pipe in an error must not break the table
     assert "a note" in text
     assert report.terminal(result)
+
+
+def _run(date: str, duration: float, rps: dict[tuple[str, str], float]) -> dict[str, Any]:
+    return {
+        "meta": {"date": date, "params": {"duration_s": duration}},
+        "rows": [{"kind": "throughput", "case": case, "target": target, "rps": value,
+                  "error": None} for (case, target), value in rps.items()],
+    }
+
+
+def test_history_lists_full_runs_newest_first_with_ratios(tmp_path: Any) -> None:
+    full = {("c64-100B", "direct"): 50000, ("c64-100B", "sidecar"): 40000,
+            ("c64-100B", "envoy"): 20000, ("c64-16KiB", "sidecar"): 30000,
+            ("c64-16KiB", "envoy"): 12000}
+    runs = {
+        "20261101T000000Z.json": _run("old", 10, full),
+        "20261102T000000Z.json": _run("quick", 3, full),  # a smoke run: left out
+        "20261103T000000Z.json": _run("no envoy", 10, {
+            k: v for k, v in full.items() if k[1] != "envoy"}),
+        "20261104T000000Z.json": _run("new", 10, {**full, ("c64-100B", "sidecar"): 30000}),
+        "latest.json": _run("latest", 10, full),  # a copy of one of the others
+    }
+    for name, data in runs.items():
+        (tmp_path / name).write_text(json.dumps(data))
+    (tmp_path / "20261105T000000Z.json").write_text("{not json")
+    rows = report.history(tmp_path)
+    assert [r[0] for r in rows] == ["new", "old"]
+    assert rows[0][1:] == ["50,000", "30,000", "20,000", "30,000", "12,000", "1.50 x", "2.50 x"]
+    text = report.markdown({"meta": _meta(), "rows": []}, rows)
+    assert "## Earlier runs" in text and "| new | 50,000 |" in text
