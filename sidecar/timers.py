@@ -60,9 +60,7 @@ class Wheel:
             return  # it fires earlier anyway and will re-file itself
         obj.filed_bucket = bucket
         if filed:
-            earlier = self._buckets.get(filed)
-            if earlier is not None:
-                earlier.pop(obj, None)
+            self._unfile(obj, filed)  # moved earlier: out of the later bucket
         entries = self._buckets.get(bucket)
         if entries is None:
             self._buckets[bucket] = {obj: None}
@@ -72,13 +70,17 @@ class Wheel:
 
     def cancel(self, obj: Timed) -> None:
         """`obj` needs no deadline any more: forget it now. O(1); safe to repeat, and safe
-        from inside `on_deadline` (the bucket being fired skips it)."""
+        from inside `on_deadline` (the bucket being fired skips it). The caller keeps its own
+        `deadline` (mypyc 2.4 cannot compile a float attribute set through a trait)."""
         filed = obj.filed_bucket
         if filed:
             obj.filed_bucket = 0
-            entries = self._buckets.get(filed)
-            if entries is not None:
-                entries.pop(obj, None)
+            self._unfile(obj, filed)
+
+    def _unfile(self, obj: Timed, bucket: int) -> None:
+        entries = self._buckets.get(bucket)
+        if entries is not None:  # None: that bucket is firing now, or has fired
+            entries.pop(obj, None)
 
     def _fire(self, bucket: int) -> None:
         entries = self._buckets.pop(bucket, None)

@@ -240,13 +240,18 @@ class Pool(Timed):
         """The waiter went away (the app disconnected, or its deadline passed)."""
         for pending in self._waiters:
             if pending.waiter is waiter:
-                pending.done = True
-                self._wheel.cancel(pending)
+                self._settle(pending)
                 self._waiters.remove(pending)
                 return
 
-    def _expire_waiter(self, pending: _Pending) -> None:
+    def _settle(self, pending: _Pending) -> None:
+        """`pending` is answered (or gone): the wheel lets go of it, and of the waiter's
+        exchange it holds, now rather than at its pending_timeout."""
         pending.done = True
+        self._wheel.cancel(pending)
+
+    def _expire_waiter(self, pending: _Pending) -> None:
+        self._settle(pending)
         try:
             self._waiters.remove(pending)
         except ValueError:
@@ -263,8 +268,7 @@ class Pool(Timed):
         while self._waiters:
             pending = self._waiters.popleft()
             if not pending.done:
-                pending.done = True
-                self._wheel.cancel(pending)  # it holds the waiter's exchange until its bucket
+                self._settle(pending)
                 return pending
         return None
 
@@ -548,8 +552,7 @@ class Pool(Timed):
         while self._waiters:
             pending = self._waiters.popleft()
             if not pending.done:
-                pending.done = True
-                self._wheel.cancel(pending)
+                self._settle(pending)
                 pending.waiter.on_pool_error(
                     ConnectFailed(f"{self.key}: endpoint removed while waiting", self.cluster)
                 )
