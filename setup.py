@@ -12,18 +12,26 @@ sidecar (config, discovery, admin, metrics) stays interpreted.
 
 The extensions are optional: where the compiler or the build fails, the install still succeeds
 and the sidecar runs the .py files (it logs `compiled: false` at start). In an editable install
-the .so files sit beside the sources: after editing one of COMPILED, run `pip install -e .`
-again (or delete them: `find sidecar -name '*.so' -delete`). A source tree whose compiled
-module is older than its .py refuses to import, rather than run code that is not on disk
-(sidecar/_build.py).
+the .so files sit beside the sources, and the in-place build records the size and modification
+time of each compiled source (sidecar/_compiled.json). At import, a source tree uses its compiled
+modules only while that record matches the files on disk; after an edit it runs the .py files,
+with one warning line, until `pip install -e .` (or `python setup.py build_ext --inplace`) runs
+again (sidecar/_build.py).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+# The build record of an in-place build; sidecar/_build.py reads it (its MANIFEST).
+MANIFEST = ROOT / "sidecar" / "_compiled.json"
 
 # The path of every request (docs/architecture.md), and what it calls per request. A module
 # here may not be monkeypatched, nor its classes subclassed from interpreted code except the
@@ -65,8 +73,39 @@ _BUILD_FLAGS = [
 ]
 
 
+def stamps() -> dict[str, list[int]]:
+    """Size and modification time (ns) of each compiled source, as sidecar/_build.py compares
+    them. Taken before mypyc reads the sources: a file edited during the build then differs
+    from its record, and the tree runs the sources rather than a build of an older text."""
+    out = {}
+    for relative in COMPILED:
+        st = (ROOT / relative).stat()
+        out[relative] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+_STAMPS = stamps()
+
+
+class RecordingBuildExt(build_ext):
+    """build_ext that, building in place (`pip install -e .`, `build_ext --inplace`), writes
+    the record of which sources the compiled modules were built from."""
+
+    def run(self) -> None:
+        super().run()
+        if self.inplace:  # also set by pip install -e (setuptools editable_mode)
+            built = self.extensions and all(
+                os.path.exists(self.get_ext_fullpath(ext.name)) for ext in self.extensions
+            )
+            if built:
+                MANIFEST.write_text(json.dumps({"sources": _STAMPS}, indent=1) + "\n")
+            else:  # nothing (or not everything) compiled: the tree runs its sources
+                MANIFEST.unlink(missing_ok=True)
+
+
 def ext_modules() -> list[object]:
     if os.environ.get("SIDECAR_COMPILE", "1") == "0":
+        MANIFEST.unlink(missing_ok=True)  # asked for pure Python: old .so files stay unused
         return []
     try:
         from mypyc.build import mypycify
@@ -84,4 +123,4 @@ def ext_modules() -> list[object]:
     return list(extensions)
 
 
-setup(ext_modules=ext_modules())
+setup(ext_modules=ext_modules(), cmdclass={"build_ext": RecordingBuildExt})

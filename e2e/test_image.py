@@ -60,8 +60,14 @@ MIRROR = "http://deb.debian.org/debian"
 
 
 def skip_reason() -> str | None:
+    """Why this opt-in tier does not run: only that it was not asked for."""
     if os.environ.get("SIDECAR_PODMAN") != "1":
         return "opt-in: set SIDECAR_PODMAN=1 (builds the image with podman, ~2-3 min cold)"
+    return None
+
+
+def missing_tool() -> str | None:
+    """Asked for (SIDECAR_PODMAN=1) but unable to run: a failure, not a skip."""
     if PODMAN is None:
         return "podman is not installed (apt-get install podman runc debootstrap)"
     for tool in ("runc", "debootstrap"):
@@ -77,6 +83,9 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     reason = skip_reason()
     if reason:
         pytest.skip(reason)
+    problem = missing_tool()
+    if problem:
+        pytest.fail(f"SIDECAR_PODMAN=1 asks for the image tier, but {problem}", pytrace=False)
     conf = tmp_path_factory.mktemp("podman") / "containers.conf"
     conf.write_text(CONTAINERS_CONF)
     return {**os.environ, "CONTAINERS_CONF": str(conf)}

@@ -81,13 +81,15 @@ def load_generator() -> ModuleType:
 
 def ensure_prometheus() -> None:
     """Prometheus and promtool from apt: installed here if missing (CI's scripts/check does it
-    too); skipped, with the reason, only where installing is impossible."""
+    too). Where installing is impossible the test fails, with the reason: inside the test
+    command a missing tool is a failure, not a skip."""
     if PROMETHEUS.exists() and PROMTOOL.exists():
         return
     apt = shutil.which("apt-get")
     if apt is None or os.geteuid() != 0:
-        pytest.skip(f"{PROMETHEUS} missing and cannot apt-get install {APT_PACKAGE} here "
-                    f"(apt-get {'found' if apt else 'missing'}, uid {os.geteuid()})")
+        pytest.fail(f"{PROMETHEUS} missing and cannot apt-get install {APT_PACKAGE} here "
+                    f"(apt-get {'found' if apt else 'missing'}, uid {os.geteuid()}); "
+                    "`bash scripts/check` installs it")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     install = [apt, "install", "-y", "-qq", "--no-install-recommends", APT_PACKAGE]
     proc = subprocess.run(install, env=env, capture_output=True, text=True, timeout=600)
@@ -95,7 +97,7 @@ def ensure_prometheus() -> None:
         subprocess.run([apt, "update", "-qq"], env=env, capture_output=True, timeout=600)
         proc = subprocess.run(install, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0 or not PROMETHEUS.exists():
-        pytest.skip(f"apt-get install {APT_PACKAGE} failed: {proc.stderr[-2000:]}")
+        pytest.fail(f"apt-get install {APT_PACKAGE} failed: {proc.stderr[-2000:]}")
 
 
 # --- the upstreams ----------------------------------------------------------------------------

@@ -367,7 +367,13 @@ class _Bound:
 
 
 class AdminConfig(_Model, _Bound):
-    address: Address = "127.0.0.1:15000"
+    address: Address = Field(
+        default="127.0.0.1:15000",
+        description=(
+            "Where the admin API listens. Loopback only (127.0.0.1, ::1 or localhost): it can "
+            "drain and reconfigure the sidecar."
+        ),
+    )
 
     @field_validator("address")
     @classmethod
@@ -381,14 +387,42 @@ class AdminConfig(_Model, _Bound):
 
 
 class StatusConfig(_Model, _Bound):
-    address: Address = "0.0.0.0:15020"
+    address: Address = Field(
+        default="0.0.0.0:15020",
+        description=(
+            "Where the status port listens, for kubelet probes and Prometheus: /healthz, /readyz "
+            "and /metrics only."
+        ),
+    )
 
 
 class ListenerLimits(_Model):
-    max_connections: int = Field(default=10000, ge=1)
-    header_timeout: Duration = Field(default=10.0, gt=0)
-    idle_timeout: Duration = Field(default=300.0, gt=0)
-    max_header_bytes: Size = Field(default=64 * 1024, gt=0)
+    max_connections: int = Field(
+        default=10000,
+        ge=1,
+        description=(
+            "Open app connections on this listener; beyond it, new connections wait in the "
+            "kernel's accept backlog."
+        ),
+    )
+    header_timeout: Duration = Field(
+        default=10.0,
+        gt=0,
+        description=(
+            "A request head must arrive in full within this, or the app gets 408 and the "
+            "connection is closed."
+        ),
+    )
+    idle_timeout: Duration = Field(
+        default=300.0,
+        gt=0,
+        description="An app keep-alive connection with no request in flight is closed after this.",
+    )
+    max_header_bytes: Size = Field(
+        default=64 * 1024,
+        gt=0,
+        description="Largest request head accepted; a larger one gets 431.",
+    )
 
 
 def _host_pattern(value: object) -> str:
@@ -416,15 +450,47 @@ HostPattern = Annotated[str, BeforeValidator(_host_pattern)]
 
 
 class ForwardProxyConfig(_Model):
-    enabled: bool = False
-    allowed_hosts: list[HostPattern] = Field(default_factory=list)
-    connect: bool = False
+    enabled: bool = Field(
+        default=False,
+        description=(
+            "Serve absolute-form requests (what a client configured with http_proxy sends): each "
+            "new host:port becomes a dynamic cluster with DNS discovery and the default cluster "
+            "settings; one idle for 10 minutes is removed."
+        ),
+    )
+    allowed_hosts: list[HostPattern] = Field(
+        default_factory=list,
+        description=(
+            "Hosts the forward proxy may reach: shell-style globs matched against the host "
+            "without its port (`*` matches any host, IP literals included); an entry `host:port` "
+            "also pins the port. Other hosts get 403 host_not_allowed; an empty list refuses "
+            "every request."
+        ),
+    )
+    connect: bool = Field(
+        default=False,
+        description=(
+            "Accept CONNECT tunnels (what a client sends through a proxy for https:// URLs)."
+        ),
+    )
 
 
 class RouteMatch(_Model):
-    host: str | None = None
-    host_suffix: str | None = None
-    path_prefix: str | None = None
+    host: str | None = Field(
+        default=None,
+        description=(
+            "The request's host, exactly (case-insensitive, port ignored): from the absolute-form "
+            "URI, else the Host header."
+        ),
+    )
+    host_suffix: str | None = Field(
+        default=None,
+        description="The request's host ends with this, e.g. `.svc.cluster.local`.",
+    )
+    path_prefix: str | None = Field(
+        default=None,
+        description="The request's path starts with this (must start with /).",
+    )
 
     @field_validator("host", "host_suffix")
     @classmethod
@@ -450,19 +516,61 @@ class RouteMatch(_Model):
 
 
 class RouteConfig(_Model):
-    match: RouteMatch
-    cluster: str
+    match: RouteMatch = Field(
+        description=(
+            "What a request must fit: every key given must match; at least one of host, "
+            "host_suffix, path_prefix."
+        ),
+    )
+    cluster: str = Field(
+        description="The cluster that serves matching requests (a name under `clusters`).",
+    )
 
 
 class ListenerConfig(_Model, _Bound):
-    name: Name
-    address: Address
-    protocol: Literal["http", "tcp"] = "http"
-    routes: list[RouteConfig] = Field(default_factory=list)
-    cluster: str | None = None
-    forward_proxy: ForwardProxyConfig = Field(default_factory=ForwardProxyConfig)
-    limits: ListenerLimits = Field(default_factory=ListenerLimits)
-    allow_remote: bool = False
+    name: Name = Field(description="Unique name; the `listener` label of metrics and logs.")
+    address: Address = Field(
+        description="host:port to bind. Must be a loopback address unless `allow_remote` is true.",
+    )
+    protocol: Literal["http", "tcp"] = Field(
+        default="http",
+        description=(
+            "`http`: HTTP/1.1 proxying (fixed cluster, routes, forward proxy); `tcp`: raw TCP "
+            "passthrough to `cluster`."
+        ),
+    )
+    routes: list[RouteConfig] = Field(
+        default_factory=list,
+        description=(
+            "Tried in order when the listener has no fixed `cluster`: the first route whose match "
+            "fits the request picks the cluster; else the forward proxy; else 404 no_route."
+        ),
+    )
+    cluster: str | None = Field(
+        default=None,
+        description=(
+            "Every request (for `tcp`: every connection) of this listener goes to this cluster; "
+            "routes and the forward proxy are then unused. Required for `tcp`."
+        ),
+    )
+    forward_proxy: ForwardProxyConfig = Field(
+        default_factory=ForwardProxyConfig,
+        description=(
+            "Proxying to whatever allowed host:port a request names (HTTP_PROXY). Not for `tcp` "
+            "listeners."
+        ),
+    )
+    limits: ListenerLimits = Field(
+        default_factory=ListenerLimits,
+        description="Limits on the app's connections and request heads, per listener.",
+    )
+    allow_remote: bool = Field(
+        default=False,
+        description=(
+            "Allow a non-loopback `address`. An egress proxy reachable from outside the pod is an "
+            "open relay: without this, such an address is a config error."
+        ),
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -471,15 +579,30 @@ class ListenerConfig(_Model, _Bound):
 
 
 class StaticDiscovery(_Model):
-    type: Literal["static"]
-    endpoints: list[Annotated[str, AfterValidator(_check_endpoint)]] = Field(min_length=1)
+    type: Literal["static"] = Field(description="`static`: a fixed list of endpoints.")
+    endpoints: list[Annotated[str, AfterValidator(_check_endpoint)]] = Field(
+        min_length=1,
+        description="The endpoints, `host:port` each (at least one).",
+    )
 
 
 class DnsDiscovery(_Model):
-    type: Literal["dns"]
-    host: Annotated[str, AfterValidator(_check_host)]
-    port: int = Field(ge=1, le=65535)
-    refresh: Duration = Field(default=30.0, gt=0)
+    type: Literal["dns"] = Field(description="`dns`: the addresses a DNS name resolves to.")
+    host: Annotated[str, AfterValidator(_check_host)] = Field(
+        description=(
+            "The name resolved (A and AAAA records); each address is an endpoint. Also the "
+            "default TLS server name."
+        ),
+    )
+    port: int = Field(ge=1, le=65535, description="The port of every endpoint.")
+    refresh: Duration = Field(
+        default=30.0,
+        gt=0,
+        description=(
+            "How often the name is resolved again (without blocking the event loop); the last "
+            "answer keeps serving when a lookup fails."
+        ),
+    )
 
 
 def _k8s_port(value: object) -> object:
@@ -499,13 +622,27 @@ def _k8s_name(text: str) -> str:
 
 
 class KubernetesDiscovery(_Model):
-    type: Literal["kubernetes"]
-    service: Annotated[str, AfterValidator(_k8s_name)]
+    type: Literal["kubernetes"] = Field(
+        description=(
+            "`kubernetes`: the EndpointSlices (discovery.k8s.io/v1) of a Service, listed and "
+            "watched. Ready endpoints get traffic; terminating ones get no new requests and "
+            "finish what they have."
+        ),
+    )
+    service: Annotated[str, AfterValidator(_k8s_name)] = Field(description="The Service's name.")
     # None: the pod's own namespace (POD_NAMESPACE or the service account's namespace).
     namespace: Annotated[
         Annotated[str, AfterValidator(_k8s_name)] | None, BeforeValidator(_empty_to_none)
-    ] = None
-    port: Annotated[int | str, BeforeValidator(_k8s_port)]
+    ] = Field(
+        default=None,
+        description=(
+            "The Service's namespace; default: the pod's own (POD_NAMESPACE, else the service "
+            "account's namespace)."
+        ),
+    )
+    port: Annotated[int | str, BeforeValidator(_k8s_port)] = Field(
+        description="The Service port, by name (e.g. `https`) or number.",
+    )
 
 
 Discovery = Annotated[
@@ -514,18 +651,71 @@ Discovery = Annotated[
 
 
 class TlsConfig(_Model):
-    enabled: bool = False
+    enabled: bool = Field(
+        default=False,
+        description=(
+            "Originate TLS to the endpoints: the app speaks plain HTTP to the sidecar, the "
+            "sidecar speaks HTTPS upstream."
+        ),
+    )
     sni: Annotated[
         Annotated[str, AfterValidator(_check_host)] | None, BeforeValidator(_empty_to_none)
-    ] = None  # None: the discovery host
-    ca_file: OptionalPath = None  # None: the system trust store
-    cert_file: OptionalPath = None
-    key_file: OptionalPath = None
-    session_reuse: bool = True
-    alpn: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=lambda: ["http/1.1"])
-    min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
-    insecure_skip_verify: bool = False
-    handshake_timeout: Duration | None = Field(default=None, gt=0)  # None: pool.connect_timeout
+    ] = Field(
+        default=None,
+        description=(
+            "Server name sent (SNI) and verified against the certificate. Default: the discovery "
+            "host (dns `host`; for kubernetes `SERVICE.NAMESPACE.svc`; for static, the first "
+            "endpoint's host unless it is an IP address, where sni is required)."
+        ),
+    )
+    ca_file: OptionalPath = Field(
+        default=None,
+        description=(
+            "CA bundle (PEM) the endpoints' certificates are verified against. Default: the "
+            "system trust store."
+        ),
+    )
+    cert_file: OptionalPath = Field(
+        default=None,
+        description=(
+            "Client certificate (PEM) for mutual TLS, set together with key_file; reloaded when "
+            "the file changes."
+        ),
+    )
+    key_file: OptionalPath = Field(
+        default=None,
+        description="Private key (PEM) of cert_file; reloaded when the file changes.",
+    )
+    session_reuse: bool = Field(
+        default=True,
+        description=(
+            "Resume TLS sessions on new connections to an endpoint, saving full handshakes "
+            "(`sidecar_tls_handshakes_total{resumed}`)."
+        ),
+    )
+    alpn: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=lambda: ["http/1.1"],
+        description="ALPN protocols offered in the handshake.",
+    )
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = Field(
+        default="TLSv1.2",
+        description="Lowest TLS version accepted: TLSv1.2 or TLSv1.3.",
+    )
+    insecure_skip_verify: bool = Field(
+        default=False,
+        description=(
+            "Do not verify the endpoints' certificates. Must be set explicitly; warned about at "
+            "start and in /config."
+        ),
+    )
+    handshake_timeout: Duration | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Longest TLS handshake. Default: none of its own; the TCP connect and the handshake "
+            "share pool.connect_timeout."
+        ),
+    )
 
     @model_validator(mode="after")
     def _cert_and_key(self) -> Self:
@@ -538,14 +728,61 @@ class TlsConfig(_Model):
 
 
 class PoolConfig(_Model):
-    max_connections: int = Field(default=100, ge=1)  # per endpoint
-    min_idle: int = Field(default=0, ge=0)  # 0: a zero-config forward proxy prewarms nothing
-    max_idle: int = Field(default=20, ge=0)
-    idle_timeout: Duration = Field(default=60.0, gt=0)
-    max_lifetime: Duration = Field(default=600.0, gt=0)
-    connect_timeout: Duration = Field(default=2.0, gt=0)
-    max_pending: int = Field(default=1000, ge=0)
-    pending_timeout: Duration = Field(default=1.0, gt=0)
+    max_connections: int = Field(
+        default=100,
+        ge=1,
+        description="Upstream connections per endpoint, in use and idle together.",
+    )
+    min_idle: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "Idle connections kept open per endpoint (prewarmed; filled before /readyz turns "
+            "200). 0 by default, so the zero-config forward proxy opens nothing in advance."
+        ),
+    )
+    max_idle: int = Field(
+        default=20,
+        ge=0,
+        description=(
+            "Most idle connections kept per endpoint; more are closed. Default: 20, or "
+            "max_connections when smaller."
+        ),
+    )
+    idle_timeout: Duration = Field(
+        default=60.0,
+        gt=0,
+        description="A pooled connection idle this long is closed.",
+    )
+    max_lifetime: Duration = Field(
+        default=600.0,
+        gt=0,
+        description=(
+            "A connection older than this (jittered) is retired once its request finishes, so "
+            "load follows new endpoints."
+        ),
+    )
+    connect_timeout: Duration = Field(
+        default=2.0,
+        gt=0,
+        description=(
+            "Longest TCP connect (TLS handshake included unless tls.handshake_timeout is set); "
+            "then connect_failed."
+        ),
+    )
+    max_pending: int = Field(
+        default=1000,
+        ge=0,
+        description=(
+            "Requests waiting for a connection to an endpoint; one more gets 503 pool_timeout at "
+            "once."
+        ),
+    )
+    pending_timeout: Duration = Field(
+        default=1.0,
+        gt=0,
+        description="Longest wait for a connection; then 503 pool_timeout.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -571,12 +808,42 @@ class PoolConfig(_Model):
 
 
 class HealthCheckConfig(_Model):
-    type: Literal["http", "tcp", "none"] = "none"
-    path: str = "/healthz"
-    interval: Duration = Field(default=5.0, gt=0)
-    timeout: Duration = Field(default=1.0, gt=0)
-    healthy_threshold: int = Field(default=2, ge=1)
-    unhealthy_threshold: int = Field(default=3, ge=1)
+    type: Literal["http", "tcp", "none"] = Field(
+        default="none",
+        description=(
+            "Active health checks: `http` (GET `path`, healthy on 2xx), `tcp` (a connect "
+            "succeeds) or `none` (outlier detection still applies)."
+        ),
+    )
+    path: str = Field(
+        default="/healthz",
+        description="Path requested by `http` checks (must start with /).",
+    )
+    interval: Duration = Field(
+        default=5.0,
+        gt=0,
+        description="Time between two checks of an endpoint.",
+    )
+    timeout: Duration = Field(
+        default=1.0,
+        gt=0,
+        description=(
+            "A check without an answer within this fails. Default: 1s, or interval when shorter; "
+            "never longer than interval."
+        ),
+    )
+    healthy_threshold: int = Field(
+        default=2,
+        ge=1,
+        description="Consecutive passed checks that make an unhealthy endpoint healthy again.",
+    )
+    unhealthy_threshold: int = Field(
+        default=3,
+        ge=1,
+        description=(
+            "Consecutive failed checks that make an endpoint unhealthy (it gets no requests)."
+        ),
+    )
 
     @field_validator("path")
     @classmethod
@@ -600,10 +867,33 @@ class HealthCheckConfig(_Model):
 
 
 class OutlierConfig(_Model):
-    consecutive_failures: int = Field(default=5, ge=1)
-    base_ejection_time: Duration = Field(default=30.0, gt=0)
-    max_ejection_time: Duration = Field(default=300.0, gt=0)
-    max_ejection_percent: int = Field(default=50, ge=0, le=100)
+    consecutive_failures: int = Field(
+        default=5,
+        ge=1,
+        description=(
+            "Consecutive failed requests (connect failures, resets, timeouts, 5xx) that eject an "
+            "endpoint."
+        ),
+    )
+    base_ejection_time: Duration = Field(
+        default=30.0,
+        gt=0,
+        description=(
+            "Length of a first ejection; an endpoint ejected again stays out base_ejection_time "
+            "times the number of its ejections, up to max_ejection_time."
+        ),
+    )
+    max_ejection_time: Duration = Field(
+        default=300.0,
+        gt=0,
+        description="Longest ejection. Default: 5m, or base_ejection_time when longer.",
+    )
+    max_ejection_percent: int = Field(
+        default=50,
+        ge=0,
+        le=100,
+        description="At most this percentage of a cluster's endpoints is ejected at once.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -621,12 +911,46 @@ class OutlierConfig(_Model):
 
 
 class CircuitBreakerConfig(_Model):
-    failure_rate_threshold: float = Field(default=0.5, gt=0, le=1)
-    minimum_requests: int = Field(default=20, ge=1)
-    window: Duration = Field(default=10.0, gt=0)
-    open_duration: Duration = Field(default=30.0, gt=0)
-    half_open_max_requests: int = Field(default=5, ge=1)
-    max_concurrent_requests: int = Field(default=1000, ge=1)
+    failure_rate_threshold: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description=(
+            "The breaker opens when this share of the requests in the rolling window failed "
+            "(connect failures, resets, timeouts, 5xx)."
+        ),
+    )
+    minimum_requests: int = Field(
+        default=20,
+        ge=1,
+        description="Requests the window must hold before the failure rate counts.",
+    )
+    window: Duration = Field(
+        default=10.0,
+        gt=0,
+        description="Length of the rolling window the failure rate is measured over.",
+    )
+    open_duration: Duration = Field(
+        default=30.0,
+        gt=0,
+        description=(
+            "How long an open breaker refuses requests (503 circuit_open) before it lets trial "
+            "requests through (half-open)."
+        ),
+    )
+    half_open_max_requests: int = Field(
+        default=5,
+        ge=1,
+        description=(
+            "Trial requests let through while half-open; their outcome closes or reopens the "
+            "breaker."
+        ),
+    )
+    max_concurrent_requests: int = Field(
+        default=1000,
+        ge=1,
+        description="Requests in flight to the cluster at once; one more gets 503 circuit_open.",
+    )
 
 
 _RETRY_WORDS = ("connect-failure", "reset", "timeout", "5xx")
@@ -644,8 +968,18 @@ def _retry_condition(value: object) -> str:
 
 
 class BackoffConfig(_Model):
-    base: Duration = Field(default=0.025, gt=0)
-    max: Duration = Field(default=1.0, gt=0)
+    base: Duration = Field(
+        default=0.025,
+        gt=0,
+        description=(
+            "Wait before the first retry; it doubles with each further retry, with full jitter."
+        ),
+    )
+    max: Duration = Field(
+        default=1.0,
+        gt=0,
+        description="Longest wait between tries. Default: 1s, or base when longer.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -660,37 +994,133 @@ class BackoffConfig(_Model):
 
 
 class BudgetConfig(_Model):
-    ratio: float = Field(default=0.2, ge=0)  # retries allowed per request, on top of min_per_second
-    min_per_second: float = Field(default=10, ge=0)
+    ratio: float = Field(
+        default=0.2,
+        ge=0,
+        description=(
+            "Retries allowed as a share of requests (0.2: one retry per five requests), on top of "
+            "min_per_second. A retry beyond the budget is skipped and counted."
+        ),
+    )
+    min_per_second: float = Field(
+        default=10,
+        ge=0,
+        description=(
+            "Retries allowed per second whatever the ratio, so a quiet cluster can still retry."
+        ),
+    )
 
 
 class RetryConfig(_Model):
-    attempts: int = Field(default=3, ge=1)  # total tries, the first included: 1 means no retry
-    on: list[Annotated[str, BeforeValidator(_retry_condition)]] = Field(
-        default_factory=lambda: ["connect-failure", "reset", "502", "503", "504"]
+    attempts: int = Field(
+        default=3,
+        ge=1,
+        description=(
+            "Total tries, the first included: 1 means no retry. A request may ask for 1 to 10 "
+            "with x-sidecar-retry-attempts."
+        ),
     )
-    idempotent_only: bool = True
-    per_try_timeout: Duration = Field(default=2.0, gt=0)
-    backoff: BackoffConfig = Field(default_factory=BackoffConfig)
-    budget: BudgetConfig = Field(default_factory=BudgetConfig)
-    max_body_bytes: Size = 64 * 1024
+    on: list[Annotated[str, BeforeValidator(_retry_condition)]] = Field(
+        default_factory=lambda: ["connect-failure", "reset", "502", "503", "504"],
+        description=(
+            "Failures that are retried: connect-failure, reset, timeout, 5xx (any 5xx answer) or "
+            'one status such as "503". Retry-After is honoured.'
+        ),
+    )
+    idempotent_only: bool = Field(
+        default=True,
+        description=(
+            "Retry only idempotent methods (GET, HEAD, OPTIONS, TRACE, PUT, DELETE) and requests "
+            "carrying Idempotency-Key. A try that failed before any byte was sent is retried "
+            "whatever the method."
+        ),
+    )
+    per_try_timeout: Duration = Field(
+        default=2.0,
+        gt=0,
+        description=(
+            "Deadline of one try; a try that passes it fails as a timeout (and may be retried)."
+        ),
+    )
+    backoff: BackoffConfig = Field(
+        default_factory=BackoffConfig,
+        description="Wait between tries: exponential, full jitter.",
+    )
+    budget: BudgetConfig = Field(
+        default_factory=BudgetConfig,
+        description=(
+            "Retries allowed across all requests of the cluster, so retries cannot multiply an "
+            "outage."
+        ),
+    )
+    max_body_bytes: Size = Field(
+        default=64 * 1024,
+        description=(
+            "Request bodies up to this size are kept for replay; larger ones are not retried once "
+            "sent."
+        ),
+    )
 
 
 class TimeoutsConfig(_Model):
-    request: Duration = Field(default=15.0, gt=0)
+    request: Duration = Field(
+        default=15.0,
+        gt=0,
+        description=(
+            "Deadline of a whole request, retries included; then 504 upstream_timeout. A request "
+            "may shorten it with x-sidecar-timeout-ms; the time left is sent upstream in "
+            "x-sidecar-deadline-ms."
+        ),
+    )
 
 
 class ClusterConfig(_Model):
-    name: Name
-    discovery: Discovery
-    load_balancer: Literal["round_robin", "least_request", "random"] = "least_request"
-    tls: TlsConfig = Field(default_factory=TlsConfig)
-    pool: PoolConfig = Field(default_factory=PoolConfig)
-    health_check: HealthCheckConfig = Field(default_factory=HealthCheckConfig)
-    outlier_detection: OutlierConfig = Field(default_factory=OutlierConfig)
-    circuit_breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
-    retry: RetryConfig = Field(default_factory=RetryConfig)
-    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
+    name: Name = Field(
+        description=(
+            "Unique name: what listeners and routes refer to, and the `cluster` label of metrics."
+        ),
+    )
+    discovery: Discovery = Field(
+        description="Where the endpoints come from: `type` is static, dns or kubernetes.",
+    )
+    load_balancer: Literal["round_robin", "least_request", "random"] = Field(
+        default="least_request",
+        description=(
+            "How each request picks an endpoint: `round_robin`, `least_request` (the less busy of "
+            "two random endpoints) or `random`."
+        ),
+    )
+    tls: TlsConfig = Field(
+        default_factory=TlsConfig,
+        description="TLS origination to the endpoints.",
+    )
+    pool: PoolConfig = Field(
+        default_factory=PoolConfig,
+        description="Keep-alive connection pools, one per endpoint.",
+    )
+    health_check: HealthCheckConfig = Field(
+        default_factory=HealthCheckConfig,
+        description="Active health checks of each endpoint.",
+    )
+    outlier_detection: OutlierConfig = Field(
+        default_factory=OutlierConfig,
+        description="Passive health: endpoints that keep failing requests are ejected for a while.",
+    )
+    circuit_breaker: CircuitBreakerConfig = Field(
+        default_factory=CircuitBreakerConfig,
+        description=(
+            "Stops sending to a failing cluster for a while (503 circuit_open), and caps its "
+            "concurrent requests."
+        ),
+    )
+    retry: RetryConfig = Field(
+        default_factory=RetryConfig,
+        description="Retries, with backoff and a budget.",
+    )
+    timeouts: TimeoutsConfig = Field(
+        default_factory=TimeoutsConfig,
+        description="Deadlines of a request.",
+    )
 
 
 class DrainConfig(_Model):
@@ -698,10 +1128,36 @@ class DrainConfig(_Model):
         float | Literal["auto"],
         BeforeValidator(_parse_grace),
         PlainSerializer(_format_grace, return_type=str, when_used="json"),
-    ] = 25.0
-    accept_period: Duration = 5.0
-    linger: Duration = 5.0  # 0 is meaningful: SO_LINGER 0 aborts with RST
-    exit_on_zero_connections: bool = True
+    ] = Field(
+        default=25.0,
+        description=(
+            "Longest wait for in-flight work once a drain starts (keep it below the pod's "
+            "terminationGracePeriodSeconds); what is still busy then is aborted. `auto`: the "
+            "pod's terminationGracePeriodSeconds (read through the Kubernetes API with POD_NAME / "
+            "POD_NAMESPACE) minus a safety margin; 25s outside Kubernetes."
+        ),
+    )
+    accept_period: Duration = Field(
+        default=5.0,
+        description=(
+            "New app requests are still served this long after a drain starts; later ones get 503 "
+            "draining. Default: 5s, or grace when shorter; never longer than grace."
+        ),
+    )
+    linger: Duration = Field(
+        default=5.0,
+        description="A graceful close (FIN) not finished within this is reset; 0 resets at once.",
+    )
+    exit_on_zero_connections: bool = Field(
+        default=True,
+        description=(
+            "true: after accept_period, keep serving the app's requests for as long as it holds "
+            "connections to the sidecar (an app shutting down still needs its outbound calls); "
+            "drained once nothing is in flight and no app connection is left. false: after "
+            "accept_period new requests get 503 draining and idle app connections are closed; "
+            "drained once nothing is in flight."
+        ),
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -732,12 +1188,31 @@ def _default_listeners() -> list[ListenerConfig]:
 
 
 class Config(_Model):
-    admin: AdminConfig = Field(default_factory=AdminConfig)
-    status: StatusConfig = Field(default_factory=StatusConfig)
-    listeners: list[ListenerConfig] = Field(default_factory=_default_listeners)
-    clusters: list[ClusterConfig] = Field(default_factory=list)
-    drain: DrainConfig = Field(default_factory=DrainConfig)
-    access_log: bool = True
+    admin: AdminConfig = Field(
+        default_factory=AdminConfig,
+        description="The admin API: health, readiness, metrics, drain, reload, config, clusters.",
+    )
+    status: StatusConfig = Field(
+        default_factory=StatusConfig,
+        description="The status port, for kubelet and Prometheus.",
+    )
+    listeners: list[ListenerConfig] = Field(
+        default_factory=_default_listeners,
+        description=(
+            "Where the app connects. Default: the egress listener of the embedded default "
+            "(127.0.0.1:15001, forward proxy to every host, CONNECT on); an explicit empty list "
+            "is an error."
+        ),
+    )
+    clusters: list[ClusterConfig] = Field(
+        default_factory=list,
+        description="The upstream services the sidecar proxies to.",
+    )
+    drain: DrainConfig = Field(
+        default_factory=DrainConfig,
+        description="What happens on SIGTERM, `sidecar drain` or POST /drain.",
+    )
+    access_log: bool = Field(default=True, description="One log line per request, at info level.")
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:

@@ -255,15 +255,29 @@ class ThreadedServer:
         self.stop()
 
 
+NGINX_EXE = "/usr/sbin/nginx"  # Debian's nginx-light, as scripts/check installs it
+
+
+def require_tool(path: str, install: str) -> str:
+    """`path` if that executable exists; else the test FAILS, saying how to install it. Inside
+    the test command a missing tool is a failure, not a skip: a run without nginx must not pass
+    green with its nginx tests unrun. `bash scripts/check` installs every tool the tests use."""
+    if not os.access(path, os.X_OK):
+        import pytest
+
+        pytest.fail(
+            f"{path} is missing ({install}; `bash scripts/check` installs it): the tests that "
+            "drive it fail rather than skip",
+            pytrace=False,
+        )
+    return path
+
+
 @contextlib.contextmanager
 def nginx(conf_body: str, port: int | None = None) -> Iterator[int]:
     """nginx from apt in the foreground with `conf_body` inside `http {}`; `{port}` is replaced.
     Stopped by its PID."""
-    exe = "/usr/sbin/nginx"
-    if not os.path.exists(exe):
-        import pytest
-
-        pytest.skip("nginx is not installed (apt-get install nginx-light)")
+    exe = require_tool(NGINX_EXE, "apt-get install nginx-light")
     port = port or free_port()
     d = Path(tempfile.mkdtemp(prefix="sidecar-nginx-"))
     (d / "logs").mkdir()

@@ -30,7 +30,6 @@ from tests.integration.tls_servers import (
     Pki,
     ThreadedTlsUpstream,
     cn_of,
-    nginx_available,
     server_context,
 )
 
@@ -38,7 +37,6 @@ T = TypeVar("T")
 TIMEOUT = 5.0  # every wait in this file is bounded by this
 CONNECTIONS = 100
 VERSIONS = ["TLSv1.2", "TLSv1.3"]
-needs_nginx = pytest.mark.skipif(not nginx_available(), reason="nginx is not installed")
 
 Run = Callable[[Coroutine[Any, Any, T]], T]
 
@@ -137,7 +135,6 @@ def after_first(flags: list[bool]) -> float:
 
 
 # --- resumption ------------------------------------------------------------------------------
-@needs_nginx
 @pytest.mark.parametrize("version", VERSIONS)
 def test_resumption_nginx(run: Run[Any], pki: Pki, tmp_path: Path, version: str) -> None:
     origin = TlsOrigin(sni="upstream.test", ca_file=pki.ca_file)
@@ -228,7 +225,6 @@ def test_a_superseded_context_hands_new_connections_to_the_current_one(
     assert _cn(run(scenario())) == "client-b"
 
 
-@needs_nginx
 @pytest.mark.parametrize("version", VERSIONS)
 def test_forgotten_session_means_full_handshake(
     run: Run[Any], pki: Pki, tmp_path: Path, version: str
@@ -252,7 +248,6 @@ async def fetch_n(origin: TlsOrigin, port: int, n: int) -> list[bool]:
     return [(await fetch(origin, port)).resumed for _ in range(n)]
 
 
-@needs_nginx
 @pytest.mark.parametrize("version", VERSIONS)
 def test_session_never_offered_to_another_name(
     run: Run[Any], pki: Pki, tmp_path: Path, version: str
@@ -276,7 +271,6 @@ def test_session_never_offered_to_another_name(
     assert flags == [False, True, False, True, True]
 
 
-@needs_nginx
 def test_session_reuse_off(run: Run[Any], pki: Pki, tmp_path: Path) -> None:
     origin = TlsOrigin(sni="upstream.test", ca_file=pki.ca_file, session_reuse=False)
     with NginxTlsUpstream(tmp_path / "nginx", pki.server, version="TLSv1.3") as nginx:
@@ -490,7 +484,6 @@ def _cn(fetched: Fetched) -> str | None:
     return cn
 
 
-@needs_nginx
 def test_mtls_rotation_nginx(run: Run[Any], pki: Pki, tmp_path: Path) -> None:
     """nginx checks the client certificate and logs its subject; rotation shows up there."""
     secret = _secret(pki, tmp_path / "secret", "client-a")

@@ -30,7 +30,6 @@ from tests.integration.tls_servers import (
     Pki,
     ThreadedTlsUpstream,
     cn_of,
-    nginx_available,
     server_context,
 )
 
@@ -42,7 +41,6 @@ SNI = "upstream.test"
 RELOAD_WAIT = 9.0
 # The sidecar stops on SIGTERM at the end of each test: no need to keep serving for seconds.
 FAST_DRAIN = {"grace": "2s", "accept_period": "0s"}
-needs_nginx = pytest.mark.skipif(not nginx_available(), reason="nginx is not installed")
 
 
 @pytest.fixture(params=LOOPS)
@@ -196,7 +194,6 @@ def _check_resumption(sidecar: Sidecar, upstream_flags: list[bool], label: str) 
     assert sum(upstream_flags) == resumed
 
 
-@needs_nginx
 @pytest.mark.parametrize("version", VERSIONS)
 def test_resumption_nginx(
     sidecars: Callable[..., Sidecar], loop: str, pki: Pki, tmp_path: Path, version: str
@@ -230,7 +227,6 @@ def test_resumption_aiohttp(
         _check_resumption(sidecar, [s.reused for s in up.seen], f"aiohttp {version} {loop}")
 
 
-@needs_nginx
 def test_session_reuse_off(
     sidecars: Callable[..., Sidecar], loop: str, pki: Pki, tmp_path: Path
 ) -> None:
@@ -398,7 +394,6 @@ def test_mtls_without_a_client_certificate(
         assert "client certificate" in detail and "none configured" in detail, detail
 
 
-@needs_nginx
 def test_mtls_nginx_sees_the_client_certificate(
     sidecars: Callable[..., Sidecar], loop: str, pki: Pki, tmp_path: Path
 ) -> None:
@@ -451,7 +446,6 @@ def _tcp_exchange(port: int, payload: bytes, half_close: bool, timeout: float = 
     return data
 
 
-@needs_nginx
 @pytest.mark.parametrize("version", VERSIONS)
 def test_tcp_listener_originates_tls(
     sidecars: Callable[..., Sidecar], loop: str, pki: Pki, tmp_path: Path, version: str

@@ -228,11 +228,7 @@ class ThreadedTlsUpstream:
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
 
-def nginx_available() -> bool:
-    return os.access(NGINX, os.X_OK)
-
-
-from tests.harness import free_port  # noqa: E402  (outside the ephemeral range)
+from tests.harness import free_port, require_tool  # noqa: E402  (outside the ephemeral range)
 
 _NGINX_CONF = """\
 daemon off;
@@ -327,6 +323,7 @@ class NginxTlsUpstream:
         return path
 
     def start(self, timeout: float = 10.0) -> NginxTlsUpstream:
+        require_tool(NGINX, "apt-get install nginx-light")  # missing: the test fails
         for attempt in range(3):  # a free port can be taken by someone else before nginx binds
             if not self.ports or attempt:
                 self.ports = [free_port() for _ in range(self.nports)]

@@ -40,7 +40,8 @@ CLUSTER_KINDS = [
         id="real",
         marks=pytest.mark.skipif(
             not os.environ.get(E2E_ENV),
-            reason=f"no real cluster: set {E2E_ENV} to a kubeconfig (see e2e/README-discovery.md)",
+            reason=f"opt-in: set {E2E_ENV} to a kubeconfig for a real cluster "
+            "(see e2e/README-discovery.md)",
         ),
     ),
 ]
@@ -264,7 +265,7 @@ async def open_cluster(kind: str, workdir: Path) -> AsyncIterator[Cluster]:
         return
     path = os.environ.get(E2E_ENV)
     if not path:
-        pytest.skip(f"{E2E_ENV} is not set")
+        pytest.skip(f"opt-in: {E2E_ENV} is not set")
     cluster = await RealCluster.connect(path)
     try:
         yield cluster

@@ -33,8 +33,8 @@ BOUND = 5.0  # no wait in this file is longer
 # inherit from compiled traits"). These four run against the same source in the pure-Python
 # pass of scripts/check; compiled, the wheel is exercised by the real objects further down
 # and by tests/unit/test_pool.py.
-pure_only = pytest.mark.skipif(compiled(), reason="Timed is a compiled trait here; runs in the "
-                               "SIDECAR_PURE=1 pass of scripts/check")
+pure_only = pytest.mark.skipif(compiled(), reason="by design: Timed is a compiled trait here; "
+                               "runs in the SIDECAR_PURE=1 pass of scripts/check")
 
 
 class Item(Timed):
