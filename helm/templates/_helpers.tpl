@@ -199,3 +199,35 @@ minus 5 s, so the kubelet's SIGTERM finds nothing left to lose.
   emptyDir:
     sizeLimit: {{ .Values.tmpSizeLimit }}
 {{- end -}}
+
+{{/* The injection webhook's name (Deployment, Service, Secret, ConfigMap, PDB). */}}
+{{- define "connection-sidecar.injectorName" -}}
+{{- printf "%s-injector" (include "connection-sidecar.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "connection-sidecar.injectorSelectorLabels" -}}
+{{ include "connection-sidecar.selectorLabels" . }}
+app.kubernetes.io/component: injector
+{{- end -}}
+
+{{/*
+connection-sidecar.injectorValues: what the webhook injects, as the chart's own values (the
+webhook reads them with `--values`, so that an injected container is the one
+"connection-sidecar.container" renders for these values: tests/inject/test_chart_parity.py).
+*/}}
+{{- define "connection-sidecar.injectorValues" -}}
+image:
+  repository: {{ .Values.image.repository }}
+  tag: {{ .Values.image.tag | default .Chart.AppVersion | quote }}
+  pullPolicy: {{ .Values.image.pullPolicy }}
+nativeSidecar: {{ .Values.nativeSidecar }}
+tmpSizeLimit: {{ .Values.tmpSizeLimit | quote }}
+resources:
+  {{- toYaml .Values.resources | nindent 2 }}
+probes:
+  {{- toYaml .Values.probes | nindent 2 }}
+securityContext:
+  {{- toYaml .Values.securityContext | nindent 2 }}
+extraEnv:
+  {{- toYaml .Values.extraEnv | nindent 2 }}
+{{- end -}}
