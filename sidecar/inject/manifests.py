@@ -141,7 +141,7 @@ def _inject_document(
         if doc is None:
             continue
         if not isinstance(doc, Mapping) or "kind" not in doc:
-            line = first_line + getattr(getattr(doc, "lc", None), "line", 0) + 1
+            line = first_line + _content_line(text, doc)
             raise InputError(line, "not a Kubernetes object (a mapping with a kind)")
         for where, template in _templates(doc, _name(doc)):
             before = to_plain(template)
@@ -163,6 +163,18 @@ def _inject_document(
         yaml.explicit_start = True
     yaml.dump_all(docs, out)
     return out.getvalue()
+
+
+def _content_line(text: str, doc: Any) -> int:
+    """The 1-based line in `text` where `doc` starts (ruamel marks collections, not scalars)."""
+    lc = getattr(doc, "lc", None)
+    if lc is not None:
+        return int(lc.line) + 1
+    for number, line in enumerate(text.splitlines()):
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#") and not _SEPARATOR.match(line):
+            return number + 1
+    return 1
 
 
 def _init_containers_first(template: Any, before: Mapping[str, Any]) -> None:
