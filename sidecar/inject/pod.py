@@ -221,11 +221,13 @@ class Unsupported(ValueError):
 @dataclass(frozen=True)
 class Outcome:
     """What `inject` decided: the new pod (the input itself when unchanged), a RESULTS value,
-    and why."""
+    and why. `warn`: left alone against the pod's wish (a conflict), worth telling its
+    creator; an opt-out or a pod that never opted in is not."""
 
     pod: dict[str, Any]
     result: str
     reason: str
+    warn: bool = False
 
 
 def _is_false(value: object) -> bool:
@@ -274,15 +276,16 @@ def inject(
         raise Unsupported("spec.containers is empty")
     names = {c["name"] for c in [*inits, *mains]}
     if FOREIGN_SIDECAR in names and CONTAINER not in names:
-        return Outcome(dict(pod), SKIPPED, f"a container is already named {FOREIGN_SIDECAR!r}")
+        reason = f"a container is already named {FOREIGN_SIDECAR!r}"
+        return Outcome(dict(pod), SKIPPED, reason, warn=True)
     if spec.get("hostNetwork") is True and CONTAINER not in names:
-        return Outcome(
-            dict(pod), SKIPPED, "hostNetwork: the sidecar's ports would be the node's"
-        )
+        reason = "hostNetwork: the sidecar's ports would be the node's"
+        return Outcome(dict(pod), SKIPPED, reason, warn=True)
     if CONTAINER not in names:
         taken = _ports_taken(settings, [*inits, *mains])
         if taken:
-            return Outcome(dict(pod), SKIPPED, f"a container already uses port {taken}")
+            reason = f"a container already uses port {taken}"
+            return Outcome(dict(pod), SKIPPED, reason, warn=True)
     volumes = spec.get("volumes")
     if volumes is not None and not (
         isinstance(volumes, list) and all(isinstance(v, dict) for v in volumes)

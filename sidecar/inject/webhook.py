@@ -89,7 +89,7 @@ class Injector:
         level = logging.DEBUG if outcome.reason == "not opted in" else logging.INFO
         logs.event(log, level, outcome.result, pod=who, reason=outcome.reason,
                    operations=len(patch))  # fmt: skip
-        if outcome.result == podlib.SKIPPED and outcome.reason != "not opted in":
+        if outcome.warn:
             response["warnings"] = [f"{WARNING_PREFIX}not injected: {outcome.reason}"]
         if patch:
             response["patchType"] = "JSONPatch"

@@ -194,9 +194,12 @@ def test_unreadable_pods_raise_unsupported(pod: dict[str, Any]) -> None:
 
 
 def test_settings_from_values_and_flags() -> None:
-    values = {"image": {"repository": "reg.local/sidecar", "tag": "9.9", "pullPolicy": "Never"},
-              "nativeSidecar": False, "probes": {"startup": {"periodSeconds": 2,
-              "failureThreshold": 30}}, "config": {"status": {"address": "0.0.0.0:15021"}}}  # fmt: skip
+    values = {
+        "image": {"repository": "reg.local/sidecar", "tag": "9.9", "pullPolicy": "Never"},
+        "nativeSidecar": False,
+        "probes": {"startup": {"periodSeconds": 2, "failureThreshold": 30}},
+        "config": {"status": {"address": "0.0.0.0:15021"}},
+    }
     settings = Settings.from_values(values)
     assert settings.image == "reg.local/sidecar:9.9" and settings.pull_policy == "Never"
     assert not settings.native and settings.status_port == 15021
