@@ -160,7 +160,10 @@ def make_app(injector: Injector) -> web.Application:
 def tls_context(cert: str, key: str) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert, key)
+    try:
+        context.load_cert_chain(cert, key)
+    except OSError as exc:  # name the files: ssl's own message does not
+        raise OSError(f"cannot load the serving certificate {cert} / key {key}: {exc}") from exc
     return context
 
 
