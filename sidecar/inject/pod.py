@@ -281,6 +281,12 @@ def inject(
     if spec.get("hostNetwork") is True and CONTAINER not in names:
         reason = "hostNetwork: the sidecar's ports would be the node's"
         return Outcome(dict(pod), SKIPPED, reason, warn=True)
+    if not settings.native and CONTAINER not in names and spec.get("restartPolicy") in (
+        "Never", "OnFailure"
+    ):
+        # A classic sidecar never exits by itself: the Job's pod would never complete.
+        reason = "a run-to-completion pod (Job) needs the native sidecar, not --classic"
+        return Outcome(dict(pod), SKIPPED, reason, warn=True)
     if CONTAINER not in names:
         taken = _ports_taken(settings, [*inits, *mains])
         if taken:

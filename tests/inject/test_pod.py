@@ -157,12 +157,14 @@ def test_reinvocation_completes_a_container_added_later() -> None:
         (make_pod(hostNetwork=True), "hostNetwork: the sidecar's ports would be the node's"),
         (make_pod({"name": "app", "image": "a:1", "ports": [{"containerPort": 15020}]}),
          "a container already uses port 15020"),
+        (make_pod(restartPolicy="OnFailure"),
+         "a run-to-completion pod (Job) needs the native sidecar, not --classic"),
     ],
-    ids=["container-named-sidecar", "host-network", "port-taken"],
+    ids=["container-named-sidecar", "host-network", "port-taken", "classic-job"],
 )  # fmt: skip
 def test_left_alone_with_the_reason(pod: dict[str, Any], reason: str) -> None:
-    out = inject(pod, Settings())
-    assert (out.result, out.reason) == (podlib.SKIPPED, reason)
+    out = inject(pod, Settings(native="Job" not in reason))
+    assert (out.result, out.reason, out.warn) == (podlib.SKIPPED, reason, True)
     assert out.pod == pod
 
 
