@@ -52,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     webhook.add_argument("--shutdown-delay", type=float, default=5.0,
                          help="seconds to keep answering after SIGTERM (readyz 503)")
     webhook.add_argument("--log-format", choices=("json", "text"), default="json")
+    webhook.add_argument("--cert-check-every", type=float, default=30.0, help=argparse.SUPPRESS)
     _injection_args(webhook)
     return p
 
@@ -282,7 +283,7 @@ def cmd_webhook(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(webhook.serve(
             settings, args.cert, args.key, host.strip("[]") or "0.0.0.0", port_number,
-            args.shutdown_delay,
+            args.shutdown_delay, args.cert_check_every,
         ))  # fmt: skip
     except OSError as exc:  # a port in use, unreadable cert files
         print(f"sidecar webhook: {exc}", file=sys.stderr)

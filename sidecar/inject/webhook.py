@@ -167,7 +167,7 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
     return context
 
 
-async def _watch_cert(context: ssl.SSLContext, cert: str, key: str) -> None:
+async def _watch_cert(context: ssl.SSLContext, cert: str, key: str, every: float) -> None:
     """cert-manager (and `helm upgrade`) replace the Secret: the kubelet swaps the mounted
     files, and new handshakes get the new certificate without a restart."""
 
@@ -176,7 +176,7 @@ async def _watch_cert(context: ssl.SSLContext, cert: str, key: str) -> None:
 
     seen = stamp()
     while True:
-        await asyncio.sleep(CERT_CHECK_EVERY)
+        await asyncio.sleep(every)
         try:
             now = stamp()
             if now != seen:
@@ -189,7 +189,7 @@ async def _watch_cert(context: ssl.SSLContext, cert: str, key: str) -> None:
 
 async def serve(
     settings: podlib.Settings, cert: str, key: str, host: str, port: int,
-    shutdown_delay: float = SHUTDOWN_DELAY,
+    shutdown_delay: float = SHUTDOWN_DELAY, cert_check_every: float = CERT_CHECK_EVERY,
 ) -> int:  # fmt: skip
     context = tls_context(cert, key)
     injector = Injector(settings)
@@ -203,7 +203,7 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     logs.event(log, logging.INFO, "webhook listening", address=f"{host}:{port}",
                native=settings.native, image=settings.image)  # fmt: skip
-    watcher = asyncio.create_task(_watch_cert(context, cert, key))
+    watcher = asyncio.create_task(_watch_cert(context, cert, key, cert_check_every))
     try:
         await stop.wait()
         injector.stopping = True

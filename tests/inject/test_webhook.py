@@ -387,3 +387,35 @@ def test_sigterm_keeps_answering_while_not_ready_then_exits_0(
     events = [json.loads(line)["event"] for line in hook.log.read_text().splitlines()
               if line.startswith("{")]  # fmt: skip
     assert events[0] == "webhook listening" and "webhook stopped" in events
+
+
+def test_a_renewed_certificate_is_served_without_a_restart(
+    rendered: Rendered, tmp_path: Path
+) -> None:
+    """cert-manager renews the Secret, the kubelet swaps the mounted files: new handshakes
+    get the new certificate (here one from another CA, for the same Service name)."""
+    import trustme
+
+    hook = start_webhook(rendered, tmp_path, "--shutdown-delay", "0",
+                         "--cert-check-every", "0.1")  # fmt: skip
+    try:
+        ca = trustme.CA()
+        renewed = ca.issue_cert(SERVICE_DNS)
+        renewed.private_key_pem.write_to_path(str(tmp_path / "tls.key.new"))
+        renewed.cert_chain_pems[0].write_to_path(str(tmp_path / "tls.crt.new"))
+        # The kubelet's atomic swap: each file replaced by a rename, key first.
+        (tmp_path / "tls.key.new").replace(tmp_path / "tls.key")
+        (tmp_path / "tls.crt.new").replace(tmp_path / "tls.crt")
+        hook.context = ssl.create_default_context()
+        ca.configure_trust(hook.context)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert hook.request("GET", "/healthz")[0] == 200
+                break
+            except ssl.SSLCertVerificationError:  # still the old certificate
+                assert time.monotonic() < deadline, hook.log.read_text()
+                time.sleep(0.1)
+        assert "serving certificate reloaded" in hook.log.read_text()
+    finally:
+        assert stop(hook) == 0, hook.log.read_text()
