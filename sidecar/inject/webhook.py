@@ -67,7 +67,9 @@ class Injector:
         response: dict[str, Any] = {"uid": request["uid"], "allowed": True}
         answer = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
                   "response": response}  # fmt: skip
-        kind = request.get("kind") or {}
+        kind = request.get("kind")
+        if not isinstance(kind, dict):
+            raise BadReview("request.kind is not a GroupVersionKind")
         obj = request.get("object")
         who = _who(request, obj)
         if (kind.get("group"), kind.get("kind")) != ("", "Pod") or request.get(
