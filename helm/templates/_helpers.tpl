@@ -106,6 +106,10 @@ the app has exited. Classic: a postStart hook (`sidecar wait-ready`) blocks the 
 containers after it until the sidecar is ready, which is why it must come first.
 Stop, both modes: preStop `sidecar drain` waits for in-flight work, up to the grace period
 minus 5 s, so the kubelet's SIGTERM finds nothing left to lose.
+
+`sidecar inject` and the injection webhook build this same container in Python
+(sidecar/inject/pod.py: sidecar_container). tests/inject/test_chart_parity.py renders this
+template for many values and requires the two to be equal, key for key: change both.
 */}}
 {{- define "connection-sidecar.container" -}}
 {{- $v := .Values -}}
