@@ -209,8 +209,11 @@ template for many values and requires the two to be equal, key for key: change b
 {{- printf "%s-injector" (include "connection-sidecar.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
+{{/* Not the app's selector labels plus one: then the app's selectors (its Deployment, the
+status Service, the monitors) would select the injector's pods too. */}}
 {{- define "connection-sidecar.injectorSelectorLabels" -}}
-{{ include "connection-sidecar.selectorLabels" . }}
+app.kubernetes.io/name: {{ printf "%s-injector" (include "connection-sidecar.name" .) | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: injector
 {{- end -}}
 

@@ -229,3 +229,22 @@ def test_each_render_is_parseable_yaml(helm: Helm) -> None:
     for sets in (ON, CERT_MANAGER, ONLY_INJECTOR):
         text = helm.template(sets=sets).text
         assert all(isinstance(d, dict) for d in yaml.safe_load_all(text) if d is not None)
+
+
+def test_the_apps_selectors_never_select_the_injectors_pods(helm: Helm) -> None:
+    """The status Service, the monitors and the app's Deployment select the app's pods: an
+    injector pod among them would be a scrape target with no status port."""
+    rendered = helm.template(sets=[*ON, "serviceMonitor.enabled=true",
+                                   "podMonitor.enabled=true"])  # fmt: skip
+    injector = rendered.one("Deployment", INJECTOR)["spec"]["template"]["metadata"]["labels"]
+    app = rendered.one("Deployment", f"{RELEASE}-connection-sidecar")
+    selectors = [
+        app["spec"]["selector"]["matchLabels"],
+        rendered.one("Service", f"{RELEASE}-connection-sidecar-status")["spec"]["selector"],
+        rendered.one("PodMonitor")["spec"]["selector"]["matchLabels"],
+    ]
+    for selector in selectors:
+        assert selector.items() <= app["spec"]["template"]["metadata"]["labels"].items()
+        assert not selector.items() <= injector.items(), selector
+    service = rendered.one("Service", INJECTOR)["spec"]["selector"]
+    assert not service.items() <= app["spec"]["template"]["metadata"]["labels"].items()
