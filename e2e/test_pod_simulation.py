@@ -216,6 +216,12 @@ def test_pod_start_and_termination_lose_no_request(
     rendered = e2e_helm.template(sets=[] if mode == "native" else ["nativeSidecar=false"])
     pod = Pod.from_rendered(rendered)
     assert pod.native is (mode == "native")
+    simulate_pod_life(pod, mode, tmp_path)
+
+
+def simulate_pod_life(pod: Pod, mode: str, tmp_path: Path) -> None:
+    """Start, steady load and termination of `pod` as the kubelet runs them, with every
+    assertion of the module docstring (also used by e2e/test_injected_pod.py)."""
     ports = PortMap()
     seen: list[float] = []
     server = upstream(seen)

@@ -1,4 +1,5 @@
-"""The command line: `sidecar run | check | drain | config-dump | wait-ready` (SPEC section 2)."""
+"""The command line: `sidecar run | check | drain | config-dump | wait-ready | inject | webhook`
+(SPEC sections 2 and 12)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from typing import TYPE_CHECKING, Any
 
 from sidecar import __version__
+
+if TYPE_CHECKING:
+    from sidecar.inject.pod import Settings
 
 DEFAULT_ADMIN = "http://127.0.0.1:15000"
 
@@ -35,7 +40,31 @@ def _parser() -> argparse.ArgumentParser:
     wait = sub.add_parser("wait-ready", help="wait until the sidecar is ready (postStart hook)")
     wait.add_argument("--url", default="http://127.0.0.1:15020/readyz")
     wait.add_argument("--timeout", type=float, default=30.0)
+    inject = sub.add_parser(
+        "inject", help="add the sidecar to the pod templates of Kubernetes YAML (stdin -> stdout)"
+    )
+    inject.add_argument("-f", "--filename", default="-", help="a YAML file (default: stdin)")
+    _injection_args(inject)
+    webhook = sub.add_parser("webhook", help="run the mutating admission webhook (HTTPS)")
+    webhook.add_argument("--cert", required=True, help="serving certificate (PEM)")
+    webhook.add_argument("--key", required=True, help="its private key (PEM)")
+    webhook.add_argument("--address", default="0.0.0.0:8443")
+    webhook.add_argument("--shutdown-delay", type=float, default=5.0,
+                         help="seconds to keep answering after SIGTERM (readyz 503)")
+    webhook.add_argument("--log-format", choices=("json", "text"), default="json")
+    webhook.add_argument("--cert-check-every", type=float, default=30.0, help=argparse.SUPPRESS)
+    _injection_args(webhook)
     return p
+
+
+def _injection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config-map", help="the sidecar's config ConfigMap (default: embedded "
+                   "config); a pod's connection-sidecar.io/config annotation wins")
+    p.add_argument("--image", help="the sidecar image (default: the chart's)")
+    p.add_argument("--classic", action="store_true",
+                   help="a classic first container, not a native sidecar (Kubernetes < 1.29)")
+    p.add_argument("--values", help="a values file of the Helm chart: image, nativeSidecar, "
+                   "resources, probes, securityContext, tmpSizeLimit, extraEnv")
 
 
 def _http(method: str, url: str, timeout: float) -> tuple[int, bytes]:
@@ -192,6 +221,77 @@ def cmd_run(config_path: str | None, log_format: str, loop: str) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def _injection_settings(args: argparse.Namespace) -> Settings:
+    """Settings from --values and the flags; raises ValueError (a bad values file)."""
+    from sidecar.inject.pod import Settings
+
+    values: Any = {}
+    if args.values:
+        import yaml
+
+        with open(args.values) as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{args.values}: not a mapping of chart values")
+    settings = Settings.from_values(values) if values else Settings()
+    return settings.with_overrides(args.image, args.classic, args.config_map)
+
+
+def cmd_inject(args: argparse.Namespace) -> int:
+    from sidecar.inject import manifests
+
+    name = "<stdin>" if args.filename == "-" else args.filename
+    try:
+        settings = _injection_settings(args)
+        if args.filename == "-":
+            text = sys.stdin.read()
+        else:
+            with open(args.filename, encoding="utf-8") as f:
+                text = f.read()
+    except (OSError, ValueError) as exc:
+        print(f"sidecar inject: {exc}", file=sys.stderr)
+        return 2
+
+    def report(r: manifests.Report) -> None:
+        print(f"sidecar inject: {name}: {r.where}: {r.result} ({r.reason})", file=sys.stderr)
+
+    try:
+        out = manifests.inject_text(text, settings, report)
+    except manifests.InputError as exc:
+        print(f"{name}:{exc.line}: {exc.message}", file=sys.stderr)
+        return 2
+    sys.stdout.write(out)
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_webhook(args: argparse.Namespace) -> int:
+    from sidecar import log
+
+    log.setup(args.log_format)
+    host, _, port = args.address.rpartition(":")
+    try:
+        settings = _injection_settings(args)
+        port_number = int(port)
+    except (OSError, ValueError) as exc:
+        print(f"sidecar webhook: {exc}", file=sys.stderr)
+        return 2
+    import asyncio
+
+    from sidecar.inject import webhook
+
+    try:
+        return asyncio.run(webhook.serve(
+            settings, args.cert, args.key, host.strip("[]") or "0.0.0.0", port_number,
+            args.shutdown_delay, args.cert_check_every,
+        ))  # fmt: skip
+    except OSError as exc:  # a port in use, unreadable cert files
+        print(f"sidecar webhook: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check":
@@ -202,4 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_config_dump(args.admin.rstrip("/"))
     if args.command == "wait-ready":
         return cmd_wait_ready(args.url, args.timeout)
+    if args.command == "inject":
+        return cmd_inject(args)
+    if args.command == "webhook":
+        return cmd_webhook(args)
     return cmd_run(args.config, args.log_format, args.loop)

@@ -106,6 +106,10 @@ the app has exited. Classic: a postStart hook (`sidecar wait-ready`) blocks the 
 containers after it until the sidecar is ready, which is why it must come first.
 Stop, both modes: preStop `sidecar drain` waits for in-flight work, up to the grace period
 minus 5 s, so the kubelet's SIGTERM finds nothing left to lose.
+
+`sidecar inject` and the injection webhook build this same container in Python
+(sidecar/inject/pod.py: sidecar_container). tests/inject/test_chart_parity.py renders this
+template for many values and requires the two to be equal, key for key: change both.
 */}}
 {{- define "connection-sidecar.container" -}}
 {{- $v := .Values -}}
@@ -198,4 +202,39 @@ minus 5 s, so the kubelet's SIGTERM finds nothing left to lose.
 - name: connection-sidecar-tmp
   emptyDir:
     sizeLimit: {{ .Values.tmpSizeLimit }}
+{{- end -}}
+
+{{/* The injection webhook's name (Deployment, Service, Secret, ConfigMap, PDB). */}}
+{{- define "connection-sidecar.injectorName" -}}
+{{- printf "%s-injector" (include "connection-sidecar.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Not the app's selector labels plus one: then the app's selectors (its Deployment, the
+status Service, the monitors) would select the injector's pods too. */}}
+{{- define "connection-sidecar.injectorSelectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-injector" (include "connection-sidecar.name" .) | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: injector
+{{- end -}}
+
+{{/*
+connection-sidecar.injectorValues: what the webhook injects, as the chart's own values (the
+webhook reads them with `--values`, so that an injected container is the one
+"connection-sidecar.container" renders for these values: tests/inject/test_chart_parity.py).
+*/}}
+{{- define "connection-sidecar.injectorValues" -}}
+image:
+  repository: {{ .Values.image.repository }}
+  tag: {{ .Values.image.tag | default .Chart.AppVersion | quote }}
+  pullPolicy: {{ .Values.image.pullPolicy }}
+nativeSidecar: {{ .Values.nativeSidecar }}
+tmpSizeLimit: {{ .Values.tmpSizeLimit | quote }}
+resources:
+  {{- toYaml .Values.resources | nindent 2 }}
+probes:
+  {{- toYaml .Values.probes | nindent 2 }}
+securityContext:
+  {{- toYaml .Values.securityContext | nindent 2 }}
+extraEnv:
+  {{- toYaml .Values.extraEnv | nindent 2 }}
 {{- end -}}
