@@ -106,14 +106,21 @@ def kubeconfig(path: str | None = None, *, context: str | None = None) -> ApiFac
 def default_api(
     *,
     environ: Mapping[str, str] | None = None,
-    token_path: str = TOKEN_PATH,
-    ca_path: str = CA_PATH,
+    token_path: str | None = None,
+    ca_path: str | None = None,
 ) -> ApiFactory:
     """In-cluster credentials when running in a pod (`KUBERNETES_SERVICE_HOST` set), else the
-    kubeconfig (SPEC section 4)."""
+    kubeconfig (SPEC section 4). The service account's files are read from
+    `SIDECAR_SERVICEACCOUNT_DIR` when set (a non-standard mount; the discovery benchmark),
+    else from the standard mount."""
     env = os.environ if environ is None else environ
     if env.get("KUBERNETES_SERVICE_HOST"):
-        return in_cluster(token_path=token_path, ca_path=ca_path, environ=environ)
+        directory = env.get("SIDECAR_SERVICEACCOUNT_DIR") or SERVICE_ACCOUNT_DIR
+        return in_cluster(
+            token_path=token_path or f"{directory}/token",
+            ca_path=ca_path or f"{directory}/ca.crt",
+            environ=environ,
+        )
     return kubeconfig()
 
 
