@@ -438,6 +438,8 @@ class KubernetesResolver:
                 extra=self._where(kind="reset", endpoints=len(delta.endpoints)),
             )
         elif isinstance(delta, Add | Remove):
+            if not log.isEnabledFor(logging.DEBUG):
+                return  # one per slice event: not worth even building the fields
             changed = delta.endpoints if isinstance(delta, Add) else delta.keys
             log.debug(
                 "k8s_endpoints",
