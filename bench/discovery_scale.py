@@ -146,6 +146,11 @@ def largest_lag_bucket(before: dict[float, float], after: dict[float, float]) ->
     return None
 
 
+def discovery_updates(metrics: bytes) -> float:
+    m = re.search(rb'sidecar_discovery_updates_total\{cluster="%s"\} (\S+)' % SVC.encode(), metrics)
+    return float(m.group(1)) if m else float("nan")
+
+
 def cluster_state(body: bytes) -> dict[str, bool]:
     doc = json.loads(body)
     for c in doc["clusters"]:
@@ -191,7 +196,8 @@ async def measure(args: argparse.Namespace, n: int, work: Path) -> dict[str, Any
             env["SIDECAR_SERVICEACCOUNT_DIR"] = str(fake.workdir)
         cmd = [sys.executable, "-m", "sidecar", "run", "--config", str(cfg), "--loop", args.loop]
         t0 = time.monotonic()
-        proc = procs.start(f"sidecar-{n}", cmd, frozenset({0}), env=env)
+        # cwd: `python -m` puts it first on sys.path; it must not shadow --pythonpath.
+        proc = procs.start(f"sidecar-{n}", cmd, frozenset({0}), env=env, cwd=work)
         admin = Admin(admin_port)
         try:
             # Converged: every endpoint listed.
@@ -277,6 +283,7 @@ async def measure(args: argparse.Namespace, n: int, work: Path) -> dict[str, Any
         "endpoints": n,
         "slices": slices,
         "events": events,
+        "updates_applied": discovery_updates(after_metrics) - discovery_updates(before_metrics),
         "rate": round(events / elapsed, 1),
         "cpu_pct": round(100 * cpu / elapsed, 1),
         "baseline_cpu_pct": round(100 * baseline_rate, 1),
@@ -327,13 +334,16 @@ def main() -> None:
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     parser.add_argument("--pythonpath", help="run the sidecar from this checkout")
     parser.add_argument("--kubeconfig", action="store_true", help="authenticate by kubeconfig")
+    parser.add_argument("--workdir", type=Path, help="keep logs and configs here")
     parser.add_argument("--out", type=Path, help="JSON results (default bench/results/...)")
     args = parser.parse_args()
     os.sched_setaffinity(0, {1})  # the sidecar has core 0 to itself
     rows = []
     with tempfile.TemporaryDirectory(prefix="discovery-bench-") as tmp:
+        work = args.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         for n in args.endpoints:
-            row = asyncio.run(measure(args, n, Path(tmp)))
+            row = asyncio.run(measure(args, n, work))
             print(json.dumps(row), flush=True)
             rows.append(row)
     table = markdown(rows, args)
@@ -341,7 +351,8 @@ def main() -> None:
     print(table)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     out = args.out or ROOT / "bench" / "results" / f"discovery-{stamp}.json"
-    out.write_text(json.dumps({"args": vars(args) | {"out": str(out)}, "rows": rows}, indent=1))
+    given = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    out.write_text(json.dumps({"args": given | {"out": str(out)}, "rows": rows}, indent=1))
     print(f"\nwrote {out}")
 
 
