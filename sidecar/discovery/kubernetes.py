@@ -304,7 +304,7 @@ class KubernetesResolver:
         version = metadata.get("resourceVersion")
         name = metadata.get("name") or ""
         if kind in ("ADDED", "MODIFIED"):
-            self._set_slice(name, self._endpoints_of(obj, name), emit)
+            self._set_slice(name, self._endpoints_of(obj, name, self._slices.get(name)), emit)
         elif kind == "DELETED":
             self._set_slice(name, None, emit)
         elif kind != "BOOKMARK":
@@ -315,12 +315,19 @@ class KubernetesResolver:
 
     # -- slices -> endpoints -------------------------------------------------------------------
 
-    def _endpoints_of(self, sl: dict[str, Any], name: str) -> dict[str, Endpoint]:
+    def _endpoints_of(
+        self, sl: dict[str, Any], name: str, known: dict[str, Endpoint] | None = None
+    ) -> dict[str, Endpoint]:
+        """The slice's endpoints for our port, by key. `known`: the slice's endpoints before
+        this event; an address among them was validated then, and an unchanged endpoint is
+        kept as the same object (most of a MODIFIED slice is unchanged)."""
         if sl.get("addressType") not in ("IPv4", "IPv6"):
             return {}  # FQDN slices name hosts, not addresses: not ours to resolve here
         port = self._port_of(sl, name)
         if port is None:
             return {}
+        if known is None:
+            known = {}
         out: dict[str, Endpoint] = {}
         for ep in sl.get("endpoints") or ():
             addresses = ep.get("addresses")
@@ -329,15 +336,29 @@ class KubernetesResolver:
             # Only the first address counts: the API defines no meaning for the others and
             # kube-proxy ignores them.
             ip = addresses[0]
-            try:
-                ipaddress.ip_address(ip)
-            except ValueError:
+            if not isinstance(ip, str):
                 self._warn_once(name, f"bad address {ip!r}")
                 continue
-            found = Endpoint(
-                ip, port, *_conditions(ep.get("conditions")), _hostname(ep), ep.get("zone") or None
-            )
-            out[found.key] = found
+            key = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+            before = known.get(key)
+            if before is None:
+                try:
+                    ipaddress.ip_address(ip)
+                except ValueError:
+                    self._warn_once(name, f"bad address {ip!r}")
+                    continue
+            ready, terminating = _conditions(ep.get("conditions"))
+            hostname, zone = _hostname(ep), ep.get("zone") or None
+            if (
+                before is not None
+                and before.ready == ready
+                and before.terminating == terminating
+                and before.hostname == hostname
+                and before.zone == zone
+            ):
+                out[key] = before
+            else:
+                out[key] = Endpoint(ip, port, ready, terminating, hostname, zone)
         return out
 
     def _port_of(self, sl: dict[str, Any], name: str) -> int | None:
@@ -378,8 +399,9 @@ class KubernetesResolver:
         if endpoints is not None:
             self._slices[name] = endpoints
         new = endpoints or {}
-        touched = [key for key, ep in old.items() if new.get(key) != ep]
-        touched.extend(key for key, ep in new.items() if old.get(key) != ep)
+        # Unchanged endpoints are the same objects (see _endpoints_of): `is` settles most.
+        touched = [key for key, ep in old.items() if not _same(new.get(key), ep)]
+        touched.extend(key for key, ep in new.items() if not _same(old.get(key), ep))
         holders = self._holders
         for key in old:
             if key not in new:
@@ -501,6 +523,10 @@ def _hostname(ep: dict[str, Any]) -> str | None:
     if ref and ref.get("kind") == "Pod" and ref.get("name"):
         return str(ref["name"])
     return str(ep["hostname"]) if ep.get("hostname") else None
+
+
+def _same(a: Endpoint | None, b: Endpoint) -> bool:
+    return a is b or a == b
 
 
 def _rank(ep: Endpoint) -> tuple[bool, bool, bool]:
