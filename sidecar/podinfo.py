@@ -87,7 +87,7 @@ async def _resolve(env: Mapping[str, str], api: ApiFactory | None, limit: float)
     pod = env.get("POD_NAME", "")
     if not pod:
         return _fallback("POD_NAME is not set: not running in a Kubernetes pod")
-    # Imported here: kubernetes_asyncio is heavy, and only `grace: auto` in a pod needs it.
+    # Imported here: only `grace: auto` in a pod needs it.
     from sidecar.discovery import kubernetes as k8s
 
     if api is None:
@@ -100,8 +100,9 @@ async def _resolve(env: Mapping[str, str], api: ApiFactory | None, limit: float)
     namespace = env.get("POD_NAMESPACE") or k8s.pod_namespace(env)
     try:
         async with asyncio.timeout(limit):
+            # The outer deadline decides (and says so); the request's own is only a backstop.
             period = await k8s.termination_grace_period(
-                pod, namespace, api=api, request_timeout=limit
+                pod, namespace, api=api, request_timeout=2 * limit
             )
     except TimeoutError:
         return _fallback(f"reading pod {namespace}/{pod} took longer than {limit:g}s")

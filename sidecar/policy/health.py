@@ -222,6 +222,16 @@ class HealthChecker:
                 new[key] = _Target(ip, port, state, self._url(ip, port))
         self._targets = new
 
+    def add_target(self, key: str, ip: str, port: int) -> None:
+        """One endpoint joined, or changed conditions (a known address keeps its state)."""
+        old = self._targets.get(key)
+        if old is None or old.ip != ip or old.port != port:
+            state = HealthState(self._healthy_threshold, self._unhealthy_threshold)
+            self._targets[key] = _Target(ip, port, state, self._url(ip, port))
+
+    def remove_target(self, key: str) -> None:
+        self._targets.pop(key, None)
+
     def is_healthy(self, key: str) -> bool:
         """False only for an endpoint the checks found unhealthy; unknown keys are healthy."""
         target = self._targets.get(key)

@@ -118,6 +118,11 @@ class OutlierDetector:
             if key not in hosts:
                 hosts[key] = _Host()
 
+    def add(self, key: str) -> None:
+        """One endpoint joined (a known one keeps its state)."""
+        if key not in self._hosts:
+            self._hosts[key] = _Host()
+
     def forget(self, key: str) -> None:
         self._hosts.pop(key, None)
         self._ejected.discard(key)

@@ -100,9 +100,23 @@ class ClusterPolicies:
 
     # --- endpoints --------------------------------------------------------------------------------
     def set_endpoints(self, endpoints: list[tuple[str, str, int]]) -> None:
+        """The whole endpoint set (after a Reset): each endpoint is (key, ip, port)."""
         self.outlier.set_endpoints(k for k, _, _ in endpoints)
         if self.health is not None:
             self.health.set_endpoints(endpoints)
+
+    def endpoints_added(self, endpoints: list[tuple[str, str, int]]) -> None:
+        """New endpoints, or new conditions for known ones (their state is kept)."""
+        for key, ip, port in endpoints:
+            self.outlier.add(key)
+            if self.health is not None:
+                self.health.add_target(key, ip, port)
+
+    def endpoints_removed(self, keys: tuple[str, ...]) -> None:
+        for key in keys:
+            self.outlier.forget(key)
+            if self.health is not None:
+                self.health.remove_target(key)
 
     def endpoint_healthy(self, key: str) -> bool:
         return self.health is None or self.health.is_healthy(key)

@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
-from sidecar.discovery.endpoints import Delta, Endpoint, apply_delta
+from sidecar.discovery.endpoints import Add, Delta, Endpoint, Remove, apply_delta
 from sidecar.errors import ConnectFailed, NoHealthyEndpoints
 from sidecar.observe.stats import ClusterGauges, ClusterStats, EndpointGauge
 from sidecar.policy.resilience import ClusterPolicies
@@ -24,6 +25,9 @@ from sidecar.upstream.balancer import make_balancer
 from sidecar.upstream.pool import Pool, PoolSettings, TlsHooks
 
 log = logging.getLogger("sidecar.cluster")
+
+# Up to this many serving endpoints, rotation for new ones visits every pool (see _rotate_for).
+_ROTATE_SCAN: Final = 64
 
 
 class Cluster:
@@ -36,6 +40,7 @@ class Cluster:
         "endpoints",
         "pools",
         "_serving",
+        "_serving_at",
         "_draining",
         "_balancer",
         "_loop",
@@ -66,6 +71,7 @@ class Cluster:
         self.endpoints: dict[str, Endpoint] = {}
         self.pools: dict[str, Pool] = {}
         self._serving: list[Pool] = []
+        self._serving_at: dict[str, int] = {}  # pool key -> its index in _serving
         # Pools of endpoints gone, finishing their work. A set, not a dict by address: an
         # endpoint that leaves, returns and leaves again may have two pools draining.
         self._draining: set[Pool] = set()
@@ -78,14 +84,38 @@ class Cluster:
 
     # --- discovery ----------------------------------------------------------------------------
     def apply(self, delta: Delta) -> None:
-        """Apply a discovery delta. Synchronous: the resolver calls it from the loop."""
-        old = self.endpoints
-        new = apply_delta(old, delta)
-        added = [k for k in new if k not in old]
-        for key, gone in list(self.pools.items()):
-            if key not in new:
+        """Apply a discovery delta. Synchronous: the resolver calls it from the loop.
+
+        Work is in proportion to the delta, not to the endpoint set: an `Add` or `Remove` of one
+        endpoint of 5,000 touches one pool. A `Reset` (a re-list) is turned into the difference
+        from what the cluster has, which is the only walk over every endpoint."""
+        removed: tuple[str, ...] | list[str]
+        changed: tuple[Endpoint, ...] | list[Endpoint]
+        if isinstance(delta, Add):
+            removed, changed = (), delta.endpoints
+        elif isinstance(delta, Remove):
+            removed, changed = delta.keys, ()
+        else:
+            current = self.endpoints
+            new = apply_delta(current, delta)
+            removed = [key for key in current if key not in new]
+            changed = [ep for key, ep in new.items() if current.get(key) != ep]
+        endpoints = self.endpoints
+        for key in removed:
+            if endpoints.pop(key, None) is None:
+                continue
+            self._unserve(key)
+            gone = self.pools.get(key)
+            if gone is not None:
                 self._retire_pool(key, gone, "endpoint_removed")
-        for key, ep in new.items():
+        added = 0
+        warm: list[Pool] = []
+        policies = self.policies
+        for ep in changed:
+            key = ep.key
+            if key not in endpoints:
+                added += 1
+            endpoints[key] = ep
             found = self.pools.get(key)
             if found is not None:
                 pool = found
@@ -99,18 +129,20 @@ class Cluster:
                 self.pools[key] = pool
             if not ep.serving:
                 # Terminating or not ready: no new requests; idle connections close now.
+                self._unserve(key)
                 pool.close_idle("endpoint_removed")
-        self.endpoints = new
-        self._rebuild_serving()
-        if added and len(new) > len(added):
-            self._rotate_for(len(added), len(new))
+            elif policies is None or policies.endpoint_usable(key):
+                self._serve(pool)
+                warm.append(pool)
+        if added and len(endpoints) > added:
+            self._rotate_for(added, len(endpoints))
         if not self.has_answer:
             self.has_answer = True
             for fut in self._ready_waiters:
                 if not fut.done():
                     fut.set_result(None)
             self._ready_waiters.clear()
-        for pool in self._serving:
+        for pool in warm:
             pool.prewarm()
 
     def _retire_pool(self, key: str, pool: Pool, reason: str) -> None:
@@ -122,6 +154,24 @@ class Cluster:
     def _on_pool_connection_closed(self, pool: Pool) -> None:
         if pool.closing and pool.empty:
             self._draining.discard(pool)
+
+    def _serve(self, pool: Pool) -> None:
+        """`pool` takes new requests (O(1); its place in `_serving` is indexed by key)."""
+        if pool.key not in self._serving_at:
+            self._serving_at[pool.key] = len(self._serving)
+            self._serving.append(pool)
+
+    def _unserve(self, key: str) -> None:
+        """The endpoint `key` takes no new requests (O(1): the last pool moves into its place;
+        the order of `_serving` means nothing to the balancers)."""
+        at = self._serving_at.pop(key, None)
+        if at is None:
+            return
+        serving = self._serving
+        last = serving.pop()
+        if at < len(serving):
+            serving[at] = last
+            self._serving_at[last.key] = at
 
     def _rebuild_serving(self) -> None:
         eps = self.endpoints
@@ -135,6 +185,7 @@ class Cluster:
                 continue
             serving.append(pool)
         self._serving = serving
+        self._serving_at = {pool.key: i for i, pool in enumerate(serving)}
 
     def refresh(self) -> None:
         """Health or ejection changed: recompute which endpoints take new requests."""
@@ -142,11 +193,20 @@ class Cluster:
 
     def _rotate_for(self, added: int, total: int) -> None:
         """Close the oldest idle connections of existing endpoints in proportion to the share
-        the new endpoints should take, so the pool follows the endpoint set."""
+        the new endpoints should take, so the pool follows the endpoint set. With many
+        endpoints, a random sample of pools as large as that share gives up its idle
+        connections instead: the same number on average, at a cost in proportion to the delta
+        rather than a walk over every pool."""
         share = added / total
-        for pool in self._serving:
+        serving = self._serving
+        if len(serving) <= _ROTATE_SCAN:
+            for pool in serving:
+                if pool.idle_count:
+                    pool.rotate_oldest(math.ceil(pool.idle_count * share))
+            return
+        for pool in random.sample(serving, math.ceil(len(serving) * share)):
             if pool.idle_count:
-                pool.rotate_oldest(math.ceil(pool.idle_count * share))
+                pool.rotate_oldest(pool.idle_count)
 
     async def wait_ready(self, within: float) -> bool:
         if self.has_answer:
@@ -263,6 +323,7 @@ class Cluster:
         for key, pool in list(self.pools.items()):
             self._retire_pool(key, pool, reason)
         self._serving = []
+        self._serving_at = {}
 
     def active_connections(self) -> int:
         return sum(p.active_count for p in self._all_pools())

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.discovery.endpoints import DoesNotExist, Endpoint, Reset
+from sidecar.discovery.endpoints import Add, DoesNotExist, Endpoint, Remove, Reset
 from sidecar.discovery.kubernetes import (
     KubernetesResolver,
     default_api,
@@ -104,11 +104,13 @@ def test_scale_up_and_down(kind: str, loop_factory: Any, tmp_path: Path) -> None
             await rec.wait_for_keys(keys(ip(3)))
             await cluster.scale(SVC, [])  # a Service with no pods still has its slice
             await rec.wait_for(lambda current: not current)
-            assert rec.deltas[-1] == Reset(())
+            assert rec.deltas[-1] == Remove((f"{ip(3)}:8080",))
             await cluster.delete_endpoints(SVC)  # the Service itself is gone
             await rec.wait_for_deltas(len(rec.deltas) + 1)
             assert rec.deltas[-1] == DoesNotExist()
-        assert all(isinstance(d, Reset) for d in rec.deltas[:-1])
+        # A list gives the whole set; each watch event only what its slice changed.
+        assert isinstance(rec.deltas[0], Reset)
+        assert all(isinstance(d, Add | Remove) for d in rec.deltas[1:-1])
 
     on_cluster(kind, tmp_path, loop_factory, body)
 
@@ -580,7 +582,16 @@ def test_in_cluster_factory_builds_a_client_for_the_fake(tmp_path: Path) -> None
         api_client = await in_cluster(
             token_path=str(server.token_path), ca_path=str(server.ca_path), environ=server.env()
         )()
-        async with api_client:
-            assert api_client.configuration.host == server.url
+        try:
+            assert api_client.target.host == server.url
+            listed = await api_client.get_json(
+                "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices",
+                {},
+                connect_timeout=5,
+                total=5,
+            )
+            assert listed["kind"] == "EndpointSliceList"
+        finally:
+            await api_client.close()
 
     on_fake(tmp_path, body)

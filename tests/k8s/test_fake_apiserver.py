@@ -48,10 +48,20 @@ def validate_meta(obj: dict[str, Any], kind: str) -> None:
 
 
 async def real_client(fake: FakeApiServer) -> Any:
-    """kubernetes-asyncio's ApiClient through the in-cluster path, pointed at the fake."""
-    return await in_cluster(
-        token_path=str(fake.token_path), ca_path=str(fake.ca_path), environ=fake.env()
-    )()
+    """kubernetes-asyncio's own ApiClient through its in-cluster loader, pointed at the fake:
+    the fake must speak the protocol the unmodified client expects (the sidecar reads the same
+    API as JSON, `sidecar/discovery/kubeapi.py`)."""
+    from kubernetes_asyncio import config
+
+    configuration = client.Configuration()
+    config.load_incluster_config(  # type: ignore[no-untyped-call]
+        client_configuration=configuration,
+        try_refresh_token=False,
+        token_filename=str(fake.token_path),
+        cert_filename=str(fake.ca_path),
+        environ=fake.env(),
+    )
+    return client.ApiClient(configuration)
 
 
 async def raw_get(fake: FakeApiServer, path: str, token: str | None = "token-0") -> Any:
@@ -286,10 +296,21 @@ def test_drop_go_down_come_back_and_token_rotation(tmp_path: Path) -> None:
 
                 fake.rotate_token("token-1")
                 assert fake.token_path.read_text() == "token-1"
-                # The in-cluster client notices the new file before its next request.
-                await api.list_namespaced_endpoint_slice(NS)
-                assert fake.requests[-1].token == "token-1"
-                assert fake.requests[-1].status == 200
+                # The sidecar's in-cluster client notices the new file before its next request.
+                ours = await in_cluster(
+                    token_path=str(fake.token_path), ca_path=str(fake.ca_path), environ=fake.env()
+                )()
+                try:
+                    path = f"/apis/discovery.k8s.io/v1/namespaces/{NS}/endpointslices"
+                    await ours.get_json(path, {}, connect_timeout=5, total=5)
+                    assert fake.requests[-1].token == "token-1"
+                    assert fake.requests[-1].status == 200
+                    fake.rotate_token("token-2")
+                    await ours.get_json(path, {}, connect_timeout=5, total=5)
+                    assert fake.requests[-1].token == "token-2"
+                    assert fake.requests[-1].status == 200
+                finally:
+                    await ours.close()
 
                 fake.stall_requests()
                 with pytest.raises(asyncio.TimeoutError):
