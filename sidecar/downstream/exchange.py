@@ -2,8 +2,10 @@
 
 Phases (enum + table): ROUTED -> WAITING (for a pooled connection) -> ATTACHED (request going
 out, response coming back) -> DONE, or -> TUNNEL for CONNECT and accepted upgrades. A failure
-before any response byte reached the app may be retried (a stale pooled connection always,
-once, when the request is safe to replay; more per the cluster's retry policy); after that
+before any response byte reached the app may be retried, by what the try was (SPEC section 5,
+docs/retries.md): one that wrote nothing (connect failures) whatever the method; the
+keep-alive race on a reused connection once and free, when the request is safe to replay;
+anything later per the cluster's retry policy, for replayable requests. After a response byte
 the app's connection is cut, because a half-sent response cannot be taken back.
 
 The exchange is driven by callbacks from both protocols, never by a task: the common case
