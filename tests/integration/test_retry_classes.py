@@ -33,7 +33,7 @@ import pytest
 from tests.harness import LOOPS, Sidecar, free_port
 
 TIMEOUT = 10.0
-BIG = 300 * 1024  # larger than retry.max_body_bytes (64 KiB by default)
+BIG = 1024 * 1024  # over retry.max_body_bytes (64 KiB) and over any single read (256 KiB)
 _LENGTH = re.compile(rb"(?im)^content-length:\s*(\d+)")
 _CHUNKED = re.compile(rb"(?im)^transfer-encoding:\s*chunked")
 
