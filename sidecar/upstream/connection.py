@@ -101,7 +101,7 @@ def reset(transport: asyncio.Transport) -> None:
 # Asking the kernel whether an idle connection's peer has closed it (or sent anything: on an
 # idle HTTP/1.1 connection that too means it must not be reused): one poll(2) with a zero
 # timeout on the connection's descriptor, through one poll object for the whole process
-# (registering a descriptor is a dict insert, not a system call). Measured here: about 0.6 us
+# (registering a descriptor is a dict insert, not a system call). Measured here: 0.7 to 1.2 us
 # from Python, against 24 us for a whole request; the pool asks it only of endpoints that
 # have been seen closing idle connections (see upstream/pool.py).
 _POLL: Final = select.poll()
