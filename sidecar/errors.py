@@ -8,6 +8,12 @@ class SidecarError(Exception):
 
     code = "internal"
     status = 500
+    # True for failures that by their nature happen before any byte of the request leaves the
+    # sidecar (connect refused or timed out, TLS handshake, the sidecar's own shortage of
+    # sockets): the endpoint never saw the request, so a retry is safe whatever the method
+    # (SPEC section 5). The exchange still checks that the try it ends wrote nothing. A new
+    # failure class of that kind joins by setting this flag; nothing else changes.
+    before_write = False
 
     def __init__(self, detail: str = "", cluster: str = "") -> None:
         super().__init__(detail)
@@ -76,6 +82,7 @@ class UpstreamError(SidecarError):
 
 class ConnectFailed(UpstreamError):
     code = "connect_failed"
+    before_write = True
 
 
 class UpstreamReset(UpstreamError):

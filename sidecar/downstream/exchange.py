@@ -2,8 +2,10 @@
 
 Phases (enum + table): ROUTED -> WAITING (for a pooled connection) -> ATTACHED (request going
 out, response coming back) -> DONE, or -> TUNNEL for CONNECT and accepted upgrades. A failure
-before any response byte reached the app may be retried (a stale pooled connection always,
-once, when the request is safe to replay; more per the cluster's retry policy); after that
+before any response byte reached the app may be retried, by what the try was (SPEC section 5,
+docs/retries.md): one that wrote nothing (connect failures) whatever the method; the
+keep-alive race on a reused connection once and free, when the request is safe to replay;
+anything later per the cluster's retry policy, for replayable requests. After a response byte
 the app's connection is cut, because a half-sent response cannot be taken back.
 
 The exchange is driven by callbacks from both protocols, never by a task: the common case
@@ -29,6 +31,7 @@ from sidecar.flow_control import PEER_WRITE_FULL, WAITING_UPSTREAM
 from sidecar.http import writer
 from sidecar.http.headers import Headers
 from sidecar.http.parser import RequestHead, ResponseHead
+from sidecar.policy.retry import STALE, failed_try, is_keepalive_race
 from sidecar.upstream.cluster import Cluster
 from sidecar.upstream.connection import ConnectionUser, UpstreamConnection
 from sidecar.upstream.pool import Pool
@@ -220,7 +223,8 @@ class Exchange(ConnectionUser):
         if self.phase is Phase.DONE:
             return
         self._release_pool_slot()
-        self._failed(exc)
+        # No connection was ever attached to this try: nothing of the request was written.
+        self._failed(exc, unsent=True)
 
     # --- sending ---------------------------------------------------------------------------------
     def _send(self) -> None:
@@ -378,14 +382,17 @@ class Exchange(ConnectionUser):
         if self.phase in (Phase.DONE, Phase.TUNNEL):
             return
         conn = self.conn
-        # A reused keep-alive connection that died before a byte of answer: the upstream
-        # closed it while idle and our request crossed its FIN. Not the upstream's failure.
-        stale = (
-            conn is not None
-            and conn.requests > 1
-            and not conn.response_started
-            and isinstance(exc, UpstreamReset)
-        )
+        # A reused keep-alive connection that closed before a byte of answer, right after our
+        # request was written: the upstream closed it while idle and our request crossed its
+        # FIN. Not the upstream's failure. Later than that, the endpoint dropped a request it
+        # had: a reset (SPEC section 5).
+        stale = False
+        if conn is not None and isinstance(exc, UpstreamReset):
+            now = self.proto.loop.time()
+            stale = is_keepalive_race(conn.requests > 1, conn.response_started,
+                                      now - conn.taken_at)
+            if stale and self.pool is not None:
+                self.pool.note_race(conn, now)
         self._discard_conn("error", abort=True)
         self._failed(exc, stale=stale)
 
@@ -473,22 +480,32 @@ class Exchange(ConnectionUser):
             endpoint = pool.key if pool is not None else None
             policies.on_done(token, self.status, self.attempt, endpoint, error)
 
-    def _failed(self, exc: SidecarError, stale: bool = False) -> None:
-        """A try failed. Retry when that is safe and allowed, else answer or cut."""
+    def _failed(self, exc: SidecarError, stale: bool = False, unsent: bool = False) -> None:
+        """A try failed. Retry when that is safe and allowed, else answer or cut. `unsent`:
+        the try never had a connection, so it wrote nothing."""
         self.last_error = exc
         self._release_pool_slot()
-        if not self.response_started and self._may_retry(exc, stale):
+        if not self.response_started and self._may_retry(exc, stale, unsent):
             return
         self.fail(exc)
 
-    def _may_retry(self, exc: SidecarError, stale: bool) -> bool:
-        if not isinstance(exc, UpstreamError) or self.phase in (Phase.TUNNEL, Phase.DONE):
+    def _may_retry(self, exc: SidecarError, stale: bool, unsent: bool) -> bool:
+        if self.phase in (Phase.TUNNEL, Phase.DONE):
             return False
-        if not self.replayable:
+        before_write = exc.before_write
+        if not isinstance(exc, UpstreamError) and not before_write:
+            return False  # a local refusal (pool_timeout...)
+        # An unsent try's body is all still here: nothing was written, and the app's socket
+        # is not read while a try has no connection (WAITING_UPSTREAM), so what is held is a
+        # read or two whatever the body's size. A try that did write is replayed only if the
+        # request is replayable (then its body was kept).
+        kind = failed_try(before_write=before_write, wrote=not unsent,
+                          replayable=self.replayable, stale=stale)
+        if kind is None:
             return False
         cluster = self.cluster
         assert cluster is not None
-        if stale and not self.stale_retried:
+        if kind == STALE and not self.stale_retried:
             # One free retry on a fresh connection: the app never sees this race.
             self.stale_retried = True
             cluster.stats.retried("stale")
@@ -497,7 +514,9 @@ class Exchange(ConnectionUser):
         policies = cluster.policies
         if policies is None:
             return False
-        delay = policies.retry_delay(self, exc)
+        # A second race in one request (a waiter for a fresh connection may be handed one
+        # released by another request) still is not the endpoint's fault, but is budgeted.
+        delay = policies.retry_delay(self, exc, kind == STALE)
         if delay is None:
             return False
         self._schedule_retry(delay)

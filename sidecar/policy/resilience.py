@@ -172,15 +172,19 @@ class ClusterPolicies:
             return math.inf
         return float(self.clock.now() + per_try)
 
-    def _judge_try(self, ex: Any) -> None:
-        """The try that just failed is being retried: its endpoint's verdict, once."""
+    def _judge_try(self, ex: Any, endpoint_failed: bool) -> None:
+        """The try that just failed is being retried: its endpoint's verdict, once. A failure
+        that was not the endpoint's (the sidecar's own shortage) is a verdict on nobody, but
+        the try is still marked judged."""
         token = ex.policy_token
         if ex.pool is not None and token and token <= ex.attempt:
-            self.outlier.record(ex.pool.key, False)
+            if endpoint_failed:
+                self.outlier.record(ex.pool.key, False)
             ex.policy_token = ex.attempt + 1
 
     def _retry_delay(
-        self, ex: Any, outcome: Any, reason: str, retry_after: float | None
+        self, ex: Any, outcome: Any, reason: str, retry_after: float | None,
+        endpoint_failed: bool = True,
     ) -> float | None:
         if ex.attempt >= ex.max_attempts:
             return None
@@ -194,18 +198,22 @@ class ClusterPolicies:
             self.stats.retry_budget_exhausted += 1
             return None
         self.stats.retried(reason)
-        self._judge_try(ex)
+        self._judge_try(ex, endpoint_failed)
         return delay
 
-    def retry_delay(self, ex: Any, exc: SidecarError) -> float | None:
+    def retry_delay(self, ex: Any, exc: SidecarError, stale: bool = False) -> float | None:
         """After a failed try (no response byte sent to the app): the backoff, or None. When
-        None, the request ends with `exc` and `on_done` judges the try."""
-        if not isinstance(exc, UpstreamError):
+        None, the request ends with `exc` and `on_done` judges the try. The exchange has
+        already decided that the request may go again (policy/retry.py `failed_try`).
+        `stale`: a keep-alive race (not the endpoint's failure) that could not go again for
+        free."""
+        upstream = isinstance(exc, UpstreamError)
+        if not upstream and not exc.before_write:
             return None  # a local refusal (pool_timeout...): not the upstream's doing
-        reason = self.retry.classify(exc)
+        reason = self.retry.classify("stale" if stale else exc)
         if reason is None:
             return None
-        return self._retry_delay(ex, exc, reason, None)
+        return self._retry_delay(ex, exc, reason, None, upstream and not stale)
 
     def status_retry_delay(self, ex: Any, head: Any) -> float | None:
         """A response head arrived: retry instead of relaying it? Only before anything

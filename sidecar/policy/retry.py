@@ -7,19 +7,34 @@ when a try has failed, so the success path costs nothing.
 
 Decisions:
 
-* Retryable requests: idempotent methods of RFC 9110 section 9.2.2 (GET HEAD OPTIONS TRACE PUT
-  DELETE; methods are case-sensitive), or any method carrying `Idempotency-Key`, when
-  `idempotent_only`; and only when the body can be replayed: a declared length over
-  `max_body_bytes` is refused up front, an unknown length (chunked) is admitted and the
-  exchange must stop retrying once it has buffered more than `body_fits()` allows.
+* Replayable requests (may be sent again after a try that reached the endpoint): idempotent
+  methods of RFC 9110 section 9.2.2 (GET HEAD OPTIONS TRACE PUT DELETE; methods are
+  case-sensitive), or any method carrying `Idempotency-Key`, when `idempotent_only`; and only
+  when the body can be replayed: a declared length over `max_body_bytes` is refused up front,
+  an unknown length (chunked) is admitted and the exchange must stop retrying once it has
+  buffered more than `body_fits()` allows.
+* Which tries may go again (`failed_try`, SPEC section 5), for a try that failed before any
+  response byte reached the app:
+  - `unsent`: the failure is of a kind that happens before the request is written (the error's
+    `before_write`: connect refused or timed out, TLS handshake, `local_resources_exhausted`)
+    and the try wrote nothing. The endpoint never saw it: any method, any body size (the
+    exchange still holds all of the body: nothing was written, and the app's socket is not
+    read while no connection is attached), through the budget.
+  - `stale`: a reused connection closed or reset before any response byte within
+    `STALE_WINDOW` of the request being written (`is_keepalive_race`): the endpoint closed an
+    idle connection as our request crossed its FIN. Replayable requests go again once, on a
+    fresh connection, free of the budget and of the endpoint's failure counts.
+  - anything later (`reset`, timeouts, 5xx): replayable requests only, through the budget,
+    and the try counts as the endpoint's failure.
 * Reasons: failures map to the `reason` labels of SPEC section 8. Status codes match an exact
   code in `on` first ("503"), then "5xx", then "gateway-error" (502/503/504, as Envoy).
   The sidecar's own failures follow the status it would answer with: a try that timed out
   (per_try_timeout) is retried when `on` names "timeout" or "504" (so the default list,
   which has "504" and no "timeout", makes `per_try_timeout` useful), and "5xx" covers
   connect failures, resets and timeouts as in Envoy.
-  "stale" (a reused pooled connection that failed before any response byte, SPEC section 5)
-  is always retryable, whatever `on` says: the app must never see that race.
+  "stale" (the keep-alive race above) is always retryable, whatever `on` says: the app must
+  never see that race. `local_resources_exhausted` (the sidecar could not open a socket) is
+  counted under "connect-failure": it is a failure to connect, though not the endpoint's.
 * Backoff: try n (1-based) failed -> wait uniform(0, min(max, base * 2**(n-1))).
 * Retry-After, when the response carries one, replaces the jittered backoff (the server said
   when). It is honoured up to the remaining deadline: if waiting it would leave less than
@@ -37,7 +52,7 @@ import calendar
 import time
 from collections.abc import Iterable
 from email.utils import parsedate_tz
-from typing import Any
+from typing import Any, Final
 
 import tenacity
 
@@ -48,7 +63,18 @@ IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b
 MIN_ATTEMPTS = 1
 MAX_ATTEMPTS = 10
 
-STALE = "stale"
+STALE: Final = "stale"
+UNSENT: Final = "unsent"
+REPLAY: Final = "replay"
+
+# How soon after a reused connection's request was written its close still counts as the
+# keep-alive race rather than the endpoint failing mid-request. Measured on loopback under
+# load (bench/keepalive_race.py, docs/retries.md): the close of a race is seen within a few ms
+# of the write (one loop iteration, a few under load); a request the endpoint had started to
+# work on and then dropped (a crash, a kill) is seen much later. 50 ms leaves room for event
+# loop lag and an RTT across a cluster while staying far below the run time of any request
+# whose failure matters.
+STALE_WINDOW: Final = 0.05
 
 # Failure codes (SPEC section 5 error codes and exception class names) -> retry reason. Reason
 # names map to themselves so callers may pass either.
@@ -63,6 +89,8 @@ _FAILURE_REASONS: dict[str, str] = {
     "ConnectionResetError": "reset",
     "ConnectionAbortedError": "reset",
     "BrokenPipeError": "reset",
+    "local_resources_exhausted": "connect-failure",
+    "LocalResourcesExhausted": "connect-failure",
     "upstream_timeout": "timeout",
     "timeout": "timeout",
     "UpstreamTimeout": "timeout",
@@ -70,6 +98,25 @@ _FAILURE_REASONS: dict[str, str] = {
 }
 _NAMED_TOKENS = frozenset({"connect-failure", "reset", "timeout", "5xx", "gateway-error"})
 _GATEWAY_ERRORS = (502, 503, 504)
+
+
+def is_keepalive_race(reused: bool, response_started: bool, since_written: float) -> bool:
+    """A try ended by a close or reset: was it the keep-alive race (`stale`)? Only on a reused
+    connection (one that waited idle in the pool before this request), before any response
+    byte, and within `STALE_WINDOW` (loop time) of the request being written. Anything later
+    is the endpoint failing mid-request: a `reset`."""
+    return reused and not response_started and since_written <= STALE_WINDOW
+
+
+def failed_try(*, before_write: bool, wrote: bool, replayable: bool, stale: bool) -> str | None:
+    """How a try that failed before any response byte reached the app may go again: UNSENT
+    (nothing of it left the sidecar: any method, budgeted), STALE (the keep-alive race: once,
+    free, replayable requests only), REPLAY (replayable requests, budgeted), or None."""
+    if before_write and not wrote:
+        return UNSENT
+    if not replayable:
+        return None
+    return STALE if stale else REPLAY
 
 
 def parse_retry_after(value: bytes | str, wall_now: float | None = None) -> float | None:
@@ -194,7 +241,9 @@ class RetryPolicy:
     def is_retryable_request(
         self, method: bytes, has_idempotency_key: bool, body_len: int | None
     ) -> bool:
-        """May this request be retried at all? `body_len` None: unknown yet (chunked)."""
+        """May this request be sent again once a try of it reached the endpoint (replayed)?
+        `body_len` None: unknown yet (chunked). A try that wrote nothing may go again whatever
+        this says (`failed_try`)."""
         if self.idempotent_only and not has_idempotency_key and method not in IDEMPOTENT_METHODS:
             return False
         return body_len is None or body_len <= self.max_body_bytes

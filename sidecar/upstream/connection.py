@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import math
+import select
 import socket
 import ssl
 import struct
@@ -97,6 +98,18 @@ def reset(transport: asyncio.Transport) -> None:
     transport.abort()
 
 
+# Asking the kernel whether an idle connection's peer has closed it (or sent anything: on an
+# idle HTTP/1.1 connection that too means it must not be reused): one poll(2) with a zero
+# timeout on the connection's descriptor, through one poll object for the whole process
+# (registering a descriptor is a dict insert, not a system call). Measured here: 0.7 to 1.2 us
+# from Python, against 24 us for a whole request; the pool asks it only of endpoints that
+# have been seen closing idle connections (see upstream/pool.py).
+_POLL: Final = select.poll()
+_GONE_EVENTS: Final = (
+    select.POLLIN | select.POLLPRI | select.POLLRDHUP | select.POLLERR | select.POLLHUP
+)
+
+
 def set_nodelay(transport: asyncio.BaseTransport) -> None:
     """Heads and bodies go out in separate writes; with Nagle on, the second waits for the
     peer's delayed ACK (40 ms on Linux). Neither loop guarantees TCP_NODELAY: set it."""
@@ -119,6 +132,8 @@ class UpstreamConnection(ResponseSink, asyncio.Protocol):
         "created_at",
         "expires_at",
         "idle_since",
+        "taken_at",
+        "fd",
         "keepalive_until",
         "keepalive_timeout",
         "requests",
@@ -143,6 +158,8 @@ class UpstreamConnection(ResponseSink, asyncio.Protocol):
         self.created_at = now
         self.expires_at = expires_at  # jittered max_lifetime
         self.idle_since = now
+        self.taken_at = now  # loop time the pool last handed it to a request (its write)
+        self.fd = -1  # the socket's descriptor, for `peer_gone`
         self.keepalive_until = math.inf  # the upstream's `Keep-Alive: timeout=`, minus a margin
         self.keepalive_timeout: float | None = None  # as the upstream last announced it
         self.requests = 0  # requests started on this connection
@@ -175,6 +192,25 @@ class UpstreamConnection(ResponseSink, asyncio.Protocol):
 
     def has_expired(self, now: float, idle_timeout: float) -> bool:
         return now >= self.idle_expiry(idle_timeout)
+
+    def peer_gone(self) -> bool:
+        """Has the upstream closed (FIN or RST) or written to this idle connection, by what
+        the kernel already holds and the event loop has not read yet? Then it is marked
+        unreusable. One system call: ask it only where it can help (the pool decides)."""
+        fd = self.fd
+        if fd < 0:
+            return False
+        _POLL.register(fd, _GONE_EVENTS)
+        try:
+            ready = _POLL.poll(0)
+        except OSError:
+            ready = [(fd, 0)]
+        finally:
+            _POLL.unregister(fd)
+        if ready:
+            self.reusable = False
+            return True
+        return False
 
     def _transition(self, new: State) -> None:
         if new not in _TRANSITIONS[self.state]:
@@ -255,6 +291,9 @@ class UpstreamConnection(ResponseSink, asyncio.Protocol):
         self.transport = transport
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         set_nodelay(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self.fd = sock.fileno()
 
     def data_received(self, data: bytes) -> None:
         if self.user is None or self.state is not State.ACTIVE:

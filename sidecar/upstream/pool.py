@@ -9,6 +9,13 @@ saw EOF/RST and left the pool at once), once the upstream's `Keep-Alive: timeout
 `idle_timeout` (or a learned shorter idle timeout) is about to pass, or past its jittered
 `max_lifetime`. LIFO reuse keeps the freshest connections busy and lets the rest idle out.
 One timer per pool (through the wheel) closes idle connections as they expire.
+
+The keep-alive race (a request crossing the upstream's FIN) is narrowed two more ways, both
+only for endpoints that have been seen closing idle connections themselves (`watch_closes`),
+so that the others pay nothing: the kernel is asked, just before reuse, whether a FIN or RST
+is already waiting that the loop has not read (`UpstreamConnection.peer_gone`, one poll(2));
+and an endpoint that closes right after every response is not reused for a while (see
+EARLY_CLOSE below).
 """
 
 from __future__ import annotations
@@ -32,6 +39,18 @@ log = logging.getLogger("sidecar.pool")
 
 # How long idle connections above max_idle may stay before they are closed.
 EXCESS_IDLE: Final = 1.0
+
+# An endpoint that closes connections right after its responses while advertising keep-alive
+# makes every reuse a race with its FIN. A close counts as "right after" when the connection
+# had been idle at most EARLY_CLOSE (the FIN travels with the response: the loop sees it one
+# iteration or a few later), or when a reused connection failed as a keep-alive race (the
+# exchange tells the pool). After EARLY_CLOSES such closes in a row (a reuse that got its
+# response breaks the row), the endpoint's connections are not reused for REUSE_HOLD seconds:
+# each is closed after its response, as if it had said `Connection: close`. Then reuse is tried
+# again, so an endpoint that was fixed (or redeployed) is reused again within REUSE_HOLD.
+EARLY_CLOSE: Final = 0.05
+EARLY_CLOSES: Final = 3
+REUSE_HOLD: Final = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +138,9 @@ class Pool(Timed):
         "closing",
         "on_connection_closed",
         "inflight",
+        "watch_closes",
+        "early_closes",
+        "no_reuse_until",
     )
 
     def __init__(
@@ -151,6 +173,9 @@ class Pool(Timed):
         self.learned_idle_timeout = math.inf
         self.closing = False
         self.inflight = 0  # requests using this endpoint now (least-request balancing)
+        self.watch_closes = False  # the endpoint closes idle connections: look before reuse
+        self.early_closes = 0  # closes right after a response, in a row
+        self.no_reuse_until = 0.0  # loop time until which connections are not reused
         self.on_connection_closed: Callable[[Pool], None] | None = None
 
     # --- introspection ---------------------------------------------------------------------------
@@ -204,8 +229,10 @@ class Pool(Timed):
                 conn.state is State.IDLE
                 and conn.reusable
                 and now < conn.idle_expiry(idle_timeout)
+                and not (self.watch_closes and conn.peer_gone())
             ):
                 self._active.add(conn)
+                conn.taken_at = now
                 return conn
             self._retire(conn, now)
         return None
@@ -391,11 +418,13 @@ class Pool(Timed):
             self.tls.capture_session(conn.transport)
         if not now:
             now = self._loop.time()
-        if not conn.reusable:
+        if not conn.reusable or now < self.no_reuse_until:
             conn.close("not_reusable")
             self.stats.closed("not_reusable")
             self._maybe_connect_for_waiters()
             return
+        if self.early_closes and conn.requests > 1:
+            self.early_closes = 0  # a reused connection got its response: not every close
         if now >= conn.expires_at:
             conn.close("max_lifetime")
             self.stats.closed("max_lifetime")
@@ -404,6 +433,7 @@ class Pool(Timed):
         conn.idle_since = now
         if self._waiters:
             self._active.add(conn)
+            conn.taken_at = now
             if self._hand_over(conn):
                 return  # the waiter has bound it
             self._active.discard(conn)
@@ -466,10 +496,13 @@ class Pool(Timed):
                 idle_for = now - conn.idle_since
                 if conn.close_reason == "remote_closed":
                     self.stats.closed("remote_closed")
+                    self.watch_closes = True
                     # The upstream closes idle connections sooner than we would: learn it, so
                     # that we retire them before it does. Ignore implausibly short idles.
                     if 1.0 <= idle_for < self._idle_timeout():
                         self.learned_idle_timeout = idle_for * 0.9
+                    elif idle_for <= EARLY_CLOSE:
+                        self.note_early_close(now)
         elif conn in self._active:
             self._active.discard(conn)
             if conn.close_reason == "remote_closed":
@@ -478,11 +511,34 @@ class Pool(Timed):
             self.on_connection_closed(self)
         self._maybe_connect_for_waiters()
 
+    def note_race(self, conn: UpstreamConnection, now: float) -> None:
+        """A request on `conn`, reused, lost the keep-alive race (the exchange saw it). The
+        endpoint closes idle connections; if `conn` had been idle only a moment, it closed it
+        right after its last response."""
+        self.watch_closes = True
+        if conn.taken_at - conn.idle_since <= EARLY_CLOSE:
+            self.note_early_close(now)
+
+    def note_early_close(self, now: float) -> None:
+        """A connection of this endpoint closed right after a response (idle for a moment,
+        or a reuse lost the keep-alive race). After EARLY_CLOSES in a row, stop reusing its
+        connections for REUSE_HOLD seconds."""
+        self.watch_closes = True
+        self.early_closes += 1
+        if self.early_closes >= EARLY_CLOSES:
+            self.early_closes = 0
+            if now >= self.no_reuse_until:
+                log.info("%s/%s closes connections right after its responses: not reusing "
+                         "them for %gs", self.cluster, self.key, REUSE_HOLD)
+            self.no_reuse_until = now + REUSE_HOLD
+
     def _retire(self, conn: UpstreamConnection, now: float) -> None:
         if conn.state is State.CLOSED:
             return
         if not conn.reusable:
             reason = "remote_closed"
+            if now - conn.idle_since <= EARLY_CLOSE:
+                self.note_early_close(now)  # closed right after its response
         elif now >= conn.expires_at:
             reason = "max_lifetime"
         else:
