@@ -389,6 +389,7 @@ class ListenerLimits(_Model):
     header_timeout: Duration = Field(default=10.0, gt=0)
     idle_timeout: Duration = Field(default=300.0, gt=0)
     max_header_bytes: Size = Field(default=64 * 1024, gt=0)
+    max_headers: int = Field(default=200, ge=1)  # more header fields get 431
 
 
 def _host_pattern(value: object) -> str:
