@@ -200,6 +200,10 @@ class DownstreamProtocol(RequestSink, Timed, asyncio.Protocol):
 
     # --- RequestSink ------------------------------------------------------------------------------
     def on_request_head(self, head: RequestHead) -> None:
+        if self.parser.finished:
+            # The connection is closing (`_close`): a request pipelined behind the one that
+            # closed it, parsed from the same read, is never started.
+            return
         if self.exchange is not None or self.queue:
             self._enqueue(("head", head))
             return
@@ -420,6 +424,7 @@ class DownstreamProtocol(RequestSink, Timed, asyncio.Protocol):
         self._close()
 
     def _close(self) -> None:
+        self.parser.finished = True  # nothing the app sends from here on starts a request
         if self.transport is not None and not self.closed:
             if self._out:
                 self._flush()
