@@ -464,7 +464,7 @@ class RequestParser:
             if head.chunked:
                 # RFC 9112 6.1: framing of an HTTP/1.0 message with Transfer-Encoding is faulty.
                 raise ProtocolError("Transfer-Encoding in an HTTP/1.0 request")
-        if head.upgrade is not None or (method != b"CONNECT" and parser.should_upgrade()):
+        if head.upgrade is not None:  # llhttp upgrades only with an Upgrade field (or CONNECT)
             self._upgrade_or_not(head, method, version, connection)
         if method == b"CONNECT":
             head.authority = url
