@@ -10,11 +10,19 @@ IPv6 absolute-form authorities keep their brackets; trailers carry no hop-by-hop
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sidecar.errors import BadUpstreamResponse, HeadTooLarge, ProtocolError
 from sidecar.http.headers import parse_keep_alive_timeout
 from sidecar.http.parser import RequestParser
-from tests.unit.test_http_parser import Recorder, bytewise, feed_request, feed_response
+from tests.unit.test_http_parser import (
+    EXAMPLES,
+    Recorder,
+    bytewise,
+    feed_request,
+    feed_response,
+)
 
 GET = b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n"
 SPLITS = ([], [7], [60, 61, 62], list(range(5, 400, 9)))
@@ -186,3 +194,38 @@ def test_trailers_never_carry_framing_or_hop_by_hop_fields() -> None:
 ])
 def test_keep_alive_timeout_is_ascii_digits(value: bytes, seconds: float | None) -> None:
     assert parse_keep_alive_timeout(value) == seconds
+
+
+# --- properties: demoted upgrades in any split -----------------------------------------------
+@st.composite
+def demoted_upgrades(draw: st.DrawFn) -> bytes:
+    """Pipelined requests, some of them upgrades that are not forwarded as upgrades."""
+    out = b""
+    for i in range(draw(st.integers(1, 4))):
+        body = draw(st.binary(max_size=40))
+        version = draw(st.sampled_from([b"1.1", b"1.0"]))
+        fields = b"Host: a\r\nConnection: upgrade\r\nUpgrade: %s\r\n" % draw(
+            st.sampled_from([b"h2c", b"websocket", b"h2c, x"]))
+        if version == b"1.0" or not body or draw(st.booleans()):
+            fields += b"Content-Length: %d\r\n" % len(body)
+            framed = body
+        else:
+            fields += b"Transfer-Encoding: chunked\r\n"
+            framed = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+        if version == b"1.0":
+            fields += b"Connection: keep-alive\r\n"
+        if version == b"1.1" and not body and b"h2c\r\n" not in fields:
+            continue  # a real upgrade: the rest would be tunnel bytes
+        out += b"POST /%d HTTP/%s\r\n%s\r\n%s" % (i, version, fields, framed)
+    return out + GET
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(demoted_upgrades(), st.data())
+def test_property_demoted_upgrades_read_the_same_in_any_split(
+    wire: bytes, data: st.DataObject
+) -> None:
+    whole = feed_request(wire)
+    assert whole.heads[-1].target == b"/next" and all(h.upgrade is None for h in whole.heads)
+    cuts = data.draw(st.lists(st.integers(1, max(1, len(wire) - 1)), max_size=8))
+    assert feed_request(wire, cuts).events == whole.events
