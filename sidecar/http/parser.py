@@ -103,8 +103,11 @@ def _digits(value: bytes) -> int:
     whitespace around them), at most a signed 64-bit value. -1 for anything else. Not `int()`
     alone: it also accepts `1_0`, `+5`, inner spaces and non-ASCII digits (bytes.isdigit() is
     ASCII-only)."""
-    value = value.strip(b" \t")
-    if not value.isdigit() or len(value) > _MAX_DIGITS:
+    if not value.isdigit():  # llhttp hands values over trimmed: strip only when needed
+        value = value.strip(b" \t")
+        if not value.isdigit():
+            return -1
+    if len(value) > _MAX_DIGITS:
         return -1
     number = int(value)
     return number if number <= _MAX_LENGTH else -1
