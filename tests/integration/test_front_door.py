@@ -232,6 +232,8 @@ def config(o: Origins) -> dict[str, Any]:
         "listeners": [
             {"name": "egress", "protocol": "http", "routes": routes,
              "forward_proxy": {"enabled": True, "allowed_hosts": ["::1"], "connect": False}},
+            {"name": "strict", "protocol": "http", "cluster": "rec",
+             "limits": {"max_headers": 10}},
         ],
         "clusters": clusters,
         "drain": {"grace": "2s", "accept_period": "0s", "linger": "0s"},
@@ -439,10 +441,14 @@ def test_refused_requests_get_their_status_close_and_reach_nothing(
     assert b"/big" not in origins.rec.raw_since(mark)
 
 
-def test_max_headers_allows_exactly_the_limit(sc: Sidecar) -> None:
-    wire = (b"GET /limit HTTP/1.1\r\nHost: rec\r\n"
-            + b"".join(b"X-%d: v\r\n" % i for i in range(199)) + b"\r\n")
-    assert exchange(sc.port("egress"), wire)[0].body == b"ok /limit 0"
+def test_max_headers_allows_exactly_the_limit_and_is_per_listener(sc: Sidecar) -> None:
+    def head(fields: int) -> bytes:  # Host counts as a field
+        return (b"GET /limit HTTP/1.1\r\nHost: rec\r\n"
+                + b"".join(b"X-%d: v\r\n" % i for i in range(fields - 1)) + b"\r\n")
+
+    assert exchange(sc.port("egress"), head(200))[0].body == b"ok /limit 0"
+    assert exchange(sc.port("strict"), head(10))[0].body == b"ok /limit 0"
+    assert exchange(sc.port("strict"), head(11))[0].status == 431
 
 
 def test_timeout_header_with_an_underscore_is_not_a_number(sc: Sidecar) -> None:

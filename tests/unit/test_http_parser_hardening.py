@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sidecar.config import ConfigError, parse_config
 from sidecar.errors import BadUpstreamResponse, HeadTooLarge, ProtocolError
 from sidecar.http.headers import parse_keep_alive_timeout
 from sidecar.http.parser import RequestParser
@@ -229,3 +230,15 @@ def test_property_demoted_upgrades_read_the_same_in_any_split(
     assert whole.heads[-1].target == b"/next" and all(h.upgrade is None for h in whole.heads)
     cuts = data.draw(st.lists(st.integers(1, max(1, len(wire) - 1)), max_size=8))
     assert feed_request(wire, cuts).events == whole.events
+
+
+# --- the config key ----------------------------------------------------------------------------
+def test_limits_max_headers_config_key() -> None:
+    text = ("listeners:\n  - {name: e, address: '127.0.0.1:15001', protocol: http,\n"
+            "     cluster: c, limits: {max_headers: %s}}\n"
+            "clusters:\n  - {name: c, discovery: {type: static, endpoints: ['127.0.0.1:1']}}\n")
+    assert parse_config(text % "50").listeners[0].limits.max_headers == 50
+    assert parse_config(text.replace(", limits: {max_headers: %s}", "")
+                        ).listeners[0].limits.max_headers == 200
+    with pytest.raises(ConfigError, match="max_headers"):
+        parse_config(text % "0")
