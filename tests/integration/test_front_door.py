@@ -196,7 +196,7 @@ server {
 @dataclass
 class Origins:
     rec: RecordingOrigin
-    rec6: RecordingOrigin
+    rec6: RecordingOrigin | None  # None where the host has no IPv6 loopback
     nginx: int
 
 
@@ -204,13 +204,17 @@ class Origins:
 def origins() -> Iterator[Origins]:
     lt = LoopThread()
     rec = RecordingOrigin(lt)
-    rec6 = RecordingOrigin(lt, "::1")
+    try:
+        rec6: RecordingOrigin | None = RecordingOrigin(lt, "::1")
+    except OSError:
+        rec6 = None
     try:
         with nginx(NGINX_CONF) as nginx_port:
             yield Origins(rec, rec6, nginx_port)
     finally:
         rec.stop()
-        rec6.stop()
+        if rec6 is not None:
+            rec6.stop()
         lt.stop()
 
 
@@ -480,13 +484,16 @@ def test_underscore_lookalikes_of_framing_fields_never_reach_the_origin(
 def test_ipv6_absolute_form_routes_to_an_origin_on_ipv6_loopback(
     sc: Sidecar, origins: Origins
 ) -> None:
-    mark = origins.rec6.mark()
-    wire = SEEDS["ipv6-absolute"].replace(b":8080", b":%d" % origins.rec6.port)
+    rec6 = origins.rec6
+    if rec6 is None:
+        pytest.skip("this host has no IPv6 loopback (::1 cannot be bound)")
+    mark = rec6.mark()
+    wire = SEEDS["ipv6-absolute"].replace(b":8080", b":%d" % rec6.port)
     [r] = exchange(sc.port("egress"), wire)
     assert r.status == 200 and r.body == b"ok /v6?q=1 0", r.body
-    [got] = settle(origins.rec6, mark, 1)
+    [got] = settle(rec6, mark, 1)
     assert got.head.startswith(b"GET /v6?q=1 HTTP/1.1\r\n")
-    assert b"\r\nHost: [::1]:%d\r\n" % origins.rec6.port in got.head
+    assert b"\r\nHost: [::1]:%d\r\n" % rec6.port in got.head
     # A refusal names the host in brackets.
     [r] = exchange(sc.port("egress"), b"GET http://[::2]:8080/ HTTP/1.1\r\nHost: x\r\n\r\n")
     assert r.status == 403 and r.json()["detail"].startswith("[::2]:8080 ")
