@@ -364,11 +364,12 @@ class RequestParser:
         Returns the bytes to feed it (a synthetic head first when a body follows), or None
         when nothing more is to be read (the request closes the connection)."""
         self._demoted = False
+        if self.finished:
+            return None  # the request closes the connection, or the sink closed it meanwhile
         head = self._head
         self._parser = httptools.HttpRequestParser(self)
         if head is None or not head.has_body:
-            # Its end was reported with its head; what follows is the next request.
-            return None if self.finished else rest
+            return rest  # its end was reported with its head; what follows is the next request
         self._resuming = True
         close = b"" if head.keep_alive else b"Connection: close\r\n"
         if head.chunked:
