@@ -196,7 +196,7 @@ class App:
             clusters=self.clusters,
             stats=self.stats.listener(lc.name),
             limits=Limits(lim.max_connections, lim.header_timeout, lim.idle_timeout,
-                          lim.max_header_bytes),
+                          lim.max_header_bytes, lim.max_headers),
             loop=self.loop,
             wheel=self.wheel,
             access_log=self.config.access_log,

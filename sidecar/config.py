@@ -423,6 +423,11 @@ class ListenerLimits(_Model):
         gt=0,
         description="Largest request head accepted; a larger one gets 431.",
     )
+    max_headers: int = Field(
+        default=200,
+        ge=1,
+        description="Most header fields (or trailer fields) in a request; more get 431.",
+    )
 
 
 def _host_pattern(value: object) -> str:

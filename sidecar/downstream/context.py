@@ -31,6 +31,7 @@ class Limits:
     header_timeout: float = 10.0
     idle_timeout: float = 300.0
     max_header_bytes: int = 65536
+    max_headers: int = 200
 
 
 @dataclass(eq=False)

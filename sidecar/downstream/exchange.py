@@ -84,6 +84,7 @@ class Exchange(ConnectionUser):
     # while the request is replayable and small enough. None: nothing is kept (yet).
     body: list[bytes] | None = None
     body_len: int = 0
+    trailers: Headers | None = None  # the app's request trailers, kept for a later send
     head_bytes: bytes = b""
     response: ResponseHead | None = None
     response_started: bool = False  # a byte of the response went to the app
@@ -242,10 +243,10 @@ class Exchange(ConnectionUser):
             else:
                 parts.extend(body)
             if self.request_done and chunked:
-                parts.append(writer.CHUNK_END)
+                parts.append(writer.last_chunk(self.trailers))
             conn.writelines(parts)
         elif self.request_done and chunked:
-            conn.writelines([self.head_bytes, writer.CHUNK_END])
+            conn.writelines([self.head_bytes, writer.last_chunk(self.trailers)])
         else:
             conn.write(self.head_bytes)
         if not self.replayable:
@@ -276,6 +277,9 @@ class Exchange(ConnectionUser):
 
     def request_end(self, trailers: Headers | None) -> None:
         self.request_done = True
+        # Kept whichever way the request goes out: on the connection attached now, or by
+        # `_send` once one is (new connection, pool wait, retry), trailers included (SPEC 5).
+        self.trailers = trailers
         if self.conn is not None and self.phase is Phase.ATTACHED:
             if self.head.chunked:
                 self.conn.write(writer.last_chunk(trailers))

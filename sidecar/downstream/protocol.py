@@ -60,7 +60,7 @@ class DownstreamProtocol(RequestSink, Timed, asyncio.Protocol):
         self.wheel = ctx.wheel
         self.listener_name = ctx.name
         self.transport: asyncio.Transport | None = None
-        self.parser = RequestParser(self, ctx.limits.max_header_bytes)
+        self.parser = RequestParser(self, ctx.limits.max_header_bytes, ctx.limits.max_headers)
         self.gate: ReadGate = None  # type: ignore[assignment]  # set in connection_made
         self.exchange: Exchange | None = None
         self.queue: deque[tuple[str, Any]] | None = None  # events of pipelined requests
@@ -200,6 +200,10 @@ class DownstreamProtocol(RequestSink, Timed, asyncio.Protocol):
 
     # --- RequestSink ------------------------------------------------------------------------------
     def on_request_head(self, head: RequestHead) -> None:
+        if self.parser.finished:
+            # The connection is closing (`_close`): a request pipelined behind the one that
+            # closed it, parsed from the same read, is never started.
+            return
         if self.exchange is not None or self.queue:
             self._enqueue(("head", head))
             return
@@ -385,7 +389,9 @@ class DownstreamProtocol(RequestSink, Timed, asyncio.Protocol):
         """The sidecar answers for itself (SPEC section 5 error body)."""
         # A bodyless request is complete once its head is: its end event follows at once.
         done = ex.request_done or not (ex.head.has_body or ex.head.method == b"CONNECT")
-        keep = ex.keep_alive and done and not self.upgraded
+        # A request refused for what the app sent (an empty Host, a bad port) closes the
+        # connection like a parser refusal does (SPEC section 5).
+        keep = ex.keep_alive and done and not self.upgraded and not isinstance(exc, ProtocolError)
         if done:
             ex.request_done = True
         ex.keep_alive = keep
@@ -418,6 +424,7 @@ class DownstreamProtocol(RequestSink, Timed, asyncio.Protocol):
         self._close()
 
     def _close(self) -> None:
+        self.parser.finished = True  # nothing the app sends from here on starts a request
         if self.transport is not None and not self.closed:
             if self._out:
                 self._flush()

@@ -39,7 +39,7 @@ class ForwardTarget:
 
     @property
     def cluster(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
 
 Decision = ForwardTarget | tuple[type[SidecarError], str]
@@ -103,16 +103,24 @@ def split_authority(authority: bytes, default_port: int) -> tuple[str, int]:
         raise ProtocolError("request has no authority (Host)")
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
-        if not sep:
+        if not sep or (rest and not rest.startswith(":")):
             raise ProtocolError("bad IPv6 authority")
-        port_text = rest[1:] if rest.startswith(":") else ""
+        port_text = rest[1:]
     else:
         host, _, port_text = text.partition(":")
     if not port_text:
         return host, default_port
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    # ASCII digits only: str.isdigit() is also true for '²', which int() refuses.
+    if not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5) or not (
+        0 < int(port_text) < 65536
+    ):
         raise ProtocolError("bad port in authority")
     return host, int(port_text)
+
+
+def host_port(host: str, port: int) -> str:
+    """`host:port` as written in an authority: an IPv6 literal in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _host_allowed(table: RouteTable, host: str, port: int) -> bool:
@@ -180,9 +188,9 @@ def _forward_decision(table: RouteTable, host: str, port: int, connect: bool) ->
     a class and text, since a raised exception is mutated on its way to the app)."""
     if table.forward and (table.connect or not connect):
         if not _host_allowed(table, host, port):
-            return HostNotAllowed, f"{host}:{port} is not in forward_proxy.allowed_hosts"
+            return HostNotAllowed, f"{host_port(host, port)} is not in forward_proxy.allowed_hosts"
         if _is_self(table, host, port):
-            return HostNotAllowed, f"{host}:{port} is this sidecar's own listener"
+            return HostNotAllowed, f"{host_port(host, port)} is this sidecar's own listener"
         return ForwardTarget(host, port)
     if connect and table.forward:
         return HostNotAllowed, "CONNECT is not enabled on this listener"

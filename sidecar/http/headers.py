@@ -43,32 +43,42 @@ class FieldKinds(dict[bytes, int]):
     """What a proxy does with a field, by its name *as received*: `kinds[name]` is one dict
     lookup per field on the hot path instead of a `lower()` and a set test. Kind 0 means
     "forward unchanged"; others are given by `table` (lowercase name -> kind). Spellings are
-    remembered up to a bound, so random names sent by a peer cannot grow it without limit."""
+    remembered up to a bound, so random names sent by a peer cannot grow it without limit.
 
-    __slots__ = ("_table", "_max")
+    `lookalike` (non-zero): the kind of a name with underscores whose `-` spelling is in
+    `table` (`Transfer_Encoding`); decided once per spelling, like the rest."""
 
-    def __init__(self, table: dict[bytes, int], max_spellings: int = 4096) -> None:
+    __slots__ = ("_table", "_max", "_lookalike")
+
+    def __init__(
+        self, table: dict[bytes, int], max_spellings: int = 4096, lookalike: int = 0
+    ) -> None:
         super().__init__()
         self._table = table
         self._max = max_spellings
+        self._lookalike = lookalike
 
     def __missing__(self, name: bytes) -> int:
-        kind = self._table.get(name.lower(), 0)
+        low = name.lower()
+        kind = self._table.get(low, 0)
+        if not kind and self._lookalike and b"_" in low and low.replace(b"_", b"-") in self._table:
+            kind = self._lookalike
         if len(self) < self._max:
             self[name] = kind
         return kind
 
 
 def parse_keep_alive_timeout(value: bytes) -> float | None:
-    """`Keep-Alive: timeout=5, max=100` -> 5.0; None when absent or malformed."""
+    """`Keep-Alive: timeout=5, max=100` -> 5.0; None when absent or malformed. ASCII digits
+    with an optional fraction only: `float()` alone would also take `1_0`, `inf`, `nan`, `1e3`
+    and non-ASCII digits."""
     for part in value.split(b","):
         name, _, arg = part.strip().partition(b"=")
         if name.strip().lower() == b"timeout":
-            try:
-                seconds = float(arg.strip().strip(b'"'))
-            except ValueError:
-                return None
-            return seconds if seconds >= 0 else None
+            whole, dot, fraction = arg.strip().strip(b'"').partition(b".")
+            if not whole.isdigit() or (dot and not fraction.isdigit()) or len(whole) > 9:
+                return None  # bytes.isdigit() is ASCII-only
+            return float(whole + dot + fraction)
     return None
 
 

@@ -11,11 +11,29 @@ message differently from the next hop is how request smuggling happens.
 
 llhttp already refuses Content-Length together with Transfer-Encoding, duplicate
 Content-Length, obs-fold and bad chunk sizes. On top of it we enforce: the head-size limit
-(431), exactly one Host in HTTP/1.1 requests, only `http` absolute-form targets, only HTTP/1.0
-and 1.1, and a Transfer-Encoding of exactly `chunked` (in both directions, like Envoy). The
+and the field-count limit (431), exactly one Host in HTTP/1.1 requests, only `http`
+absolute-form targets, only HTTP/1.0 and 1.1, a Content-Length that fits a signed 64-bit
+integer, and a Transfer-Encoding of exactly `chunked` (in both directions, like Envoy). The
 last one must be ours: llhttp reports a head with `Transfer-Encoding: identity` (or `gzip`) to
 us *before* it refuses the body, and it accepts `gzip, chunked`, whose gzip coding we would
-silently drop when re-framing the body.
+silently drop when re-framing the body. Every header value that becomes a number is read by
+`_digits` (ASCII digits only): Python's `int()` also takes `1_0`, `+5`, spaces and Unicode
+digits, which the next hop would read differently or not at all.
+
+Field names with underscores. A name whose `-` spelling is a field the proxy reads or strips
+(`Transfer_Encoding`, `Content_Length`, `Host`, `Connection`, `X_Sidecar_Timeout_Ms`, ...) is
+dropped, like nginx does with every underscore name: an origin that maps `_` to `-` (CGI,
+WSGI, many frameworks) would otherwise see a second framing or routing field next to ours.
+Every other underscore name (`api_key`) is forwarded unchanged, like Envoy: apps do send
+them, and dropping them breaks those apps silently.
+
+Upgrades that are not forwarded as upgrades. llhttp ends any request carrying `Upgrade` and
+`Connection: upgrade` at its head and hands us the rest as tunnel bytes, *whatever its body
+framing says*. A request the proxy does not forward as an upgrade (it carries a body,
+it is HTTP/1.0, or it asks only for `h2c`, which is never forwarded) must be read on as an
+ordinary request instead: its `upgrade` is None, llhttp's early end is swallowed, and parsing
+resumes in a fresh llhttp parser, first fed a synthetic head with the same body framing (its
+callbacks ignored) when a body follows, then the bytes after the head.
 
 Head size. A complete head is measured exactly in the callbacks (target, names, values). An
 unfinished one is bounded by the raw bytes fed while it was in progress, counted only from the
@@ -40,6 +58,8 @@ from sidecar.http.headers import (
 )
 
 _HEAD_SLACK: Final = 1024  # bytes beyond max_header_bytes we let llhttp buffer before refusing
+_MAX_LENGTH: Final = (1 << 63) - 1  # the largest Content-Length we accept (signed 64-bit)
+_MAX_DIGITS: Final = 19  # len(str(_MAX_LENGTH)): longer digit strings are never in range
 _MAX_RESPONSE_HEAD: Final = 1 << 20
 _VERSIONS: Final = frozenset({"1.1", "1.0"})
 
@@ -70,17 +90,49 @@ _REQUEST_KINDS: Final = FieldKinds(_HOP | {
     b"x-sidecar-timeout-ms": _TIMEOUT_MS,
     b"x-sidecar-retry-attempts": _RETRY_ATTEMPTS,
     b"x-sidecar-deadline-ms": _DROP,
-})
+    # Connection-specific (RFC 7540 3.2.1): only meaningful with `Upgrade: h2c`, never forwarded.
+    b"http2-settings": _DROP,
+}, lookalike=_DROP)
 _RESPONSE_KINDS: Final = FieldKinds(_HOP | {b"keep-alive": _KEEP_ALIVE})
 _CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive", b"upgrade"})
 _NO_TOKENS: Final[frozenset[bytes]] = frozenset()
 
 
-def _int_or_none(value: bytes) -> int | None:
-    try:
-        return int(value.strip())
-    except ValueError:
-        return None
+def _digits(value: bytes) -> int:
+    """A field value that must be a non-negative decimal number: ASCII digits only (optional
+    whitespace around them), at most a signed 64-bit value. -1 for anything else. Not `int()`
+    alone: it also accepts `1_0`, `+5`, inner spaces and non-ASCII digits (bytes.isdigit() is
+    ASCII-only)."""
+    if not value.isdigit():  # llhttp hands values over trimmed: strip only when needed
+        value = value.strip(b" \t")
+        if not value.isdigit():
+            return -1
+    if len(value) > _MAX_DIGITS:
+        return -1
+    number = int(value)
+    return number if number <= _MAX_LENGTH else -1
+
+
+def _number_or_none(value: bytes) -> int | None:
+    number = _digits(value)
+    return number if number >= 0 else None
+
+
+def _without_h2c(value: bytes) -> bytes:
+    """The Upgrade value without `h2c` (never forwarded: the sidecar speaks HTTP/2 to the app
+    itself); empty when nothing else was asked for."""
+    if b"h2c" not in value.lower():
+        return value.strip()
+    kept = [t.strip() for t in value.split(b",")
+            if t.strip() and t.split(b"/")[0].strip().lower() != b"h2c"]
+    return b", ".join(kept)
+
+
+def _end_to_end_trailers(trailers: Headers, kinds: FieldKinds) -> Headers | None:
+    """Trailer fields to forward: the ones a proxy reads or strips in a head (framing,
+    hop-by-hop, Host, our own) never travel in trailers either (RFC 9110 6.5.1)."""
+    kept = [field for field in trailers if not kinds[field[0]]]
+    return kept or None
 
 
 def _only_chunked(value: bytes) -> bool:
@@ -230,6 +282,7 @@ class RequestParser:
         "_sink",
         "_parser",
         "_max_head",
+        "_max_fields",
         "_read_len",
         "_raw_head",
         "in_head",  # part of a request head has arrived, not all of it
@@ -238,12 +291,17 @@ class RequestParser:
         "_head",
         "upgraded",
         "finished",
+        "_demoted",
+        "_resuming",
     )
 
-    def __init__(self, sink: RequestSink, max_header_bytes: int = 65536) -> None:
+    def __init__(
+        self, sink: RequestSink, max_header_bytes: int = 65536, max_headers: int = 200
+    ) -> None:
         self._sink = sink
         self._parser = httptools.HttpRequestParser(self)
         self._max_head = max_header_bytes
+        self._max_fields = max_headers
         self._read_len = 0  # length of the read being parsed
         self._raw_head = -1  # raw bytes of the unfinished head; -1: it began in this read
         self.in_head = False
@@ -256,23 +314,36 @@ class RequestParser:
         # closes after the response, and what the app sent after it is ignored (RFC 9112 9.6),
         # not an error that would turn the answer to the request before it into a 400.
         self.finished = False
+        # llhttp took the head just parsed for an upgrade, and we do not (see the top): its
+        # early end is ours to undo. `_resuming`: the synthetic head is being parsed.
+        self._demoted = False
+        self._resuming = False
 
     def feed(self, data: bytes) -> None:
         if self.upgraded:
             raise ProtocolError("data after upgrade fed to the parser")
         if self.finished:
             return
-        self._read_len = len(data)
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            self.upgraded = True
-            self._sink.on_upgrade(data[exc.args[0] :])
-            return
-        except httptools.HttpParserError as exc:
-            if self._finished_during_feed():
-                return  # llhttp refuses bytes after a closing request; we ignore them
-            raise _unwrap(exc, ProtocolError) from None
+        while True:  # once, unless a demoted upgrade hands the rest of the read back
+            self._read_len = len(data)
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserUpgrade as exc:
+                rest = data[exc.args[0] :]
+                if self._demoted:
+                    resumed = self._resume(rest)
+                    if resumed is None:
+                        return
+                    data = resumed
+                    continue  # a loop, not recursion: a read may hold thousands of them
+                self.upgraded = True
+                self._sink.on_upgrade(rest)
+                return
+            except httptools.HttpParserError as exc:
+                if self._finished_during_feed():
+                    return  # llhttp refuses bytes after a closing request; we ignore them
+                raise _unwrap(exc, ProtocolError) from None
+            break
         if self.in_head:
             # llhttp buffers an unfinished header line itself; bound what it may hold.
             if self._raw_head < 0:
@@ -287,6 +358,25 @@ class RequestParser:
                     raise HeadTooLarge("request head larger than max_header_bytes")
         elif self._headers and _fields_size(self._headers) > self._max_head:
             raise HeadTooLarge("request trailers larger than max_header_bytes")
+
+    def _resume(self, rest: bytes) -> bytes | None:
+        """llhttp stopped at a head we read as an ordinary request: go on in a new parser.
+        Returns the bytes to feed it (a synthetic head first when a body follows), or None
+        when nothing more is to be read (the request closes the connection)."""
+        self._demoted = False
+        if self.finished:
+            return None  # the request closes the connection, or the sink closed it meanwhile
+        head = self._head
+        self._parser = httptools.HttpRequestParser(self)
+        if head is None or not head.has_body:
+            return rest  # its end was reported with its head; what follows is the next request
+        self._resuming = True
+        close = b"" if head.keep_alive else b"Connection: close\r\n"
+        if head.chunked:
+            framing = b"Transfer-Encoding: chunked\r\n"
+        else:
+            framing = b"Content-Length: %d\r\n" % (head.content_length or 0)
+        return b"POST / HTTP/1.1\r\n" + framing + close + b"\r\n" + rest
 
     def _finished_during_feed(self) -> bool:
         # A method, not `self.finished` inline: feed() tested it on entry, so mypy (and mypyc,
@@ -311,12 +401,17 @@ class RequestParser:
         self.in_head = False
         headers = self._headers
         self._headers = []  # for trailers
+        if self._resuming:
+            self._resuming = False  # our synthetic head (see _resume): its body is the real one
+            return
         url = self._url
         if (self._raw_head >= 0 or self._read_len > self._max_head) and (
             len(url) + _fields_size(headers) > self._max_head
         ):
             # Only a head spread over reads, or in a read larger than the limit, can be over it.
             raise HeadTooLarge("request head larger than max_header_bytes")
+        if len(headers) > self._max_fields:
+            raise HeadTooLarge("more header fields than max_headers")
         parser = self._parser
         head = RequestHead()
         head.method = method = parser.get_method()
@@ -340,13 +435,17 @@ class RequestParser:
             elif kind == _CONNECTION:
                 connection = connection | connection_tokens(value)
             elif kind == _CONTENT_LENGTH:
-                head.content_length = int(value)
+                length = _digits(value)
+                if length < 0:
+                    raise ProtocolError("Content-Length is not a 64-bit decimal number")
+                head.content_length = length
             elif kind == _TRANSFER_ENCODING:
                 if head.chunked or not _only_chunked(value):
                     raise ProtocolError("Transfer-Encoding other than a single chunked")
                 head.chunked = True
             elif kind == _UPGRADE:
-                head.upgrade = value
+                upgrade = head.upgrade
+                head.upgrade = value if upgrade is None else upgrade + b", " + value
             elif kind == _EXPECT:
                 head.expect_continue = value.strip().lower() == b"100-continue"
                 forward.append(field)
@@ -354,9 +453,9 @@ class RequestParser:
                 head.idempotency_key = True
                 forward.append(field)
             elif kind == _TIMEOUT_MS:
-                head.timeout_ms = _int_or_none(value)
+                head.timeout_ms = _number_or_none(value)
             elif kind == _RETRY_ATTEMPTS:
-                head.retry_attempts = _int_or_none(value)
+                head.retry_attempts = _number_or_none(value)
             # else: hop-by-hop, or a field of ours the app must not forge: dropped
         head.host = host
         head.connection = connection
@@ -369,8 +468,8 @@ class RequestParser:
             if head.chunked:
                 # RFC 9112 6.1: framing of an HTTP/1.0 message with Transfer-Encoding is faulty.
                 raise ProtocolError("Transfer-Encoding in an HTTP/1.0 request")
-        if head.upgrade is not None and b"upgrade" not in connection:
-            head.upgrade = None  # Upgrade without Connection: upgrade is not a request to upgrade
+        if head.upgrade is not None:  # llhttp upgrades only with an Upgrade field (or CONNECT)
+            self._upgrade_or_not(head, method, version, connection)
         if method == b"CONNECT":
             head.authority = url
             head.target = url
@@ -389,8 +488,11 @@ class RequestParser:
             if parsed.schema != b"http" or not parsed.host:
                 raise ProtocolError("absolute-form target must be http://host[:port]/...")
             head.absolute = True
-            head.authority = parsed.host if parsed.port is None else b"%s:%d" % (
-                parsed.host,
+            host_part: bytes = parsed.host
+            if b":" in host_part:
+                host_part = b"[" + host_part + b"]"  # an IPv6 literal keeps its brackets
+            head.authority = host_part if parsed.port is None else b"%s:%d" % (
+                host_part,
                 parsed.port,
             )
             path = parsed.path or b"/"
@@ -398,11 +500,29 @@ class RequestParser:
         self._head = head
         self._sink.on_request_head(head)
 
+    def _upgrade_or_not(
+        self, head: RequestHead, method: bytes, version: str, connection: frozenset[bytes]
+    ) -> None:
+        """Decide whether the request is forwarded as an upgrade (SPEC section 5): only an
+        HTTP/1.1 request without a body that asks, with `Connection: upgrade`, for something
+        other than h2c. When llhttp took it for one and we do not, note it (`_demoted`)."""
+        upgrade = head.upgrade
+        if upgrade is not None:
+            upgrade = _without_h2c(upgrade)
+            if (not upgrade or b"upgrade" not in connection or version != "1.1"
+                    or head.has_body or method == b"CONNECT"):
+                upgrade = None
+        head.upgrade = upgrade
+        if upgrade is None and method != b"CONNECT" and self._parser.should_upgrade():
+            self._demoted = True
+
     def on_body(self, body: bytes) -> None:
         self._sink.on_request_body(body)
 
     def on_message_complete(self) -> None:
         head = self._head
+        if self._demoted and head is not None and head.has_body:
+            return  # llhttp skipped the body of a demoted upgrade: the end comes after it
         if head is not None and not head.keep_alive:
             self.finished = True
         trailers: Headers | None = self._headers
@@ -410,6 +530,9 @@ class RequestParser:
             self._headers = []
             if _fields_size(trailers) > self._max_head:
                 raise HeadTooLarge("request trailers larger than max_header_bytes")
+            if len(trailers) > self._max_fields:
+                raise HeadTooLarge("more trailer fields than max_headers")
+            trailers = _end_to_end_trailers(trailers, _REQUEST_KINDS)
         else:
             trailers = None
         self._sink.on_request_end(trailers)
@@ -575,7 +698,10 @@ class ResponseParser:
             if not kind:
                 forward.append(field)
             elif kind == _CONTENT_LENGTH:
-                head.content_length = int(field[1])
+                length = _digits(field[1])
+                if length < 0:
+                    raise BadUpstreamResponse("Content-Length is not a 64-bit decimal number")
+                head.content_length = length
             elif kind == _CONNECTION:
                 connection = connection | connection_tokens(field[1])
             elif kind == _TRANSFER_ENCODING:
@@ -611,6 +737,7 @@ class ResponseParser:
         trailers: Headers | None = self._headers
         if trailers:
             self._headers = []
+            trailers = _end_to_end_trailers(trailers, _RESPONSE_KINDS)
         else:
             trailers = None
         self._sink.on_response_end(trailers)
