@@ -329,7 +329,10 @@ class Exchange(ConnectionUser):
         if self.head.upgrade is not None and status != 101:
             self.keep_alive = False  # the app's parser already treated its request as upgraded
         if status != 101:
-            if not self.keep_alive or proto.closing_after_response():
+            # An answer that begins before the app finished sending (413, an early 200) ends
+            # the app's connection (on_response_end): say so now, in the head, or the app
+            # sends its next request into a socket about to close.
+            if not self.keep_alive or not self.request_done or proto.closing_after_response():
                 self.keep_alive = False
                 extra.append((b"Connection", b"close"))
             elif proto.http10:
