@@ -375,6 +375,7 @@ class Exchange(ConnectionUser):
         self.pool.discard(conn, "tunnel")
         self._release_pool_slot()
         self.conn = None
+        self._settle(None)  # as for CONNECT: the upgrade request is over
         self.proto.start_tunnel(self, conn, to_app=rest)
 
     def on_upstream_error(self, exc: UpstreamError) -> None:
@@ -422,6 +423,9 @@ class Exchange(ConnectionUser):
         self.conn = None
         self.status = 200
         self.response_started = True
+        # The request is over once the tunnel stands (the bytes after it are not requests):
+        # it gives its breaker slot back now, or every tunnel would hold one for good.
+        self._settle(None)
         self.proto.write(_CONNECTION_ESTABLISHED)
         self.proto.start_tunnel(self, conn, to_upstream=self.upgrade_rest)
 
@@ -468,7 +472,12 @@ class Exchange(ConnectionUser):
             now = self.proto.loop.time()
         self.finished_at = now
         cluster.stats.request_done(self.proto.listener_name, self.status, now - self.started)
-        policies = cluster.policies
+        self._settle(error)
+
+    def _settle(self, error: SidecarError | None) -> None:
+        """Tell the breaker and outlier detection how the request ended; once (the token)."""
+        cluster = self.cluster
+        policies = cluster.policies if cluster is not None else None
         token = self.policy_token
         if policies is not None and token:
             self.policy_token = None

@@ -36,6 +36,7 @@ from typing import Any
 
 import pytest
 import requests
+from websockets.sync.client import connect as ws_connect
 
 from tests.harness import LOOPS, Sidecar, ThreadedServer, free_port
 from tests.integration.test_proxy import (
@@ -326,6 +327,7 @@ def config(faults: int, hole: int, aio: int) -> dict[str, Any]:
                outlier_detection={"consecutive_failures": 1_000_000}),
         static("hole", hole, retry={"attempts": 1}),
         static("slow", aio),
+        static("tunnels", aio, circuit_breaker={"max_concurrent_requests": 3}),
     ]
     routes = [{"match": {"host": c["name"]}, "cluster": c["name"]} for c in clusters]
     return {
@@ -335,6 +337,10 @@ def config(faults: int, hole: int, aio: int) -> dict[str, Any]:
             # A small app-connection limit, to burst past.
             {"name": "narrow", "protocol": "http", "cluster": "slow",
              "limits": {"max_connections": 20}},
+            {"name": "tunnels", "protocol": "http", "cluster": "tunnels"},
+            {"name": "forward", "protocol": "http",
+             "forward_proxy": {"enabled": True, "allowed_hosts": ["127.0.0.1"],
+                               "connect": True}},
         ],
         "clusters": clusters,
         "drain": {"grace": "2s", "accept_period": "0s", "linger": "0s"},
@@ -528,6 +534,34 @@ def test_an_upstream_answering_before_reading_the_body_keeps_the_framing(w: Worl
     heads = [p for _, p in w.faults.requests if not p.startswith(("/early", "/after-early"))]
     assert not any("eeee" in p for p in heads)  # no body byte ever read as a request head
     assert_serving(w)
+
+
+# --- tunnels ----------------------------------------------------------------------------------
+def test_finished_websockets_give_their_breaker_slot_back(w: World) -> None:
+    """Found by bench/soak.py: a tunnel (Upgrade or CONNECT) never told the breaker its request
+    was over, so each one held a `max_concurrent_requests` slot for good, and once as many
+    tunnels had come and gone the cluster answered every request 503 circuit_open. Here the
+    cap is 3: ten WebSocket sessions one after another must all open."""
+    for i in range(10):
+        with ws_connect(f"ws://127.0.0.1:{w.sc.port('tunnels')}/ws", open_timeout=TIMEOUT,
+                        close_timeout=2) as ws:
+            assert ws.recv(timeout=TIMEOUT) == "hello", i
+    r = request(w.sc.port("tunnels"), "/echo?after-ws", "x")
+    assert r.status == 200 and r.json()["path"] == "/echo?after-ws"
+
+
+def test_finished_connect_tunnels_give_their_breaker_slot_back(w: World) -> None:
+    """The same for CONNECT through the forward proxy, whose dynamic clusters have the default
+    cap of 1000: 1,050 tunnels one after another, then a request, all served."""
+    port = w.sc.port("forward")
+    for i in range(1050):
+        with Client(port) as c:
+            c.send(b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n"
+                   % (w.aio, w.aio))
+            line = c.line()
+            assert line == b"HTTP/1.1 200 Connection Established", (i, line, c.buf)
+    r = request(port, f"http://127.0.0.1:{w.aio}/echo?after-connect", "x")
+    assert r.status == 200 and r.json()["path"] == "/echo?after-connect"
 
 
 # --- the app misbehaves ------------------------------------------------------------------------
