@@ -29,7 +29,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -839,6 +839,61 @@ def test_a_dns_name_failing_then_returning(loop: str, tmp_path: Path) -> None:
         a.stop()
         b.stop()
         lt.stop()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_the_kubernetes_api_dropping_the_watch(loop: str, tmp_path: Path) -> None:
+    """The sidecar itself, discovering through a fake API server (tests/k8s): while the watch
+    is dropped and the API server unreachable, the last endpoints keep serving; a change made
+    meanwhile (the endpoint replaced by another) is followed once the API server is back."""
+    from tests.integration.test_lifecycle import ThreadedApiServer
+    from tests.k8s.fake_apiserver import endpoint, endpoint_slice
+
+    api = ThreadedApiServer(tmp_path / "apiserver")
+    lt = LoopThread()
+    a = FaultUpstream(lt)
+    b = FaultUpstream(lt, host="127.0.0.2", want_port=a.port)
+
+    def on_api(fn: Callable[[], Any]) -> Any:
+        async def call() -> Any:
+            result = fn()
+            return await result if asyncio.iscoroutine(result) else result
+
+        return asyncio.run_coroutine_threadsafe(call(), api._loop).result(TIMEOUT)
+
+    def put(ip: str) -> None:
+        on_api(lambda: api.server.put_slice("default", endpoint_slice(
+            "pay-1", "pay", [endpoint(ip)], ports=[("http", a.port)])))
+
+    try:
+        put("127.0.0.1")
+        kubeconfig = api.server.write_kubeconfig()
+        with Sidecar({
+            "listeners": [{"name": "egress", "protocol": "http", "cluster": "pay"}],
+            "clusters": [{"name": "pay", "discovery": {
+                "type": "kubernetes", "service": "pay", "namespace": "default", "port": "http"}}],
+            "drain": {"grace": "1s", "accept_period": "0s", "linger": "0s"},
+        }, loop=loop, env={"KUBECONFIG": str(kubeconfig)}) as sc:
+            port = sc.port("egress")
+            wait_until(lambda: request(port, "/first", "pay").body == b"ok")
+            on_api(api.server.drop_watches)
+            on_api(api.server.go_down)
+            put("127.0.0.2")  # made while nobody can see it
+            for i in range(5):
+                assert request(port, f"/down?{i}", "pay").body == b"ok"
+            assert len(a.seen("/down")) == 5
+            on_api(api.server.come_back)
+            wait_until(lambda: request(port, "/back", "pay").body == b"ok"
+                       and bool(b.seen("/back")))
+            before = len(a.requests)
+            for i in range(3):
+                assert request(port, f"/after?{i}", "pay").body == b"ok"
+            assert len(a.requests) == before and len(b.seen("/after")) == 3
+    finally:
+        a.stop()
+        b.stop()
+        lt.stop()
+        api.stop()
 
 
 if __name__ == "__main__":
