@@ -337,7 +337,10 @@ class Exchange(ConnectionUser):
         if self.head.upgrade is not None and status != 101:
             self.keep_alive = False  # the app's parser already treated its request as upgraded
         if status != 101:
-            if not self.keep_alive or proto.closing_after_response():
+            # An answer that begins before the app finished sending (413, an early 200) ends
+            # the app's connection (on_response_end): say so now, in the head, or the app
+            # sends its next request into a socket about to close.
+            if not self.keep_alive or not self.request_done or proto.closing_after_response():
                 self.keep_alive = False
                 extra.append((b"Connection", b"close"))
             elif proto.http10:
@@ -380,6 +383,7 @@ class Exchange(ConnectionUser):
         self.pool.discard(conn, "tunnel")
         self._release_pool_slot()
         self.conn = None
+        self._settle(None)  # as for CONNECT: the upgrade request is over
         self.proto.start_tunnel(self, conn, to_app=rest)
 
     def on_upstream_error(self, exc: UpstreamError) -> None:
@@ -430,6 +434,9 @@ class Exchange(ConnectionUser):
         self.conn = None
         self.status = 200
         self.response_started = True
+        # The request is over once the tunnel stands (the bytes after it are not requests):
+        # it gives its breaker slot back now, or every tunnel would hold one for good.
+        self._settle(None)
         self.proto.write(_CONNECTION_ESTABLISHED)
         self.proto.start_tunnel(self, conn, to_upstream=self.upgrade_rest)
 
@@ -476,7 +483,12 @@ class Exchange(ConnectionUser):
             now = self.proto.loop.time()
         self.finished_at = now
         cluster.stats.request_done(self.proto.listener_name, self.status, now - self.started)
-        policies = cluster.policies
+        self._settle(error)
+
+    def _settle(self, error: SidecarError | None) -> None:
+        """Tell the breaker and outlier detection how the request ended; once (the token)."""
+        cluster = self.cluster
+        policies = cluster.policies if cluster is not None else None
         token = self.policy_token
         if policies is not None and token:
             self.policy_token = None
