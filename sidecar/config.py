@@ -419,6 +419,9 @@ class ForwardProxyConfig(_Model):
     enabled: bool = False
     allowed_hosts: list[HostPattern] = Field(default_factory=list)
     connect: bool = False
+    # Dynamic clusters at most (SPEC section 4): beyond it the least recently used idle one
+    # goes, or a new destination gets 503 too_many_destinations.
+    max_destinations: int = Field(default=256, ge=1)
 
 
 class RouteMatch(_Model):

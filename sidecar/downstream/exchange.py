@@ -197,7 +197,10 @@ class Exchange(ConnectionUser):
             assert self.pool is not None
             self.pool.release(conn)
             return
-        self._attach(conn)
+        try:
+            self._attach(conn)
+        except Exception as exc:  # the pool's caller (a connect task) would only log it
+            self.proto.rescue(exc, "attach")
 
     def _attach(self, conn: UpstreamConnection) -> None:
         if self.waited:  # an earlier try of this request waited for a connection
@@ -219,8 +222,11 @@ class Exchange(ConnectionUser):
     def on_pool_error(self, exc: SidecarError) -> None:
         if self.phase is Phase.DONE:
             return
-        self._release_pool_slot()
-        self._failed(exc)
+        try:
+            self._release_pool_slot()
+            self._failed(exc)
+        except Exception as failure:
+            self.proto.rescue(failure, "pool_error")
 
     # --- sending ---------------------------------------------------------------------------------
     def _send(self) -> None:
@@ -372,6 +378,7 @@ class Exchange(ConnectionUser):
         self.pool.discard(conn, "tunnel")
         self._release_pool_slot()
         self.conn = None
+        self._tunnel_verdict()
         self.proto.start_tunnel(self, conn, to_app=rest)
 
     def on_upstream_error(self, exc: UpstreamError) -> None:
@@ -388,6 +395,10 @@ class Exchange(ConnectionUser):
         )
         self._discard_conn("error", abort=True)
         self._failed(exc, stale=stale)
+
+    def on_internal_error(self, exc: Exception) -> None:
+        # The connection let go of us and aborts itself; `fail` takes it out of the pool.
+        self.proto.rescue(exc, "response")
 
     def on_upstream_pause_writing(self) -> None:
         self.proto.gate.pause(PEER_WRITE_FULL)
@@ -419,8 +430,22 @@ class Exchange(ConnectionUser):
         self.conn = None
         self.status = 200
         self.response_started = True
+        self._tunnel_verdict()
         self.proto.write(_CONNECTION_ESTABLISHED)
         self.proto.start_tunnel(self, conn, to_upstream=self.upgrade_rest)
+
+    def _tunnel_verdict(self) -> None:
+        """A tunnel is established: that is the request's verdict for the breaker, and its
+        concurrency slot is freed (a tunnel may last hours; before, each CONNECT kept one
+        until `max_concurrent_requests` were gone, and its cluster never looked idle)."""
+        cluster = self.cluster
+        token = self.policy_token
+        if cluster is not None and cluster.policies is not None and token:
+            self.policy_token = None
+            pool = self.pool
+            cluster.policies.on_done(
+                token, self.status, self.attempt, pool.key if pool is not None else None, None
+            )
 
     # --- endings ---------------------------------------------------------------------------------
     def _release_pool_slot(self) -> None:
@@ -518,6 +543,8 @@ class Exchange(ConnectionUser):
             self._attempt(fresh=fresh)
         except SidecarError as exc:
             self.fail(exc)
+        except Exception as exc:  # a loop timer: nobody above us would answer the app
+            self.proto.rescue(exc, "retry")
 
     def _schedule_retry(self, delay: float) -> None:
         if delay <= 0:

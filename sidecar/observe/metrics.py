@@ -33,6 +33,8 @@ class StatsCollector(Collector):
     Beyond SPEC section 8 (extras an operator of Envoy would look for):
     - `sidecar_downstream_connections_shed_total{listener}`: app connections accepted and closed
       at once because of EMFILE or `max_connections` (SPEC section 5 says they are counted).
+    - `sidecar_internal_errors_total{listener}`: unexpected exceptions caught and answered
+      (SPEC section 5: the app always gets an answer; the log line is rate-limited).
     - `sidecar_endpoints{cluster,state}`: endpoints per cluster by health, `healthy`/`unhealthy`;
       one series per state, unlike the per-endpoint `sidecar_endpoint_healthy`.
     """
@@ -250,13 +252,22 @@ class StatsCollector(Collector):
             "App connections closed on accept (EMFILE or max_connections; beyond SPEC section 8).",
             labels=["listener"],
         )
+        internal = CounterMetricFamily(
+            "sidecar_internal_errors",
+            "Unexpected exceptions inside the sidecar, each answered to the app (400 or 502 "
+            "internal); the traceback is logged at most once per interval (beyond SPEC "
+            "section 8).",
+            labels=["listener"],
+        )
         for lst in listeners:
             downstream.add_metric([lst.name], lst.downstream_connections)
             inflight.add_metric([lst.name], lst.inflight)
             shed.add_metric([lst.name], lst.shed_connections)
+            internal.add_metric([lst.name], lst.internal_errors)
         yield downstream
         yield inflight
         yield shed
+        yield internal
 
     def _process_families(self, stats: Stats) -> Iterator[Metric]:
         p = stats.process

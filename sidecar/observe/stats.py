@@ -174,13 +174,20 @@ class ClusterStats:
 class ListenerStats:
     """Per listener: live app connections and requests in flight (gauges kept as counts)."""
 
-    __slots__ = ("name", "downstream_connections", "inflight", "shed_connections")
+    __slots__ = (
+        "name",
+        "downstream_connections",
+        "inflight",
+        "shed_connections",
+        "internal_errors",
+    )
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.downstream_connections = 0
         self.inflight = 0
         self.shed_connections = 0  # accepted-then-closed because of EMFILE or max_connections
+        self.internal_errors = 0  # unexpected exceptions caught at a seam and answered
 
 
 class ProcessStats:

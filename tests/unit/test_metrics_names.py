@@ -43,6 +43,7 @@ SPEC_METRICS: dict[str, tuple[str, frozenset[str]]] = {
 EXTRA_METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "sidecar_downstream_connections_shed_total": ("counter", frozenset({"listener"})),
     "sidecar_endpoints": ("gauge", frozenset({"cluster", "state"})),
+    "sidecar_internal_errors_total": ("counter", frozenset({"listener"})),
 }
 
 REPO = Path(__file__).resolve().parents[2]
