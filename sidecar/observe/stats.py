@@ -62,6 +62,13 @@ class Histogram:
         self.sum += value
         self.count += 1
 
+    def snapshot(self) -> Histogram:
+        copy = Histogram(self.buckets)
+        copy.counts = list(self.counts)
+        copy.sum = self.sum
+        copy.count = self.count
+        return copy
+
     def cumulative(self) -> list[tuple[str, int]]:
         """[(le, cumulative count)] in Prometheus order, ending with +Inf."""
         out: list[tuple[str, int]] = []
@@ -149,6 +156,28 @@ class ClusterStats:
             for cc, n in zip(CODE_CLASSES, counts, strict=True)
         }
 
+    def snapshot(self) -> ClusterStats:
+        """A copy, gauges read now: what a scrape renders off the event loop (see
+        `observe.metrics.Scraper`), while the data path goes on changing the original."""
+        copy = ClusterStats(self.name)
+        copy.by_listener = {k: list(v) for k, v in self.by_listener.items()}
+        copy.request_duration = self.request_duration.snapshot()
+        copy.connections_opened = self.connections_opened
+        copy.connections_closed = dict(self.connections_closed)
+        copy.connect_duration = self.connect_duration.snapshot()
+        copy.pool_wait = self.pool_wait.snapshot()
+        copy.tls_handshakes = dict(self.tls_handshakes)
+        copy.breaker_transitions = dict(self.breaker_transitions)
+        copy.retries = dict(self.retries)
+        copy.retry_budget_exhausted = self.retry_budget_exhausted
+        copy.outlier_ejections = self.outlier_ejections
+        copy.health_checks = dict(self.health_checks)
+        copy.local_errors = dict(self.local_errors)
+        gauges = self.gauges
+        if gauges is not None:
+            copy.gauges = _Fixed(gauges()).get
+        return copy
+
     def expect_listener(self, listener: str) -> None:
         """Create the zero series for a listener that routes here, so they exist from start."""
         self.by_listener.setdefault(listener, [0] * len(CODE_CLASSES))
@@ -171,6 +200,18 @@ class ClusterStats:
         self.retries[reason] = self.retries.get(reason, 0) + 1
 
 
+class _Fixed:
+    """Gauges read once, handed back on every call (a snapshot's `gauges`)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: ClusterGauges) -> None:
+        self.value = value
+
+    def get(self) -> ClusterGauges:
+        return self.value
+
+
 class ListenerStats:
     """Per listener: live app connections and requests in flight (gauges kept as counts)."""
 
@@ -189,6 +230,14 @@ class ListenerStats:
         self.shed_connections = 0  # accepted-then-closed because of EMFILE or max_connections
         self.internal_errors = 0  # unexpected exceptions caught at a seam and answered
 
+    def snapshot(self) -> ListenerStats:
+        copy = ListenerStats(self.name)
+        copy.downstream_connections = self.downstream_connections
+        copy.inflight = self.inflight
+        copy.shed_connections = self.shed_connections
+        copy.internal_errors = self.internal_errors
+        return copy
+
 
 class ProcessStats:
     __slots__ = ("drain_state", "drain_aborted", "event_loop_lag", "config_reloads")
@@ -198,6 +247,14 @@ class ProcessStats:
         self.drain_aborted = 0
         self.event_loop_lag = Histogram(FAST_BUCKETS)
         self.config_reloads: dict[str, int] = {"success": 0, "rejected": 0}
+
+    def snapshot(self) -> ProcessStats:
+        copy = ProcessStats()
+        copy.drain_state = self.drain_state
+        copy.drain_aborted = self.drain_aborted
+        copy.event_loop_lag = self.event_loop_lag.snapshot()
+        copy.config_reloads = dict(self.config_reloads)
+        return copy
 
 
 class Stats:
@@ -209,6 +266,15 @@ class Stats:
         self.clusters: dict[str, ClusterStats] = {}
         self.listeners: dict[str, ListenerStats] = {}
         self.process = ProcessStats()
+
+    def snapshot(self) -> Stats:
+        """Every number as it is now, for rendering elsewhere (a thread): a few copies per
+        cluster, about 10 µs each, where rendering takes about 2 ms per cluster."""
+        copy = Stats()
+        copy.clusters = {name: c.snapshot() for name, c in self.clusters.items()}
+        copy.listeners = {name: li.snapshot() for name, li in self.listeners.items()}
+        copy.process = self.process.snapshot()
+        return copy
 
     def cluster(self, name: str) -> ClusterStats:
         stats = self.clusters.get(name)

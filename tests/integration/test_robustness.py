@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import LOOPS, Sidecar, free_port, http_get
+from tests.harness import LOOPS, Sidecar, http_get
 
 TIMEOUT = 10.0
 
@@ -117,7 +117,7 @@ def origin() -> Iterator[Origin]:
     o.stop()
 
 
-# --- clients ---------------------------------------------------------------------------------------
+# --- clients -------------------------------------------------------------------------------------
 def exchange(port: int, request: bytes, timeout: float = TIMEOUT) -> bytes:
     """Send `request`, read until the sidecar closes or a whole response is in."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
@@ -165,7 +165,7 @@ def proxy_config(**forward: Any) -> dict[str, Any]:
     }
 
 
-# --- finding 3: whatever goes wrong, the app gets an answer ------------------------------------------
+# --- finding 3: whatever goes wrong, the app gets an answer --------------------------------------
 @pytest.mark.parametrize("loop", LOOPS)
 def test_non_ascii_digit_port_gets_400_not_a_closed_connection(loop: str, origin: Origin) -> None:
     # '\xb2' (superscript two) passes str.isdigit(), and int() raised in split_authority: the
@@ -203,7 +203,7 @@ def test_connect_to_a_host_with_userinfo_gets_400(loop: str, origin: Origin) -> 
     assert origin.received == []
 
 
-# --- finding 8: a burst on a TCP listener ------------------------------------------------------------
+# --- finding 8: a burst on a TCP listener --------------------------------------------------------
 BURST = 1500
 
 
@@ -259,7 +259,7 @@ def test_tcp_listener_burst_every_connection_gets_through(loop: str, origin: Ori
     assert all(b"tcp:%06d\n" % i in tokens for i in range(BURST))
 
 
-# --- finding 4: forward-proxy destinations are bounded -----------------------------------------------
+# --- finding 4: forward-proxy destinations are bounded -------------------------------------------
 def _get(sc: Sidecar, port: int, path: str = "/ok") -> tuple[int, dict[str, str], bytes]:
     return parse(exchange(
         sc.port("egress"),
