@@ -327,3 +327,32 @@ def test_a_name_that_does_not_resolve_is_remembered_not_retried_in_a_loop() -> N
         # lookup.
         assert "no-such-host.invalid:80" not in sc.clusters()
         assert sc.logs().count("dns_resolve_failed") <= 1
+
+
+def test_established_tunnels_release_their_breaker_slot(origin: Origin) -> None:
+    # A CONNECT tunnel kept its concurrency slot (circuit_breaker.max_concurrent_requests) for
+    # good: after that many tunnels every request to the cluster got 503 circuit_open, and a
+    # forward-proxy destination with a tunnel never looked idle (so it was never evicted).
+    config = {
+        "listeners": [{"name": "egress", "protocol": "http", "cluster": "up"}],
+        "clusters": [{"name": "up",
+                      "discovery": {"type": "static", "endpoints": [f"127.0.0.1:{origin.port}"]},
+                      "circuit_breaker": {"max_concurrent_requests": 2}}],
+    }
+    with Sidecar(config) as sc:
+        for i in range(5):
+            with socket.create_connection(("127.0.0.1", sc.port("egress")), timeout=TIMEOUT) as s:
+                s.sendall(b"CONNECT up:443 HTTP/1.1\r\nHost: up:443\r\n\r\n")
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = s.recv(4096)
+                    assert chunk, head
+                    head += chunk
+                assert head.startswith(b"HTTP/1.1 200"), head
+                s.sendall(b"tcp:%d\n" % i)
+                got = b""
+                while not got.endswith(b"\n"):
+                    chunk = s.recv(4096)
+                    assert chunk
+                    got += chunk
+                assert got == b"tcp:%d\n" % i
