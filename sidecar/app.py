@@ -341,7 +341,7 @@ class App:
             self._on_drain_state,
         )
         self.clusters = ClusterSet(self.loop, self._build_dynamic, self._retire_dynamic,
-                                   self._max_destinations(cfg))
+                                   self._max_destinations(cfg), self.stats.process)
         # Signals are handled from here on (before the first await of the start-up): a pod
         # deleted while the sidecar starts gets a drain and exit 0, not death by SIGTERM.
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -119,6 +119,8 @@ class StatsCollector(Collector):
       at once because of EMFILE or `max_connections` (SPEC section 5 says they are counted).
     - `sidecar_internal_errors_total{listener}`: unexpected exceptions caught and answered
       (SPEC section 5: the app always gets an answer; the log line is rate-limited).
+    - `sidecar_forward_proxy_destinations` and `sidecar_forward_proxy_destination_events_total
+      {event}`: the bound of SPEC section 5 on forward-proxy destinations at work.
     - `sidecar_endpoints{cluster,state}`: endpoints per cluster by health, `healthy`/`unhealthy`;
       one series per state, unlike the per-endpoint `sidecar_endpoint_healthy`.
     """
@@ -409,6 +411,22 @@ class StatsCollector(Collector):
         for result, n in p.config_reloads.items():
             reloads.add_metric([result], n)
         yield reloads
+        yield k.gauge(
+            "sidecar_forward_proxy_destinations",
+            "Forward-proxy destinations (dynamic clusters) now; at most max_destinations "
+            "(beyond SPEC section 8).",
+            value=p.forward_destinations,
+        )
+        events = k.counter(
+            "sidecar_forward_proxy_destination_events",
+            "Forward-proxy destinations created, removed (expired after 10 idle minutes, "
+            "evicted at max_destinations, unresolvable) or refused (503 too_many_destinations); "
+            "beyond SPEC section 8.",
+            labels=["event"],
+        )
+        for event, n in p.forward_events.items():
+            events.add_metric([event], n)
+        yield events
 
 
 class DiscoveryCollector(Collector):

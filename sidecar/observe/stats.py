@@ -31,6 +31,10 @@ CLOSE_REASONS = (
     "tunnel",  # left the pool for an Upgrade/CONNECT tunnel, and that ended
 )
 
+# What happened to forward-proxy destinations (label `event`): created; removed because idle
+# 10 minutes, evicted at max_destinations, or unresolvable; a new one refused (all busy).
+FORWARD_EVENTS = ("created", "expired", "evicted", "unresolvable", "refused")
+
 RETRY_REASONS = ("connect-failure", "reset", "stale", "timeout", "502", "503", "504", "5xx")
 HEALTH_RESULTS = ("success", "failure")
 
@@ -240,13 +244,22 @@ class ListenerStats:
 
 
 class ProcessStats:
-    __slots__ = ("drain_state", "drain_aborted", "event_loop_lag", "config_reloads")
+    __slots__ = (
+        "drain_state",
+        "drain_aborted",
+        "event_loop_lag",
+        "config_reloads",
+        "forward_destinations",
+        "forward_events",
+    )
 
     def __init__(self) -> None:
         self.drain_state = 0  # 0 serving, 1 draining, 2 drained
         self.drain_aborted = 0
         self.event_loop_lag = Histogram(FAST_BUCKETS)
         self.config_reloads: dict[str, int] = {"success": 0, "rejected": 0}
+        self.forward_destinations = 0  # dynamic clusters now
+        self.forward_events: dict[str, int] = dict.fromkeys(FORWARD_EVENTS, 0)
 
     def snapshot(self) -> ProcessStats:
         copy = ProcessStats()
@@ -254,6 +267,8 @@ class ProcessStats:
         copy.drain_aborted = self.drain_aborted
         copy.event_loop_lag = self.event_loop_lag.snapshot()
         copy.config_reloads = dict(self.config_reloads)
+        copy.forward_destinations = self.forward_destinations
+        copy.forward_events = dict(self.forward_events)
         return copy
 
 

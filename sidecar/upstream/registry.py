@@ -18,6 +18,7 @@ from typing import Final
 
 from sidecar.downstream_types import ForwardTargetLike
 from sidecar.errors import ConnectFailed, TooManyDestinations
+from sidecar.observe.stats import ProcessStats
 from sidecar.upstream.cluster import Cluster
 
 DYNAMIC_IDLE: Final = 600.0
@@ -32,6 +33,7 @@ class ClusterSet:
         build_dynamic: Callable[[str, int], Cluster],
         retire: Callable[[Cluster], None],
         max_destinations: int = DEFAULT_MAX_DESTINATIONS,
+        stats: ProcessStats | None = None,
     ) -> None:
         self._loop = loop
         self.static: dict[str, Cluster] = {}
@@ -41,8 +43,7 @@ class ClusterSet:
         self.max_destinations = max_destinations
         # name -> (answer without a lookup until, why): insertion order is expiry order.
         self._failing: dict[str, tuple[float, str]] = {}
-        self.evicted = 0
-        self.refused = 0
+        self._stats = stats if stats is not None else ProcessStats()
 
     def get(self, name: str) -> Cluster | None:
         return self.static.get(name)
@@ -64,7 +65,13 @@ class ClusterSet:
         if len(self.dynamic) >= self.max_destinations:
             self._make_room(name)
         cluster = self.dynamic[name] = self._build_dynamic(target.host, target.port)
+        self._counted("created")
         return cluster
+
+    def _counted(self, event: str) -> None:
+        stats = self._stats
+        stats.forward_events[event] += 1
+        stats.forward_destinations = len(self.dynamic)
 
     def _make_room(self, name: str) -> None:
         """Evict least recently used idle dynamic clusters down to one below the limit (after a
@@ -76,7 +83,7 @@ class ClusterSet:
             (c for c in self.dynamic.values() if c.idle()), key=lambda c: c.last_used
         )
         if len(idle) < excess:
-            self.refused += 1
+            self._counted("refused")
             raise TooManyDestinations(
                 f"{name}: all {len(self.dynamic)} forward-proxy destinations are busy "
                 f"(forward_proxy.max_destinations: {self.max_destinations})",
@@ -84,7 +91,7 @@ class ClusterSet:
             )
         for victim in idle[:excess]:
             del self.dynamic[victim.name]
-            self.evicted += 1
+            self._counted("evicted")
             self._retire(victim)
 
     def unresolvable(self, cluster: Cluster, detail: str) -> None:
@@ -95,6 +102,7 @@ class ClusterSet:
         if self.dynamic.get(name) is not cluster:
             return
         del self.dynamic[name]
+        self._counted("unresolvable")
         failing = self._failing
         failing.pop(name, None)
         failing[name] = (self._loop.time() + NEGATIVE_TTL, detail)
@@ -117,6 +125,7 @@ class ClusterSet:
         ]
         for name in gone:
             self._retire(self.dynamic.pop(name))
+            self._counted("expired")
         failing = self._failing
         while failing and next(iter(failing.values()))[0] <= now:
             del failing[next(iter(failing))]

@@ -286,6 +286,9 @@ def test_destinations_beyond_the_limit_evict_the_least_recently_used_idle_one(
         for port in origin.ports:
             assert _get(sc, port)[0] == 200
             assert len(_dynamic(sc)) <= 3
+        assert sc.metric("sidecar_forward_proxy_destinations") == 3
+        events = "sidecar_forward_proxy_destination_events_total"
+        assert sc.metric(events, event="evicted") == sc.metric(events, event="created") - 3
 
 
 def test_a_new_destination_when_all_are_busy_gets_503_too_many_destinations(
@@ -310,6 +313,9 @@ def test_a_new_destination_when_all_are_busy_gets_503_too_many_destinations(
             s.close()
         assert _get(sc, origin.ports[2])[0] == 200
         assert len(_dynamic(sc)) == 2
+        events = "sidecar_forward_proxy_destination_events_total"
+        assert sc.metric(events, event="refused") == 1
+        assert sc.metric(events, event="evicted") == 1
 
 
 def test_a_name_that_does_not_resolve_is_remembered_not_retried_in_a_loop() -> None:
@@ -327,6 +333,10 @@ def test_a_name_that_does_not_resolve_is_remembered_not_retried_in_a_loop() -> N
         # lookup.
         assert "no-such-host.invalid:80" not in sc.clusters()
         assert sc.logs().count("dns_resolve_failed") <= 1
+        # One lookup for the twenty (they came within the 5 s the failure is remembered).
+        events = "sidecar_forward_proxy_destination_events_total"
+        assert sc.metric(events, event="created") == 1
+        assert sc.metric(events, event="unresolvable") == 1
 
 
 def test_established_tunnels_release_their_breaker_slot(origin: Origin) -> None:

@@ -44,6 +44,8 @@ EXTRA_METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "sidecar_downstream_connections_shed_total": ("counter", frozenset({"listener"})),
     "sidecar_endpoints": ("gauge", frozenset({"cluster", "state"})),
     "sidecar_internal_errors_total": ("counter", frozenset({"listener"})),
+    "sidecar_forward_proxy_destinations": ("gauge", frozenset()),
+    "sidecar_forward_proxy_destination_events_total": ("counter", frozenset({"event"})),
 }
 
 REPO = Path(__file__).resolve().parents[2]
