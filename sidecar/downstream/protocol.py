@@ -445,7 +445,10 @@ class DownstreamProtocol(RequestSink, Timed, asyncio.Protocol):
             if ex is not None and ex.phase is not Phase.DONE:
                 ex.keep_alive = False
                 ex.fail(err)  # answers (or cuts a begun response) and ends the exchange
-            elif ex is None and not self.closed and not self.upgraded:
+            elif ex is None and site == "request" and not self.closed and not self.upgraded:
+                # The app's bytes raised before an exchange existed: they were a request.
+                # (Elsewhere with no exchange, every request was answered: an error response
+                # now would be read as the answer to the app's next request. Just close.)
                 self.write(error_response(err, close=True))
         except Exception as again:
             internal_error(again, site + "_rescue", True)

@@ -282,7 +282,7 @@ class UpstreamConnection(ResponseSink, asyncio.Protocol):
             else:
                 self._fail(exc)
         except Exception as exc:  # a bug under the user's callbacks: it still answers the app
-            self._user_failed(exc)
+            self._user_failed(exc, user)
         finally:
             self._in_feed = False
             if self._end_pending:
@@ -294,14 +294,15 @@ class UpstreamConnection(ResponseSink, asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.reusable = False
-        if self.user is not None and self.state is State.ACTIVE:
+        user = self.user
+        if user is not None and self.state is State.ACTIVE:
             try:
                 self.parser.eof()
             except Exception as exc:
-                self._eof_failed(exc)
+                self._eof_failed(exc, user)
         return False  # close our side too
 
-    def _eof_failed(self, exc: Exception) -> None:
+    def _eof_failed(self, exc: Exception, user: ConnectionUser) -> None:
         if isinstance(exc, BadUpstreamResponse):
             self._fail(
                 UpstreamReset(
@@ -311,7 +312,7 @@ class UpstreamConnection(ResponseSink, asyncio.Protocol):
                 )
             )
         else:
-            self._user_failed(exc)
+            self._user_failed(exc, user)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.reusable = False
@@ -334,15 +335,14 @@ class UpstreamConnection(ResponseSink, asyncio.Protocol):
         else:
             self._closed()
 
-    def _user_failed(self, exc: Exception) -> None:
-        """The user raised something unexpected from a callback: this connection's state is
-        unknown (never reuse it), and the user answers for itself."""
-        user = self.user
+    def _user_failed(self, exc: Exception, user: ConnectionUser) -> None:
+        """`user` (bound when the read began; it may have let go since) raised something
+        unexpected from a callback: this connection's state is unknown (never reuse it), and
+        the user answers for itself."""
         self.user = None
         self.reusable = False
         self.abort("error")
-        if user is not None:
-            user.on_internal_error(exc)
+        user.on_internal_error(exc)
 
     def _closed(self) -> None:
         was_idle = self.state is State.IDLE
