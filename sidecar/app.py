@@ -17,7 +17,7 @@ from sidecar import podinfo
 from sidecar._build import compiled
 from sidecar.admin.server import AdminServer, StatusServer
 from sidecar.clock import MONOTONIC
-from sidecar.config import ClusterConfig, Config, ListenerConfig
+from sidecar.config import ClusterConfig, Config, ForwardProxyConfig, ListenerConfig
 from sidecar.discovery.endpoints import Add, Delta, Remove, Resolver
 from sidecar.discovery.static import StaticResolver
 from sidecar.discovery.stats import DiscoveryStats
@@ -26,9 +26,10 @@ from sidecar.downstream.listener import Listener
 from sidecar.downstream.protocol import DownstreamProtocol
 from sidecar.downstream.router import RouteTable
 from sidecar.downstream.tcp import TcpProxyProtocol
+from sidecar.errors import ProtocolError
 from sidecar.lifecycle import Counts, Drain, DrainSettings, DrainState, linger_seconds
 from sidecar.observe.loop_lag import watch_loop_lag
-from sidecar.observe.metrics import DiscoveryCollector, build_registry, render
+from sidecar.observe.metrics import DiscoveryCollector, Scraper
 from sidecar.observe.stats import Stats
 from sidecar.policy.resilience import ClusterPolicies
 from sidecar.timers import Wheel
@@ -72,9 +73,12 @@ class App:
         self.config = config
         self.config_path = config_path
         self.stats = Stats()
-        self.registry = build_registry(self.stats)
         self.discovery_stats: dict[str, DiscoveryStats] = {}
-        self.registry.register(DiscoveryCollector(lambda: list(self.discovery_stats.items())))
+        # /metrics: the numbers copied on the loop, the text made in a thread (SPEC section 5:
+        # a scrape costs the loop at most 50 ms, even with max_destinations clusters).
+        self.scraper = Scraper(
+            self.stats, [DiscoveryCollector(lambda: list(self.discovery_stats.items()))]
+        )
         self._tasks: set[asyncio.Task[Any]] = set()
         # A cluster's own tasks (discovery, TLS file watch), keyed by the Cluster object, not its
         # name: a reload that changes a cluster builds the new one before retiring the old one
@@ -118,7 +122,7 @@ class App:
         host = str(d.endpoints[0]).rsplit(":", 1)[0].strip("[]") if d.endpoints else None
         return None if host is None or _is_ip(host) else host
 
-    def _resolver(self, c: ClusterConfig) -> Resolver:
+    def _resolver(self, c: ClusterConfig, dynamic: Cluster | None = None) -> Resolver:
         d = c.discovery
         stats = self.discovery_stats[c.name] = DiscoveryStats()
         if d.type == "static":
@@ -128,12 +132,22 @@ class App:
                 return StaticResolver([cfgmod.join_address(str(d.host), int(d.port))])
             from sidecar.discovery.dns import DnsResolver
 
+            if dynamic is not None:
+                # A forward-proxy name that does not resolve is given up at once (and
+                # remembered as failing), not retried in a loop; its failures share one
+                # throttled log line.
+                clusters, cluster = self.clusters, dynamic
+                return DnsResolver(
+                    str(d.host), int(d.port), float(d.refresh), stats=stats,
+                    on_unresolved=lambda detail: clusters.unresolvable(cluster, detail),
+                    log_site="dns:forward_proxy",
+                )
             return DnsResolver(str(d.host), int(d.port), float(d.refresh), stats=stats)
         from sidecar.discovery.kubernetes import KubernetesResolver
 
         return KubernetesResolver(str(d.service), d.namespace, d.port, stats=stats)
 
-    def build_cluster(self, c: ClusterConfig) -> Cluster:
+    def build_cluster(self, c: ClusterConfig, dynamic: bool = False) -> Cluster:
         stats = self.stats.cluster(c.name)
         try:
             tls = TlsOrigin.from_config(c.tls, self._default_sni(c) or "")
@@ -149,7 +163,7 @@ class App:
             ssl_context=tls.context_for_connect() if tls is not None else None,
             server_hostname=tls.server_hostname if tls is not None else None,
         )
-        resolver = self._resolver(c)
+        resolver = self._resolver(c, cluster if dynamic else None)
 
         def emit(delta: Delta) -> None:
             cluster.apply(delta)
@@ -181,8 +195,28 @@ class App:
             self.spawn(cluster.policies.health.stop(), f"health-stop:{cluster.name}")
         cluster.start_closing("drain")
 
+    def _retire_dynamic(self, cluster: Cluster) -> None:
+        """A forward-proxy destination goes (idle, evicted or unresolvable): its pools close
+        gracefully and its metric series go with it, so that the series stay bounded too."""
+        self.retire_cluster(cluster)
+        if self.stats.clusters.get(cluster.name) is cluster.stats:
+            del self.stats.clusters[cluster.name]
+
+    def _max_destinations(self, cfg: Config) -> int:
+        """Dynamic clusters are shared by every forward-proxy listener: the bound is the
+        largest `max_destinations` among them."""
+        limits = [lc.forward_proxy.max_destinations for lc in cfg.listeners
+                  if lc.forward_proxy.enabled]
+        return max(limits) if limits else ForwardProxyConfig().max_destinations
+
     def _build_dynamic(self, host: str, port: int) -> Cluster:
-        return self.build_cluster(cfgmod.dynamic_cluster(host, port))
+        try:
+            config = cfgmod.dynamic_cluster(host, port)
+        except ValueError as exc:  # pydantic's ValidationError too: a host we cannot resolve
+            # The glob of allowed_hosts let it through (`*` matches anything), but it is no
+            # host name ("up-a@127.0.0.1"): that is about what the app sent.
+            raise ProtocolError(f"{host!r} is not a valid host name") from exc
+        return self.build_cluster(config, dynamic=True)
 
     # --- listeners --------------------------------------------------------------------------------
     def _own_addresses(self) -> frozenset[tuple[str, int]]:
@@ -313,7 +347,8 @@ class App:
             self._abort_everything,
             self._on_drain_state,
         )
-        self.clusters = ClusterSet(self.loop, self._build_dynamic, self.retire_cluster)
+        self.clusters = ClusterSet(self.loop, self._build_dynamic, self._retire_dynamic,
+                                   self._max_destinations(cfg), self.stats.process)
         # Signals are handled from here on (before the first await of the start-up): a pod
         # deleted while the sidecar starts gets a drain and exit 0, not death by SIGTERM.
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -324,7 +359,7 @@ class App:
         for c in cfg.clusters:
             self.clusters.static[c.name] = self.build_cluster(c)
         hooks = Hooks(self)
-        metrics = functools.partial(render, self.registry)
+        metrics = self.scraper.render
         self.admin = AdminServer(hooks, metrics)
         self.status = StatusServer(hooks, metrics)
         await self.admin.start(cfg.admin.host, cfg.admin.port)
@@ -459,6 +494,7 @@ class App:
             if new_static.get(name) is not cluster:
                 self.retire_cluster(cluster)
         self.clusters.static = new_static
+        self.clusters.max_destinations = self._max_destinations(new)
         self.config = new
         if new.drain != old.drain:
             self.drain.update(self._drain_settings(new))  # ignored once a drain has started

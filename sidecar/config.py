@@ -478,6 +478,15 @@ class ForwardProxyConfig(_Model):
             "Accept CONNECT tunnels (what a client sends through a proxy for https:// URLs)."
         ),
     )
+    max_destinations: int = Field(
+        default=256,
+        ge=1,
+        description=(
+            "Dynamic clusters (forward-proxy destinations) at most: a new host:port beyond it "
+            "evicts the least recently used idle one, or gets 503 too_many_destinations when "
+            "none is idle. Shared by every forward-proxy listener (the largest value counts)."
+        ),
+    )
 
 
 class RouteMatch(_Model):

@@ -71,6 +71,22 @@ class Draining(SidecarError):
     status = 503
 
 
+class TooManyDestinations(SidecarError):
+    """A new forward-proxy destination while `max_destinations` dynamic clusters are all busy."""
+
+    code = "too_many_destinations"
+    status = 503
+
+
+# --- the sidecar itself --------------------------------------------------------------------------
+class InternalError(SidecarError):
+    """An unexpected exception inside the sidecar, after routing: the app still gets an answer
+    (SPEC section 5). Before routing the same accident is the request's: 400 `bad_request`."""
+
+    code = "internal"
+    status = 502
+
+
 # --- the upstream leg ------------------------------------------------------------------------
 class UpstreamError(SidecarError):
     """Something went wrong talking to the upstream. `before_response` is True when no response
@@ -107,6 +123,8 @@ LOCAL_ERROR_CODES: tuple[str, ...] = (
     "bad_upstream_response",
     "upstream_timeout",
     "draining",
+    "too_many_destinations",
+    "internal",
     "no_route",
     "host_not_allowed",
     "bad_request",

@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 
@@ -49,3 +50,45 @@ def setup(fmt: str = "json", level: int = logging.INFO) -> None:
 
 def event(logger: logging.Logger, level: int, message: str, **fields: Any) -> None:
     logger.log(level, message, extra={"fields": fields})
+
+
+class Throttled:
+    """A log line that can flood (the same failure for every request) written at most once per
+    `interval` seconds per site; the lines held back are counted and the count rides on the next
+    one. Sites are fixed strings chosen in the code, so the tables stay small."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger = logger
+        self._interval = interval
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def log(
+        self,
+        site: str,
+        level: int,
+        message: str,
+        exc: BaseException | None = None,
+        **fields: Any,
+    ) -> bool:
+        """Write the line (True) or count it as held back (False)."""
+        now = self._clock()
+        last = self._last.get(site)
+        if last is not None and now - last < self._interval:
+            self._held[site] = self._held.get(site, 0) + 1
+            return False
+        self._last[site] = now
+        held = self._held.pop(site, 0)
+        self._logger.log(
+            level,
+            message,
+            exc_info=(type(exc), exc, exc.__traceback__) if exc is not None else None,
+            extra={"fields": {"site": site, "suppressed": held, **fields}},
+        )
+        return True

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from aiohttp import web
 
-# Renders the scrape body and its content type; `app.py` binds `observe.metrics.render` to its
-# registry, so prometheus-client stays in `observe/metrics.py` and this module never imports it.
-MetricsRenderer = Callable[[], tuple[bytes, str]]
+# Renders the scrape body and its content type, at once or awaited; `app.py` passes
+# `observe.metrics.Scraper.render` (which renders off the loop), so prometheus-client stays in
+# `observe/metrics.py` and this module never imports it.
+MetricsRenderer = Callable[[], tuple[bytes, str] | Awaitable[tuple[bytes, str]]]
 
 # Long enough for a `POST /drain?wait=true` answer that is being written as the process stops;
 # short enough that stopping never holds the pod's grace period hostage.
@@ -146,9 +148,13 @@ class _HttpServer:
         return web.json_response({"ready": False, "reason": reason, "state": state}, status=503)
 
     async def _render_metrics(self, request: web.Request) -> web.Response:
-        # Rendered on the loop thread on purpose: the data path mutates the stats dicts on this
-        # thread only, so a scrape here never sees one half-updated or mid-resize.
-        body, content_type = self._metrics()
+        # The numbers are read on the loop thread (the data path mutates the stats dicts on
+        # this thread only, so a scrape never sees one half-updated or mid-resize); the app's
+        # renderer formats a copy of them in a thread (observe.metrics.Scraper).
+        rendered = self._metrics()
+        if inspect.isawaitable(rendered):
+            rendered = await rendered
+        body, content_type = rendered
         return web.Response(body=body, headers={"Content-Type": content_type})
 
 

@@ -8,14 +8,18 @@ import logging
 import random
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from tenacity import RetryCallState, Retrying, wait_random_exponential
 
 from sidecar.discovery.endpoints import Emit, Endpoint, Reset
 from sidecar.discovery.stats import DiscoveryStats
+from sidecar.log import Throttled
 
 log = logging.getLogger(__name__)
+# A failing name is retried every few seconds, and a forward proxy may have hundreds: one
+# line per interval per site (a configured host, or all forward-proxy names together).
+_FAIL_LOG = Throttled(log, interval=10.0)
 
 _FAMILIES = (socket.AF_INET, socket.AF_INET6)
 
@@ -65,6 +69,8 @@ class DnsResolver:
         timeout: float = 10.0,
         backoff_initial: float = 1.0,
         backoff_max: float = 30.0,
+        on_unresolved: Callable[[str], None] | None = None,
+        log_site: str | None = None,
     ) -> None:
         if refresh <= 0:
             raise ValueError(f"refresh must be positive, got {refresh!r}")
@@ -73,6 +79,10 @@ class DnsResolver:
         self.refresh = refresh
         self.stats = stats if stats is not None else DiscoveryStats()
         self._timeout = timeout
+        # Called when a lookup fails before any answer: the owner may give up on the name
+        # (the forward proxy does, so unknown names are not retried in a loop).
+        self._on_unresolved = on_unresolved
+        self._log_site = log_site or f"dns:{host}"
         # A failing name is retried sooner than `refresh`, but never more often than it: a tiny
         # refresh (tests) keeps tiny retries, a long one (300s) still recovers within the cap.
         self._backoff_initial = min(backoff_initial, refresh)
@@ -136,12 +146,14 @@ class DnsResolver:
 
     def _failed(self, kind: str, detail: str, last: tuple[Endpoint, ...] | None) -> None:
         self.stats.error(kind)
-        log.warning(
+        _FAIL_LOG.log(
+            self._log_site,
+            logging.WARNING,
             "dns_resolve_failed",
-            extra={
-                "host": self.host,
-                "kind": kind,
-                "detail": detail,
-                "kept": len(last) if last is not None else 0,
-            },
+            host=self.host,
+            kind=kind,
+            detail=detail,
+            kept=len(last) if last is not None else 0,
         )
+        if last is None and self._on_unresolved is not None:
+            self._on_unresolved(f"{self.host}: name did not resolve ({kind}: {detail})")

@@ -201,7 +201,10 @@ class Exchange(ConnectionUser):
             assert self.pool is not None
             self.pool.release(conn)
             return
-        self._attach(conn)
+        try:
+            self._attach(conn)
+        except Exception as exc:  # the pool's caller (a connect task) would only log it
+            self.proto.rescue(exc, "attach")
 
     def _attach(self, conn: UpstreamConnection) -> None:
         if self.waited:  # an earlier try of this request waited for a connection
@@ -223,9 +226,12 @@ class Exchange(ConnectionUser):
     def on_pool_error(self, exc: SidecarError) -> None:
         if self.phase is Phase.DONE:
             return
-        self._release_pool_slot()
-        # No connection was ever attached to this try: nothing of the request was written.
-        self._failed(exc, unsent=True)
+        try:
+            self._release_pool_slot()
+            # No connection was ever attached to this try: nothing of the request was written.
+            self._failed(exc, unsent=True)
+        except Exception as failure:
+            self.proto.rescue(failure, "pool_error")
 
     # --- sending ---------------------------------------------------------------------------------
     def _send(self) -> None:
@@ -404,6 +410,10 @@ class Exchange(ConnectionUser):
         self._discard_conn("error", abort=True)
         self._failed(exc, stale=stale)
 
+    def on_internal_error(self, exc: Exception) -> None:
+        # The connection let go of us and aborts itself; `fail` takes it out of the pool.
+        self.proto.rescue(exc, "response")
+
     def on_upstream_pause_writing(self) -> None:
         self.proto.gate.pause(PEER_WRITE_FULL)
 
@@ -553,6 +563,8 @@ class Exchange(ConnectionUser):
             self._attempt(fresh=fresh)
         except SidecarError as exc:
             self.fail(exc)
+        except Exception as exc:  # a loop timer: nobody above us would answer the app
+            self.proto.rescue(exc, "retry")
 
     def _schedule_retry(self, delay: float) -> None:
         if delay <= 0:

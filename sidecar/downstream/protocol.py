@@ -19,10 +19,17 @@ from sidecar.downstream.exchange import Exchange, Phase
 from sidecar.downstream.router import ForwardTarget, route
 from sidecar.downstream.tunnel import Tunnel
 from sidecar.errors import HeadTimeout, ProtocolError, SidecarError
-from sidecar.flow_control import PIPELINED, WRITE_HIGH_WATER, WRITE_LOW_WATER, ReadGate
+from sidecar.flow_control import (
+    PEER_WRITE_FULL,
+    PIPELINED,
+    WAITING_UPSTREAM,
+    WRITE_HIGH_WATER,
+    WRITE_LOW_WATER,
+    ReadGate,
+)
 from sidecar.http.headers import Headers
 from sidecar.http.parser import RequestHead, RequestParser, RequestSink
-from sidecar.rescue import error_response
+from sidecar.rescue import error_response, internal_error
 from sidecar.timers import Timed
 from sidecar.upstream.connection import UpstreamConnection, reset, set_nodelay
 
@@ -109,6 +116,9 @@ class DownstreamProtocol(RequestSink, Timed, asyncio.Protocol):
             return
         except SidecarError as exc:  # a request-level refusal raised inside a callback
             self._bad_request(ProtocolError(exc.detail))
+            return
+        except Exception as exc:  # a bug anywhere under the parser's callbacks: still answer
+            self.rescue(exc, "request")
             return
         if starting and parser.in_head and self.exchange is None and not self.closed:
             # A head began in this read and is not complete: it has header_timeout from now.
@@ -288,6 +298,8 @@ class DownstreamProtocol(RequestSink, Timed, asyncio.Protocol):
                 ex.start(cluster)
             except SidecarError as exc:
                 ex.fail(exc)
+            except Exception as exc:  # a loop callback: nobody above us would answer the app
+                self.rescue(exc, "discovery_wait")
 
         cluster.when_ready(go)
 
@@ -424,6 +436,59 @@ class DownstreamProtocol(RequestSink, Timed, asyncio.Protocol):
             self.write(error_response(exc, close=True))
         self._close()
 
+    def rescue(self, exc: Exception, site: str) -> None:
+        """An exception nobody expected reached one of our seams (a parser callback, a pool or
+        loop callback, a timer). The app gets an answer, never a silently closed connection:
+        400 before routing, 502 `internal` after, or a cut connection if a response had begun.
+        Then the connection ends: the parser or the exchange may be in any state, so bytes the
+        app still sends are dropped unread for a short grace (so that it reads our answer
+        rather than a reset), and the connection is closed."""
+        ctx = self.ctx
+        ctx.stats.internal_errors += 1
+        ex = self.exchange
+        err = internal_error(exc, site, ex is not None and ex.cluster is not None)
+        self.queue = None
+        try:
+            if ex is not None and ex.phase is not Phase.DONE:
+                ex.keep_alive = False
+                ex.fail(err)  # answers (or cuts a begun response) and ends the exchange
+            elif ex is None and site == "request" and not self.closed and not self.upgraded:
+                # The app's bytes raised before an exchange existed: they were a request.
+                # (Elsewhere with no exchange, every request was answered: an error response
+                # now would be read as the answer to the app's next request. Just close.)
+                self.write(error_response(err, close=True))
+        except Exception as again:
+            internal_error(again, site + "_rescue", True)
+            if self.exchange is ex and ex is not None:
+                # The exchange could not end itself: drop it, and reset the app's connection,
+                # the one answer left.
+                self.exchange = None
+                ex.phase = Phase.DONE
+                ctx.stats.inflight -= 1
+            self.abort()
+            return
+        if self.exchange is ex and ex is not None:
+            # `fail` found a response under way that it could not complete or cut.
+            self.exchange = None
+            ctx.stats.inflight -= 1
+        if self.transport is None or self.closed:
+            return
+        self._flush_out()
+        self.upgraded = True  # data_received drops whatever the app still sends
+        self.discarding = True
+        gate = self.gate
+        gate.resume(PIPELINED)
+        gate.resume(WAITING_UPSTREAM)
+        gate.resume(PEER_WRITE_FULL)
+        self.set_deadline(self.loop.time() + _DISCARD_GRACE)
+        if self.app_eof:
+            self._close()
+
+    def _flush_out(self) -> None:
+        # Corked (the error came from inside an upstream read): that read's uncork flushes.
+        if self._out and not self._corked:
+            self._flush()
+
     def _close(self) -> None:
         self.parser.finished = True  # nothing the app sends from here on starts a request
         if self.transport is not None and not self.closed:
@@ -485,10 +550,13 @@ class DownstreamProtocol(RequestSink, Timed, asyncio.Protocol):
             return
         ex = self.exchange
         if ex is not None:
-            if ex.phase is not Phase.DONE:
-                ex.on_deadline(now)
-            if self.exchange is ex and ex.phase is not Phase.DONE:
-                self.deadline_changed()
+            try:
+                if ex.phase is not Phase.DONE:
+                    ex.on_deadline(now)
+                if self.exchange is ex and ex.phase is not Phase.DONE:
+                    self.deadline_changed()
+            except Exception as exc:  # the wheel would only log it: answer the app too
+                self.rescue(exc, "deadline")
             return
         if self.discarding:
             self._close()

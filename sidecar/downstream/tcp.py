@@ -8,17 +8,27 @@ from typing import cast
 
 from sidecar.downstream.context import ListenerContext
 from sidecar.downstream.tunnel import Tunnel
-from sidecar.errors import SidecarError
+from sidecar.errors import InternalError, SidecarError
+from sidecar.log import Throttled
+from sidecar.rescue import internal_error
 from sidecar.upstream.cluster import Cluster
 from sidecar.upstream.connection import ConnectionUser, UpstreamConnection
 from sidecar.upstream.pool import Pool
 
 log = logging.getLogger("sidecar.tcp")
+# One line per interval: a dead upstream fails every app connection the same way.
+_CONNECT_LOG = Throttled(log, interval=5.0)
 
 
 class TcpProxyProtocol(asyncio.Protocol):
     """Holds the app's bytes (reading paused) until the upstream connection exists, then hands
-    both sockets to a Tunnel."""
+    both sockets to a Tunnel.
+
+    Each app connection gets an upstream connection of its own, opened at once
+    (`Pool.open_dedicated`): tunnels never wait in the pool's queue, which is for HTTP
+    requests. What limits a TCP listener is its own `limits.max_connections` (beyond it, new
+    app connections wait in the kernel backlog, as on HTTP listeners) and the cluster's
+    `connect_timeout`."""
 
     def __init__(self, ctx: ListenerContext, cluster_name: str) -> None:
         self.ctx = ctx
@@ -51,12 +61,13 @@ class TcpProxyProtocol(asyncio.Protocol):
                 raise refusal
             self.pool = pool = cluster.pick()
             pool.inflight += 1
-            conn = pool.acquire(self)
+            pool.open_dedicated(self)
         except SidecarError as exc:
             self.on_pool_error(exc)
-            return
-        if conn is not None:
-            self.on_pool_connection(conn)
+        except Exception as exc:  # a bug: the app still gets an answer (a close), logged once
+            internal_error(exc, "tcp_accept", True)
+            ctx.stats.internal_errors += 1
+            self.on_pool_error(InternalError(f"{type(exc).__name__}", self.cluster_name))
 
     def data_received(self, data: bytes) -> None:
         # Only before the tunnel exists. uvloop starts reading after connection_made returns
@@ -74,8 +85,6 @@ class TcpProxyProtocol(asyncio.Protocol):
         if self.closed:
             return
         self._end()
-        if self.pool is not None:
-            self.pool.cancel(self)
 
     def _end(self) -> None:
         if self.closed:
@@ -89,10 +98,20 @@ class TcpProxyProtocol(asyncio.Protocol):
 
     # --- Waiter -----------------------------------------------------------------------------------
     def on_pool_connection(self, conn: UpstreamConnection) -> None:
+        try:
+            self._splice(conn)
+        except Exception as exc:  # called from the connect task: it would only be logged
+            internal_error(exc, "tcp_splice", True)
+            self.ctx.stats.internal_errors += 1
+            conn.abort("error")
+            if self.transport is not None:
+                self.transport.abort()
+
+    def _splice(self, conn: UpstreamConnection) -> None:
         pool = self.pool
         assert pool is not None
         if self.closed or self.transport is None or conn.transport is None:
-            pool.release(conn)
+            pool.discard(conn, "not_reusable")  # the app left while it connected
             return
         conn.bind(_NoUser(), b"")
         conn.to_tunnel()
@@ -116,11 +135,12 @@ class TcpProxyProtocol(asyncio.Protocol):
     def on_pool_error(self, exc: SidecarError) -> None:
         if self.cluster is not None:
             self.cluster.stats.local_error(exc.code)
-        log.warning(
-            "tcp connect failed",
-            extra={"fields": {"listener": self.ctx.name, "cluster": self.cluster_name,
-                              "error": exc.code, "detail": exc.detail}},
+        _CONNECT_LOG.log(
+            "tcp_connect", logging.WARNING, "tcp connect failed",
+            listener=self.ctx.name, cluster=self.cluster_name, error=exc.code, detail=exc.detail,
         )
+        if self.closed:
+            return  # the app left while we connected: already counted out
         if self.transport is not None:
             self.transport.close()
         self._end()
@@ -135,6 +155,7 @@ class _NoUser(ConnectionUser):
     def on_response_end(self, trailers: object) -> None: ...
     def on_upgrade(self, rest: bytes) -> None: ...
     def on_upstream_error(self, exc: object) -> None: ...
+    def on_internal_error(self, exc: Exception) -> None: ...
     def on_upstream_pause_writing(self) -> None: ...
     def on_upstream_resume_writing(self) -> None: ...
     def batch_begin(self) -> None: ...

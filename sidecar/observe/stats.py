@@ -31,6 +31,10 @@ CLOSE_REASONS = (
     "tunnel",  # left the pool for an Upgrade/CONNECT tunnel, and that ended
 )
 
+# What happened to forward-proxy destinations (label `event`): created; removed because idle
+# 10 minutes, evicted at max_destinations, or unresolvable; a new one refused (all busy).
+FORWARD_EVENTS = ("created", "expired", "evicted", "unresolvable", "refused")
+
 RETRY_REASONS = ("connect-failure", "reset", "stale", "timeout", "502", "503", "504", "5xx")
 HEALTH_RESULTS = ("success", "failure")
 
@@ -61,6 +65,13 @@ class Histogram:
         self.counts[_bisect_left(self.buckets, value)] += 1
         self.sum += value
         self.count += 1
+
+    def snapshot(self) -> Histogram:
+        copy = Histogram(self.buckets)
+        copy.counts = list(self.counts)
+        copy.sum = self.sum
+        copy.count = self.count
+        return copy
 
     def cumulative(self) -> list[tuple[str, int]]:
         """[(le, cumulative count)] in Prometheus order, ending with +Inf."""
@@ -149,6 +160,28 @@ class ClusterStats:
             for cc, n in zip(CODE_CLASSES, counts, strict=True)
         }
 
+    def snapshot(self) -> ClusterStats:
+        """A copy, gauges read now: what a scrape renders off the event loop (see
+        `observe.metrics.Scraper`), while the data path goes on changing the original."""
+        copy = ClusterStats(self.name)
+        copy.by_listener = {k: list(v) for k, v in self.by_listener.items()}
+        copy.request_duration = self.request_duration.snapshot()
+        copy.connections_opened = self.connections_opened
+        copy.connections_closed = dict(self.connections_closed)
+        copy.connect_duration = self.connect_duration.snapshot()
+        copy.pool_wait = self.pool_wait.snapshot()
+        copy.tls_handshakes = dict(self.tls_handshakes)
+        copy.breaker_transitions = dict(self.breaker_transitions)
+        copy.retries = dict(self.retries)
+        copy.retry_budget_exhausted = self.retry_budget_exhausted
+        copy.outlier_ejections = self.outlier_ejections
+        copy.health_checks = dict(self.health_checks)
+        copy.local_errors = dict(self.local_errors)
+        gauges = self.gauges
+        if gauges is not None:
+            copy.gauges = _Fixed(gauges()).get
+        return copy
+
     def expect_listener(self, listener: str) -> None:
         """Create the zero series for a listener that routes here, so they exist from start."""
         self.by_listener.setdefault(listener, [0] * len(CODE_CLASSES))
@@ -171,26 +204,72 @@ class ClusterStats:
         self.retries[reason] = self.retries.get(reason, 0) + 1
 
 
+class _Fixed:
+    """Gauges read once, handed back on every call (a snapshot's `gauges`)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: ClusterGauges) -> None:
+        self.value = value
+
+    def get(self) -> ClusterGauges:
+        return self.value
+
+
 class ListenerStats:
     """Per listener: live app connections and requests in flight (gauges kept as counts)."""
 
-    __slots__ = ("name", "downstream_connections", "inflight", "shed_connections")
+    __slots__ = (
+        "name",
+        "downstream_connections",
+        "inflight",
+        "shed_connections",
+        "internal_errors",
+    )
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.downstream_connections = 0
         self.inflight = 0
         self.shed_connections = 0  # accepted-then-closed because of EMFILE or max_connections
+        self.internal_errors = 0  # unexpected exceptions caught at a seam and answered
+
+    def snapshot(self) -> ListenerStats:
+        copy = ListenerStats(self.name)
+        copy.downstream_connections = self.downstream_connections
+        copy.inflight = self.inflight
+        copy.shed_connections = self.shed_connections
+        copy.internal_errors = self.internal_errors
+        return copy
 
 
 class ProcessStats:
-    __slots__ = ("drain_state", "drain_aborted", "event_loop_lag", "config_reloads")
+    __slots__ = (
+        "drain_state",
+        "drain_aborted",
+        "event_loop_lag",
+        "config_reloads",
+        "forward_destinations",
+        "forward_events",
+    )
 
     def __init__(self) -> None:
         self.drain_state = 0  # 0 serving, 1 draining, 2 drained
         self.drain_aborted = 0
         self.event_loop_lag = Histogram(FAST_BUCKETS)
         self.config_reloads: dict[str, int] = {"success": 0, "rejected": 0}
+        self.forward_destinations = 0  # dynamic clusters now
+        self.forward_events: dict[str, int] = dict.fromkeys(FORWARD_EVENTS, 0)
+
+    def snapshot(self) -> ProcessStats:
+        copy = ProcessStats()
+        copy.drain_state = self.drain_state
+        copy.drain_aborted = self.drain_aborted
+        copy.event_loop_lag = self.event_loop_lag.snapshot()
+        copy.config_reloads = dict(self.config_reloads)
+        copy.forward_destinations = self.forward_destinations
+        copy.forward_events = dict(self.forward_events)
+        return copy
 
 
 class Stats:
@@ -202,6 +281,15 @@ class Stats:
         self.clusters: dict[str, ClusterStats] = {}
         self.listeners: dict[str, ListenerStats] = {}
         self.process = ProcessStats()
+
+    def snapshot(self) -> Stats:
+        """Every number as it is now, for rendering elsewhere (a thread): a few copies per
+        cluster, about 10 µs each, where rendering takes about 2 ms per cluster."""
+        copy = Stats()
+        copy.clusters = {name: c.snapshot() for name, c in self.clusters.items()}
+        copy.listeners = {name: li.snapshot() for name, li in self.listeners.items()}
+        copy.process = self.process.snapshot()
+        return copy
 
     def cluster(self, name: str) -> ClusterStats:
         stats = self.clusters.get(name)

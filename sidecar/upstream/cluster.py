@@ -50,6 +50,7 @@ class Cluster:
         "last_used",
         "policies",
         "request_timeout",
+        "unresolved",
     )
 
     def __init__(
@@ -78,6 +79,7 @@ class Cluster:
         self._balancer = make_balancer(config.load_balancer)
         self._ready_waiters: list[asyncio.Future[None]] = []
         self.has_answer = False  # discovery has answered at least once
+        self.unresolved = ""  # why discovery gave up before any answer (see give_up)
         self.last_used = loop.time()
         self.policies: ClusterPolicies | None = None  # installed by policy wiring (app.py)
         stats.gauges = self.gauges
@@ -226,6 +228,28 @@ class Cluster:
         self._ready_waiters.append(fut)
         return fut
 
+    def give_up(self, detail: str) -> None:
+        """Discovery failed before any answer and will not try again (a forward-proxy name
+        that does not resolve): those waiting for the first answer go on now, and fail with
+        connect_failed and `detail`."""
+        self.unresolved = detail
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    def idle(self) -> bool:
+        """Nothing in flight: no request admitted (breaker slot), holding or waiting for a
+        connection, or waiting for discovery. Tunnels do not count: their sockets left the
+        pools for good and outlive the cluster."""
+        policies = self.policies
+        if policies is not None and policies.breaker.inflight:
+            return False
+        for pool in self._all_pools():
+            if pool.inflight or pool.pending_count or pool.active_count:
+                return False
+        return all(fut.done() for fut in self._ready_waiters)
+
     # --- per request --------------------------------------------------------------------------
     def pick(self, avoid: Pool | None = None) -> Pool:
         """An endpoint's pool for a new request. Raises NoHealthyEndpoints."""
@@ -233,7 +257,7 @@ class Cluster:
         if not serving:
             if not self.endpoints:
                 if not self.has_answer:
-                    raise ConnectFailed("endpoints not resolved yet", self.name)
+                    raise ConnectFailed(self.unresolved or "endpoints not resolved yet", self.name)
                 raise NoHealthyEndpoints("no endpoints", self.name)
             raise NoHealthyEndpoints(
                 f"all {len(self.endpoints)} endpoints unhealthy, ejected or terminating",

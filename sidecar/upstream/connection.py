@@ -74,6 +74,11 @@ class ConnectionUser:
     def on_upstream_resume_writing(self) -> None:
         raise NotImplementedError
 
+    def on_internal_error(self, exc: Exception) -> None:
+        """An unexpected exception in one of this user's callbacks: the connection has let go
+        of it (and will be aborted); the user answers whoever is waiting."""
+        raise NotImplementedError
+
     def batch_begin(self) -> None:
         """What the parser hands over from one read follows, until `batch_end`."""
 
@@ -315,6 +320,8 @@ class UpstreamConnection(ResponseSink, asyncio.Protocol):
                 self.reusable = False
             else:
                 self._fail(exc)
+        except Exception as exc:  # a bug under the user's callbacks: it still answers the app
+            self._user_failed(exc, user)
         finally:
             self._in_feed = False
             if self._end_pending:
@@ -326,18 +333,25 @@ class UpstreamConnection(ResponseSink, asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.reusable = False
-        if self.user is not None and self.state is State.ACTIVE:
+        user = self.user
+        if user is not None and self.state is State.ACTIVE:
             try:
                 self.parser.eof()
-            except BadUpstreamResponse:
-                self._fail(
-                    UpstreamReset(
-                        "upstream closed the connection before a complete response"
-                        if self.response_started
-                        else "upstream closed the connection before responding"
-                    )
-                )
+            except Exception as exc:
+                self._eof_failed(exc, user)
         return False  # close our side too
+
+    def _eof_failed(self, exc: Exception, user: ConnectionUser) -> None:
+        if isinstance(exc, BadUpstreamResponse):
+            self._fail(
+                UpstreamReset(
+                    "upstream closed the connection before a complete response"
+                    if self.response_started
+                    else "upstream closed the connection before responding"
+                )
+            )
+        else:
+            self._user_failed(exc, user)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.reusable = False
@@ -353,9 +367,21 @@ class UpstreamConnection(ResponseSink, asyncio.Protocol):
                 err = ConnectFailed(f"{self.key}: TLS: {tls.describe_error(exc)}")
             self.user = None
             self._closed()
-            user.on_upstream_error(err)
+            try:
+                user.on_upstream_error(err)
+            except Exception as failure:
+                user.on_internal_error(failure)
         else:
             self._closed()
+
+    def _user_failed(self, exc: Exception, user: ConnectionUser) -> None:
+        """`user` (bound when the read began; it may have let go since) raised something
+        unexpected from a callback: this connection's state is unknown (never reuse it), and
+        the user answers for itself."""
+        self.user = None
+        self.reusable = False
+        self.abort("error")
+        user.on_internal_error(exc)
 
     def _closed(self) -> None:
         was_idle = self.state is State.IDLE
@@ -371,7 +397,10 @@ class UpstreamConnection(ResponseSink, asyncio.Protocol):
         self.reusable = False
         self.abort("error")
         if user is not None:
-            user.on_upstream_error(exc)
+            try:
+                user.on_upstream_error(exc)
+            except Exception as failure:
+                user.on_internal_error(failure)
 
     def pause_writing(self) -> None:
         self.write_paused = True

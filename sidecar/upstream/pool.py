@@ -383,6 +383,65 @@ class Pool(Timed):
             self._active.discard(conn)
             self._park(conn)
 
+    # --- dedicated connections (TCP listeners' tunnels) --------------------------------------
+    def open_dedicated(self, waiter: Waiter) -> None:
+        """Open a connection of its own for `waiter` (a `protocol: tcp` listener's tunnel) and
+        call it back exactly once. Outside `max_connections`, `max_pending` and
+        `pending_timeout`: those bound pooled HTTP requests, and a burst of tunnels must not
+        take their places (1,500 simultaneous TCP connections once left 1,077 of them closed
+        without data and an HTTP request to the same cluster with 503 pool_timeout). What
+        bounds tunnels is their listener's `max_connections` and the kernel backlog; only
+        `connect_timeout` applies here. Raises ConnectFailed when the endpoint is going."""
+        if self.closing:
+            raise ConnectFailed(f"{self.key}: endpoint is being removed", self.cluster)
+        task = self._loop.create_task(self._connect_dedicated(waiter))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connect_dedicated(self, waiter: Waiter) -> None:
+        loop = self._loop
+        started = loop.time()
+        conn = UpstreamConnection(self, self.key, started, math.inf)
+        settings = self.settings
+        tls = self.tls
+        try:
+            if tls is None:
+                await asyncio.wait_for(
+                    loop.create_connection(lambda: conn, self.ip, self.port),
+                    settings.connect_timeout,
+                )
+            else:
+                handshake_timeout, total = tls.connect_timeouts(settings.connect_timeout)
+                await asyncio.wait_for(
+                    loop.create_connection(
+                        lambda: conn,
+                        self.ip,
+                        self.port,
+                        ssl=tls.context_for_connect(),
+                        server_hostname=tls.server_hostname,
+                        ssl_handshake_timeout=handshake_timeout,
+                    ),
+                    total,
+                )
+        except asyncio.CancelledError:
+            conn.abort("drain")
+            raise
+        except Exception as exc:
+            waiter.on_pool_error(ConnectFailed(self._describe(exc), self.cluster))
+            return
+        self.stats.connections_opened += 1
+        self.stats.connect_duration.observe(loop.time() - started)
+        if tls is not None and conn.transport is not None:
+            tls.on_connected(conn.transport)
+        if conn.state is State.CLOSED:
+            waiter.on_pool_error(
+                ConnectFailed(f"{self.key}: closed right after connecting", self.cluster)
+            )
+            return
+        conn.state = State.IDLE
+        self._active.add(conn)  # the waiter binds it and takes it out with discard()
+        waiter.on_pool_connection(conn)
+
     def _describe(self, exc: BaseException) -> str:
         if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
             what = "TLS handshake or TCP connect" if self.tls is not None else "connect"
