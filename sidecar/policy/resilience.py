@@ -7,7 +7,8 @@ responses and 5xx answers. The breaker sees one verdict per request (its final o
 outlier detector exactly one per try and endpoint: a try that is retried is judged when the
 retry is decided, the last try when the request ends (`policy_token` is 1 + the number of tries
 already judged, so no try is counted twice). Sidecar-local refusals (no route, pool full,
-breaker open) are verdicts on nobody.
+breaker open, and the sidecar's own shortage of descriptors or ports,
+`local_resources_exhausted`) are verdicts on nobody.
 
 Per-try timeout: it applies only to a try that another try could follow (attempts left, the
 request replayable) and only until the response starts to reach the app. Abandoning the last
@@ -34,7 +35,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from sidecar.clock import Clock
-from sidecar.errors import CircuitOpen, SidecarError, UpstreamError
+from sidecar.errors import CircuitOpen, LocalResourcesExhausted, SidecarError, UpstreamError
 from sidecar.http.parser import RequestHead
 from sidecar.observe.stats import ClusterStats
 from sidecar.policy.breaker import CircuitBreaker
@@ -159,7 +160,10 @@ class ClusterPolicies:
         return float(self.clock.now() + per_try)
 
     def _judge_try(self, ex: Any) -> None:
-        """The try that just failed is being retried: its endpoint's verdict, once."""
+        """The try that just failed is being retried: its endpoint's verdict, once. None when
+        it failed for the sidecar's own shortage (`local_resources_exhausted`)."""
+        if isinstance(getattr(ex, "last_error", None), LocalResourcesExhausted):
+            return
         token = ex.policy_token
         if ex.pool is not None and token and token <= ex.attempt:
             self.outlier.record(ex.pool.key, False)

@@ -97,9 +97,9 @@ class Cluster:
                 )
                 pool.on_connection_closed = self._on_pool_connection_closed
                 self.pools[key] = pool
-            if not ep.serving:
-                # Terminating or not ready: no new requests; idle connections close now.
-                pool.close_idle("endpoint_removed")
+            # Terminating or not ready: no new requests; idle connections close now, and the
+            # ones in-flight requests finish with close instead of going back to the pool.
+            pool.set_terminating(not ep.serving)
         self.endpoints = new
         self._rebuild_serving()
         if added and len(new) > len(added):
@@ -129,11 +129,18 @@ class Cluster:
         serving = []
         for key, pool in self.pools.items():
             ep = eps.get(key)
-            if ep is None or not ep.serving:
-                continue
-            if policies is not None and not policies.endpoint_usable(key):
-                continue
-            serving.append(pool)
+            usable = (
+                ep is not None
+                and ep.serving
+                and (policies is None or policies.endpoint_usable(key))
+            )
+            # Only serving endpoints keep min_idle connections warm (pool.py).
+            was_warm = pool.warm
+            pool.warm = usable
+            if usable:
+                serving.append(pool)
+                if not was_warm:
+                    pool.prewarm()  # healthy, readmitted or ready again
         self._serving = serving
 
     def refresh(self) -> None:

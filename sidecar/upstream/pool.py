@@ -9,6 +9,14 @@ saw EOF/RST and left the pool at once), once the upstream's `Keep-Alive: timeout
 `idle_timeout` (or a learned shorter idle timeout) is about to pass, or past its jittered
 `max_lifetime`. LIFO reuse keeps the freshest connections busy and lets the rest idle out.
 One timer per pool (through the wheel) closes idle connections as they expire.
+
+`min_idle` is refilled as soon as the idle count drops below it (an idle connection handed
+out, or closed by the upstream), not when the timer next fires: the next burst must find warm
+connections. Connects in flight that no waiter will take count as refills, so there is never
+more than one refill in flight per missing slot, and never beyond `max_connections`. No refill
+while the endpoint is not `warm` (terminating, not ready, unhealthy, ejected: the cluster says)
+or the pool is closing. A `terminating` endpoint keeps no idle connection: its idle ones close
+at once and the ones its in-flight requests finish with are closed instead of pooled.
 """
 
 from __future__ import annotations
@@ -23,7 +31,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from sidecar.errors import ConnectFailed, PoolTimeout, SidecarError
+from sidecar.errors import (
+    ConnectFailed,
+    LocalResourcesExhausted,
+    PoolTimeout,
+    SidecarError,
+    local_shortage,
+)
 from sidecar.observe.stats import ClusterStats
 from sidecar.timers import Timed, Wheel
 from sidecar.upstream.connection import State, UpstreamConnection
@@ -119,6 +133,8 @@ class Pool(Timed):
         "closing",
         "on_connection_closed",
         "inflight",
+        "warm",
+        "terminating",
     )
 
     def __init__(
@@ -151,6 +167,11 @@ class Pool(Timed):
         self.learned_idle_timeout = math.inf
         self.closing = False
         self.inflight = 0  # requests using this endpoint now (least-request balancing)
+        # Set by the cluster. `warm`: min_idle connections may be opened ahead of requests (the
+        # endpoint is serving: ready, not terminating, healthy, not ejected). `terminating`:
+        # discovery says it takes no new requests; nothing is kept idle (see set_terminating).
+        self.warm = True
+        self.terminating = False
         self.on_connection_closed: Callable[[Pool], None] | None = None
 
     # --- introspection ---------------------------------------------------------------------------
@@ -206,6 +227,8 @@ class Pool(Timed):
                 and now < conn.idle_expiry(idle_timeout)
             ):
                 self._active.add(conn)
+                if len(idle) < self.settings.min_idle:
+                    self.prewarm()  # refill now: the next burst finds warm connections
                 return conn
             self._retire(conn, now)
         return None
@@ -234,6 +257,8 @@ class Pool(Timed):
             # oldest idle one (it may well be stale too).
             self.rotate_oldest(1)
             self._start_connect()
+        if self.settings.min_idle:
+            self.prewarm()  # idle ones may have expired on the way (take_idle retired them)
         return None
 
     def cancel(self, waiter: Waiter) -> None:
@@ -289,10 +314,14 @@ class Pool(Timed):
         task.add_done_callback(self._tasks.discard)
 
     def prewarm(self) -> None:
-        """Open connections until min_idle are idle or connecting."""
-        missing = self.settings.min_idle - len(self._idle) - self._connecting
+        """Open connections until min_idle are idle or on their way to be (connects in flight
+        beyond those the waiters will take). Never while not warm, terminating or closing."""
+        if not self.warm or self.terminating or self.closing:
+            return
+        spare = self._connecting - len(self._waiters)  # connects that will end up idle
+        missing = self.settings.min_idle - len(self._idle) - (spare if spare > 0 else 0)
         room = self.settings.max_connections - self.total
-        for _ in range(max(0, min(missing, room))):
+        for _ in range(missing if missing < room else room):
             self._start_connect()
 
     async def _connect(self) -> None:
@@ -330,7 +359,7 @@ class Pool(Timed):
                 raise
             except Exception as exc:
                 self._connecting -= 1
-                self._connect_failed(self._describe(exc))
+                self._connect_failed(self._describe(exc), local_shortage(exc))
                 return
         finally:
             pass
@@ -368,11 +397,17 @@ class Pool(Timed):
             return f"{self.key}: {exc.strerror or exc}"
         return f"{self.key}: {type(exc).__name__}: {exc}"
 
-    def _connect_failed(self, detail: str) -> None:
+    def _connect_failed(self, detail: str, local: bool = False) -> None:
+        """`local`: the sidecar itself ran short (EMFILE, ENOBUFS...), not the endpoint."""
         pending = self._next_waiter()
         if pending is not None:
             self.stats.pool_wait.observe(self._loop.time() - pending.since)
-            pending.waiter.on_pool_error(ConnectFailed(detail, self.cluster))
+            exc: SidecarError = (
+                LocalResourcesExhausted(detail, self.cluster)
+                if local
+                else ConnectFailed(detail, self.cluster)
+            )
+            pending.waiter.on_pool_error(exc)
         # Waiters beyond those covered by connects in flight get a connect of their own.
         if self._connecting < len(self._waiters) and self.total < self.settings.max_connections:
             self._start_connect()
@@ -413,6 +448,10 @@ class Pool(Timed):
         if self.closing:
             conn.close("drain")
             self.stats.closed("drain")
+            return
+        if self.terminating:
+            conn.close("endpoint_removed")  # its pod is shutting down and waits on us
+            self.stats.closed("endpoint_removed")
             return
         idle = self._idle
         idle.append(conn)
@@ -470,6 +509,8 @@ class Pool(Timed):
                     # that we retire them before it does. Ignore implausibly short idles.
                     if 1.0 <= idle_for < self._idle_timeout():
                         self.learned_idle_timeout = idle_for * 0.9
+                    if len(self._idle) < self.settings.min_idle:
+                        self.prewarm()  # not after our own closes (drain, rotation, expiry)
         elif conn in self._active:
             self._active.discard(conn)
             if conn.close_reason == "remote_closed":
@@ -518,8 +559,7 @@ class Pool(Timed):
         self._idle = keep
         self.deadline = nxt
         self._wheel.schedule(self)
-        if not self.closing:
-            self.prewarm()
+        self.prewarm()
 
     # --- lifecycle --------------------------------------------------------------------------------
     def close_idle(self, reason: str, linger: float | None = None) -> int:
@@ -544,6 +584,14 @@ class Pool(Timed):
             conn.close("rotated")
             self.stats.closed("rotated")
         return len(victims)
+
+    def set_terminating(self, terminating: bool) -> None:
+        """Discovery marked the endpoint terminating (or not ready): its in-flight requests
+        finish, its idle connections close now, and none is kept idle from here on. False: it
+        serves again (the cluster prewarms it when it is warm)."""
+        self.terminating = terminating
+        if terminating:
+            self.close_idle("endpoint_removed")
 
     def start_closing(self, reason: str) -> None:
         """No new requests: fail the waiters, close idle connections; active ones finish and
