@@ -6,8 +6,9 @@ connections opened before that need new upstream sockets (the upstreams answer
 `Connection: close`), cannot get one, and must be answered 503 `local_resources_exhausted`
 (not 502 `connect_failed`, nor `circuit_open` or `no_healthy_endpoints` later on). Then the
 descriptors are released, and the very next requests must succeed: the breaker, outlier
-detection and health checks (tcp, every 100 ms) never counted the shortage against the
-upstreams. Both event loops; everything on 127.0.0.1; every wait bounded.
+detection and health checks (every 100 ms: tcp on one loop, http through aiohttp on the other)
+never counted the shortage against the upstreams. Both event loops; everything on 127.0.0.1;
+every wait bounded.
 """
 
 from __future__ import annotations
@@ -38,8 +39,12 @@ def origin() -> web.Application:
     async def handle(request: web.Request) -> web.Response:
         return web.Response(text="ok", headers={"Connection": "close"})
 
+    async def healthz(request: web.Request) -> web.Response:  # a new socket per check too
+        return web.Response(text="ok", headers={"Connection": "close"})
+
     app = web.Application()
     app.router.add_get("/", handle)
+    app.router.add_get("/healthz", healthz)
     return app
 
 
@@ -88,8 +93,8 @@ def connections(port: int, n: int) -> Iterator[list[socket.socket]]:
             s.close()
 
 
-@pytest.mark.parametrize("loop", LOOPS)
-def test_emfile_is_local_resources_exhausted_and_trips_nothing(loop: str) -> None:
+@pytest.mark.parametrize(("loop", "check"), list(zip(LOOPS, ("tcp", "http"), strict=True)))
+def test_emfile_is_local_resources_exhausted_and_trips_nothing(loop: str, check: str) -> None:
     with ThreadedServer(origin()) as a, ThreadedServer(origin()) as b:
         config = {
             "listeners": [{
@@ -107,7 +112,7 @@ def test_emfile_is_local_resources_exhausted_and_trips_nothing(loop: str) -> Non
                                     "window": "30s", "open_duration": "30s"},
                 "outlier_detection": {"consecutive_failures": 2, "base_ejection_time": "30s",
                                       "max_ejection_percent": 100},
-                "health_check": {"type": "tcp", "interval": "100ms", "timeout": "100ms",
+                "health_check": {"type": check, "interval": "100ms", "timeout": "100ms",
                                  "healthy_threshold": 1, "unhealthy_threshold": 1},
             }],
         }
