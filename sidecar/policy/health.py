@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import random
 import ssl
@@ -262,8 +263,6 @@ class HealthChecker:
             check.cancel()
         if checks:
             await asyncio.wait(checks)
-        for target in self._targets.values():
-            target.checking = False  # a check cancelled before it ran never cleared it
         session, self._session = self._session, None
         if session is not None:
             await session.close()
@@ -273,17 +272,28 @@ class HealthChecker:
         return self._task is not None and not self._task.done()
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            for key, target in list(self._targets.items()):
-                if not target.checking:
-                    target.checking = True  # now, not when the task first runs
-                    check = loop.create_task(self._check(key, target))
-                    self._checks.add(check)
-                    check.add_done_callback(self._check_done)
+            self._start_checks()
             await asyncio.sleep(self.interval * random.uniform(0.9, 1.1))
 
-    def _check_done(self, task: asyncio.Task[None]) -> None:
+    def _start_checks(self) -> list[asyncio.Task[None]]:
+        """A check, as a task we own, of every endpoint that has none in flight."""
+        loop = asyncio.get_running_loop()
+        started = []
+        for key, target in list(self._targets.items()):
+            if target.checking:
+                continue  # still running: this endpoint's next check waits for it
+            target.checking = True  # now, not when the task first runs
+            check = loop.create_task(self._check(key, target))
+            self._checks.add(check)
+            # A callback, not a `finally` in _check: it runs even for a task cancelled before
+            # it started.
+            check.add_done_callback(functools.partial(self._check_done, target))
+            started.append(check)
+        return started
+
+    def _check_done(self, target: _Target, task: asyncio.Task[None]) -> None:
+        target.checking = False
         self._checks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             # The loop must outlive any bug in one check.
@@ -291,34 +301,21 @@ class HealthChecker:
                       extra={"cluster": self.cluster_name})
 
     async def check_once(self) -> None:
-        """Probe every endpoint that has no check in flight now, concurrently, and apply the
-        results."""
-        targets = [(k, t) for k, t in self._targets.items() if not t.checking]
-        if not targets:
-            return
-        for _, target in targets:
-            target.checking = True
-        results = await asyncio.gather(
-            *(self._check(key, target) for key, target in targets), return_exceptions=True
-        )
-        for result in results:
-            if isinstance(result, Exception):
-                log.error("health check failed unexpectedly", exc_info=result,
-                          extra={"cluster": self.cluster_name})
-            elif isinstance(result, BaseException):
-                raise result  # cancellation of our own task
+        """Probe every endpoint that has no check in flight now, concurrently, and wait for
+        the results to be applied."""
+        checks = self._start_checks()
+        if checks:
+            # wait() rather than gather(): cancelling us leaves the checks to stop().
+            await asyncio.wait(checks)
 
     async def _check(self, key: str, target: _Target) -> None:
-        """One check of `target`, whose `checking` the caller set; cleared when it ends."""
-        try:
-            async with self._sem:
-                try:
-                    async with asyncio.timeout(self.timeout):
-                        ok = await self._probe(target)
-                except TimeoutError:
-                    ok = False
-        finally:
-            target.checking = False
+        """One check of `target`; `_check_done` clears its `checking`."""
+        async with self._sem:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    ok = await self._probe(target)
+            except TimeoutError:
+                ok = False
         if ok is None:
             return  # the sidecar's own shortage: no verdict on the endpoint
         if self._targets.get(key) is not target:
