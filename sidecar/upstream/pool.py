@@ -257,8 +257,8 @@ class Pool(Timed):
             # oldest idle one (it may well be stale too).
             self.rotate_oldest(1)
             self._start_connect()
-        if self.settings.min_idle:
-            self.prewarm()  # idle ones may have expired on the way (take_idle retired them)
+        # No min_idle refill from here: with no idle connection to take, the endpoint may well
+        # be down, and refills per request would multiply the connects it refuses.
         return None
 
     def cancel(self, waiter: Waiter) -> None:
