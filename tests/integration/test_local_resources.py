@@ -134,7 +134,9 @@ def test_emfile_is_local_resources_exhausted_and_trips_nothing(loop: str, check:
                             503, "local_resources_exhausted"), (status, headers, body)
                         assert b'"error":"local_resources_exhausted"' in body
                         assert b'"cluster":"up"' in body
+                    short_fds = open_fds(sc.pid)
                     time.sleep(0.5)  # health checks run (and fail to get a socket) meanwhile
+                released = time.monotonic()
 
                 # The holders are closed: as soon as the sidecar has closed its ends, service
                 # is back at once (no circuit_open for open_duration, nobody ejected/unhealthy).
@@ -143,6 +145,10 @@ def test_emfile_is_local_resources_exhausted_and_trips_nothing(loop: str, check:
                 for i in range(20):
                     status, headers, body = get(requesters[i % REQUESTERS])
                     assert status == 200 and body == b"ok", (i, status, headers, body)
+                    if i == 0:
+                        recovered = time.monotonic() - released
+                print(f"\n[{loop}/{check}] descriptors at the shortage: {short_fds}; first 200 "
+                      f"{recovered * 1000:.0f} ms after the holders closed")
 
             assert sc.metric("sidecar_downstream_connections_shed_total") > 0  # it was short
             assert sc.metric("sidecar_local_errors_total", cluster="up",
