@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class SidecarError(Exception):
     """Root. `code` is the `x-sidecar-error` value of SPEC section 5, `status` the HTTP status."""
@@ -87,6 +89,35 @@ class InternalError(SidecarError):
     status = 502
 
 
+# --- the sidecar's own shortage ----------------------------------------------------------------
+# errno values that say the sidecar itself is short of something (descriptors, buffers, local
+# ports), not that the upstream failed: seen at socket() or connect().
+LOCAL_SHORTAGE_ERRNOS: frozenset[int] = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.EADDRNOTAVAIL}
+)
+
+
+class LocalResourcesExhausted(SidecarError):
+    """The sidecar could not open an upstream socket for lack of its own resources. Not an
+    `UpstreamError`: the endpoint never saw it, so it is a verdict on nobody (no breaker,
+    ejection or health state). `before_write`: no byte of the request left the sidecar."""
+
+    code = "local_resources_exhausted"
+    status = 503
+    before_write = True
+
+
+def local_shortage(exc: BaseException | None) -> bool:
+    """Whether `exc` (or what it was raised from) is an OSError of LOCAL_SHORTAGE_ERRNOS."""
+    seen = 0
+    while exc is not None and seen < 8:  # bounded: a cause chain may loop
+        if isinstance(exc, OSError) and exc.errno in LOCAL_SHORTAGE_ERRNOS:
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
 # --- the upstream leg ------------------------------------------------------------------------
 class UpstreamError(SidecarError):
     """Something went wrong talking to the upstream. `before_response` is True when no response
@@ -125,6 +156,7 @@ LOCAL_ERROR_CODES: tuple[str, ...] = (
     "draining",
     "too_many_destinations",
     "internal",
+    "local_resources_exhausted",
     "no_route",
     "host_not_allowed",
     "bad_request",

@@ -11,10 +11,15 @@ Theory of operation:
   `no_healthy_endpoints` for up to one interval after every scale-up and at sidecar startup
   (before `/readyz`), which is exactly the start-up pain users report. A bad new endpoint is
   caught after `unhealthy_threshold` checks, and sooner by outlier detection.
-* `HealthChecker` owns one task per cluster (not one per endpoint): each round probes all
-  endpoints concurrently (at most `max_concurrency` at once, each bounded by `timeout`), applies
-  the results synchronously, then sleeps `interval` +-10% (jitter, so sidecars of one
-  deployment do not probe in lockstep) minus the time the round took.
+* `HealthChecker` owns one scheduling task per cluster (not one per endpoint): every
+  `interval` +-10% (jitter, so sidecars of one deployment do not probe in lockstep) it starts a
+  check of each endpoint that has none in flight (at most `max_concurrency` probing at once,
+  each bounded by `timeout`); each result is applied when it arrives. `timeout` may exceed
+  `interval` (as in Envoy): a check still running delays that endpoint's next one to the first
+  tick after it ends, so one endpoint never has two checks in flight, and a slow endpoint does
+  not hold back the checks of the others. The checks are tasks the checker owns and cancels.
+* A check that failed for lack of the sidecar's own resources (EMFILE, ENOBUFS... at socket or
+  connect, SPEC section 5) is no verdict on the endpoint: it is neither counted nor applied.
 * `http` checks GET `path` through one reused `aiohttp.ClientSession`; 2xx passes, anything
   else (redirects included) fails. `tcp` checks pass when a connection is established.
 * Results for an endpoint removed while its probe was in flight are dropped.
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import random
 import ssl
@@ -32,6 +38,7 @@ from typing import Any
 
 import aiohttp
 
+from sidecar.errors import local_shortage
 from sidecar.policy._duck import seconds
 
 log = logging.getLogger(__name__)
@@ -96,13 +103,14 @@ class HealthState:
         return f"<HealthState {self._state.value} streak={self._streak}>"
 
 
-async def tcp_check(ip: str, port: int) -> bool:
-    """True when a TCP connection to ip:port is established. Bound it with `asyncio.timeout`."""
+async def tcp_check(ip: str, port: int) -> bool | None:
+    """True when a TCP connection to ip:port is established; None when the sidecar itself
+    lacked the resources to try (no verdict). Bound it with `asyncio.timeout`."""
     loop = asyncio.get_running_loop()
     try:
         transport, _ = await loop.create_connection(asyncio.Protocol, ip, port)
-    except OSError:
-        return False
+    except OSError as exc:
+        return None if local_shortage(exc) else False
     transport.close()
     return True
 
@@ -114,8 +122,9 @@ async def http_check(
     headers: dict[str, str] | None = None,
     ssl_context: ssl.SSLContext | None = None,
     server_hostname: str | None = None,
-) -> bool:
-    """True when GET `url` answers 2xx. Bound it with `asyncio.timeout`."""
+) -> bool | None:
+    """True when GET `url` answers 2xx; None when the sidecar itself lacked the resources to
+    try (no verdict). Bound it with `asyncio.timeout`."""
     try:
         async with session.get(
             url,
@@ -125,18 +134,19 @@ async def http_check(
             server_hostname=server_hostname,
         ) as resp:
             return 200 <= resp.status < 300
-    except (OSError, aiohttp.ClientError):
-        return False
+    except (OSError, aiohttp.ClientError) as exc:
+        return None if local_shortage(exc) else False
 
 
 class _Target:
-    __slots__ = ("ip", "port", "state", "url")
+    __slots__ = ("ip", "port", "state", "url", "checking")
 
     def __init__(self, ip: str, port: int, state: HealthState, url: str) -> None:
         self.ip = ip
         self.port = port
         self.state = state
         self.url = url
+        self.checking = False  # a check is in flight: the next one waits for it
 
 
 class HealthChecker:
@@ -181,6 +191,7 @@ class HealthChecker:
         self._sem = asyncio.Semaphore(max_concurrency)
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
+        self._checks: set[asyncio.Task[None]] = set()  # checks in flight, started by _run
         HealthState(healthy_threshold, unhealthy_threshold)  # validate thresholds now
 
     @classmethod
@@ -257,6 +268,11 @@ class HealthChecker:
             task.cancel()
             # wait() instead of `await task`: our own caller's cancellation must still propagate.
             await asyncio.wait([task])
+        checks, self._checks = self._checks, set()
+        for check in checks:
+            check.cancel()
+        if checks:
+            await asyncio.wait(checks)
         session, self._session = self._session, None
         if session is not None:
             await session.close()
@@ -266,38 +282,52 @@ class HealthChecker:
         return self._task is not None and not self._task.done()
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            started = loop.time()
-            try:
-                await self.check_once()
-            except Exception:  # the loop must outlive any bug in one round
-                log.exception("health check round failed", extra={"cluster": self.cluster_name})
-            elapsed = loop.time() - started
-            await asyncio.sleep(max(0.0, self.interval * random.uniform(0.9, 1.1) - elapsed))
+            self._start_checks()
+            await asyncio.sleep(self.interval * random.uniform(0.9, 1.1))
+
+    def _start_checks(self) -> list[asyncio.Task[None]]:
+        """A check, as a task we own, of every endpoint that has none in flight."""
+        loop = asyncio.get_running_loop()
+        started = []
+        for key, target in list(self._targets.items()):
+            if target.checking:
+                continue  # still running: this endpoint's next check waits for it
+            target.checking = True  # now, not when the task first runs
+            check = loop.create_task(self._check(key, target))
+            self._checks.add(check)
+            # A callback, not a `finally` in _check: it runs even for a task cancelled before
+            # it started.
+            check.add_done_callback(functools.partial(self._check_done, target))
+            started.append(check)
+        return started
+
+    def _check_done(self, target: _Target, task: asyncio.Task[None]) -> None:
+        target.checking = False
+        self._checks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # The loop must outlive any bug in one check.
+            log.error("health check failed unexpectedly", exc_info=task.exception(),
+                      extra={"cluster": self.cluster_name})
 
     async def check_once(self) -> None:
-        """One round: probe every endpoint now, concurrently, and apply the results."""
-        targets = list(self._targets.items())
-        if not targets:
-            return
-        results = await asyncio.gather(
-            *(self._check(key, target) for key, target in targets), return_exceptions=True
-        )
-        for result in results:
-            if isinstance(result, Exception):
-                log.error("health check failed unexpectedly", exc_info=result,
-                          extra={"cluster": self.cluster_name})
-            elif isinstance(result, BaseException):
-                raise result  # cancellation of our own task
+        """Probe every endpoint that has no check in flight now, concurrently, and wait for
+        the results to be applied."""
+        checks = self._start_checks()
+        if checks:
+            # wait() rather than gather(): cancelling us leaves the checks to stop().
+            await asyncio.wait(checks)
 
     async def _check(self, key: str, target: _Target) -> None:
+        """One check of `target`; `_check_done` clears its `checking`."""
         async with self._sem:
             try:
                 async with asyncio.timeout(self.timeout):
                     ok = await self._probe(target)
             except TimeoutError:
                 ok = False
+        if ok is None:
+            return  # the sidecar's own shortage: no verdict on the endpoint
         if self._targets.get(key) is not target:
             return  # removed (or replaced) while the probe was in flight
         self._stats["success" if ok else "failure"] += 1
@@ -310,7 +340,7 @@ class HealthChecker:
             if self._on_change is not None:
                 self._on_change(key, healthy)
 
-    async def _probe(self, target: _Target) -> bool:
+    async def _probe(self, target: _Target) -> bool | None:
         if self.check_type == "tcp":
             return await tcp_check(target.ip, target.port)
         if self._session is None:

@@ -7,7 +7,8 @@ responses and 5xx answers. The breaker sees one verdict per request (its final o
 outlier detector exactly one per try and endpoint: a try that is retried is judged when the
 retry is decided, the last try when the request ends (`policy_token` is 1 + the number of tries
 already judged, so no try is counted twice). Sidecar-local refusals (no route, pool full,
-breaker open) are verdicts on nobody.
+breaker open, and the sidecar's own shortage of descriptors or ports,
+`local_resources_exhausted`) are verdicts on nobody.
 
 Per-try timeout: it applies only to a try that another try could follow (attempts left, the
 request replayable) and only until the response starts to reach the app. Abandoning the last

@@ -129,13 +129,16 @@ class Cluster:
                 )
                 pool.on_connection_closed = self._on_pool_connection_closed
                 self.pools[key] = pool
-            if not ep.serving:
-                # Terminating or not ready: no new requests; idle connections close now.
-                self._unserve(key)
-                pool.close_idle("endpoint_removed")
-            elif policies is None or policies.endpoint_usable(key):
+            # Terminating or not ready: no new requests; idle connections close now, and the
+            # ones in-flight requests finish with close instead of going back to the pool.
+            pool.set_terminating(not ep.serving)
+            if ep.serving and (policies is None or policies.endpoint_usable(key)):
+                pool.warm = True  # only serving endpoints keep min_idle connections warm
                 self._serve(pool)
                 warm.append(pool)
+            else:
+                pool.warm = False
+                self._unserve(key)
         if added and len(endpoints) > added:
             self._rotate_for(added, len(endpoints))
         if not self.has_answer:
@@ -181,11 +184,18 @@ class Cluster:
         serving = []
         for key, pool in self.pools.items():
             ep = eps.get(key)
-            if ep is None or not ep.serving:
-                continue
-            if policies is not None and not policies.endpoint_usable(key):
-                continue
-            serving.append(pool)
+            usable = (
+                ep is not None
+                and ep.serving
+                and (policies is None or policies.endpoint_usable(key))
+            )
+            # Only serving endpoints keep min_idle connections warm (pool.py).
+            was_warm = pool.warm
+            pool.warm = usable
+            if usable:
+                serving.append(pool)
+                if not was_warm:
+                    pool.prewarm()  # healthy, readmitted or ready again
         self._serving = serving
         self._serving_at = {pool.key: i for i, pool in enumerate(serving)}
 

@@ -16,6 +16,14 @@ so that the others pay nothing: the kernel is asked, just before reuse, whether 
 is already waiting that the loop has not read (`UpstreamConnection.peer_gone`, one poll(2));
 and an endpoint that closes right after every response is not reused for a while (see
 EARLY_CLOSE below).
+
+`min_idle` is refilled as soon as the idle count drops below it (an idle connection handed
+out, or closed by the upstream), not when the timer next fires: the next burst must find warm
+connections. Connects in flight that no waiter will take count as refills, so there is never
+more than one refill in flight per missing slot, and never beyond `max_connections`. No refill
+while the endpoint is not `warm` (terminating, not ready, unhealthy, ejected: the cluster says)
+or the pool is closing. A `terminating` endpoint keeps no idle connection: its idle ones close
+at once and the ones its in-flight requests finish with are closed instead of pooled.
 """
 
 from __future__ import annotations
@@ -30,7 +38,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from sidecar.errors import ConnectFailed, PoolTimeout, SidecarError
+from sidecar.errors import (
+    ConnectFailed,
+    LocalResourcesExhausted,
+    PoolTimeout,
+    SidecarError,
+    local_shortage,
+)
 from sidecar.observe.stats import ClusterStats
 from sidecar.timers import Timed, Wheel
 from sidecar.upstream.connection import State, UpstreamConnection
@@ -141,6 +155,8 @@ class Pool(Timed):
         "watch_closes",
         "early_closes",
         "no_reuse_until",
+        "warm",
+        "terminating",
     )
 
     def __init__(
@@ -176,6 +192,11 @@ class Pool(Timed):
         self.watch_closes = False  # the endpoint closes idle connections: look before reuse
         self.early_closes = 0  # closes right after a response, in a row
         self.no_reuse_until = 0.0  # loop time until which connections are not reused
+        # Set by the cluster. `warm`: min_idle connections may be opened ahead of requests (the
+        # endpoint is serving: ready, not terminating, healthy, not ejected). `terminating`:
+        # discovery says it takes no new requests; nothing is kept idle (see set_terminating).
+        self.warm = True
+        self.terminating = False
         self.on_connection_closed: Callable[[Pool], None] | None = None
 
     # --- introspection ---------------------------------------------------------------------------
@@ -233,6 +254,8 @@ class Pool(Timed):
             ):
                 self._active.add(conn)
                 conn.taken_at = now
+                if len(idle) < self.settings.min_idle:
+                    self.prewarm()  # refill now: the next burst finds warm connections
                 return conn
             self._retire(conn, now)
         return None
@@ -261,6 +284,8 @@ class Pool(Timed):
             # oldest idle one (it may well be stale too).
             self.rotate_oldest(1)
             self._start_connect()
+        # No min_idle refill from here: with no idle connection to take, the endpoint may well
+        # be down, and refills per request would multiply the connects it refuses.
         return None
 
     def cancel(self, waiter: Waiter) -> None:
@@ -316,11 +341,47 @@ class Pool(Timed):
         task.add_done_callback(self._tasks.discard)
 
     def prewarm(self) -> None:
-        """Open connections until min_idle are idle or connecting."""
-        missing = self.settings.min_idle - len(self._idle) - self._connecting
+        """Open connections until min_idle are idle or on their way to be (connects in flight
+        beyond those the waiters will take). Never while not warm, terminating or closing."""
+        if not self.warm or self.terminating or self.closing:
+            return
+        spare = self._connecting - len(self._waiters)  # connects that will end up idle
+        missing = self.settings.min_idle - len(self._idle) - (spare if spare > 0 else 0)
         room = self.settings.max_connections - self.total
-        for _ in range(max(0, min(missing, room))):
+        for _ in range(missing if missing < room else room):
             self._start_connect()
+
+    async def _open(self, conn: UpstreamConnection) -> None:
+        """Connect `conn`'s socket (and its TLS), within `connect_timeout`: the one place a
+        socket to the endpoint is opened, for pooled and dedicated connections alike."""
+        loop = self._loop
+        tls = self.tls
+        if tls is None:
+            await asyncio.wait_for(
+                loop.create_connection(lambda: conn, self.ip, self.port),
+                self.settings.connect_timeout,
+            )
+            return
+        handshake_timeout, total = tls.connect_timeouts(self.settings.connect_timeout)
+        await asyncio.wait_for(
+            loop.create_connection(
+                lambda: conn,
+                self.ip,
+                self.port,
+                ssl=tls.context_for_connect(),
+                server_hostname=tls.server_hostname,
+                ssl_handshake_timeout=handshake_timeout,
+            ),
+            total,
+        )
+
+    def _connect_error(self, exc: BaseException) -> SidecarError:
+        """What a failed connect says to the request that waited for it: the sidecar's own
+        shortage (EMFILE, ENOBUFS, EADDRNOTAVAIL...) is a verdict on nobody; the rest is the
+        endpoint's `connect_failed`."""
+        if local_shortage(exc):
+            return LocalResourcesExhausted(self._describe(exc), self.cluster)
+        return ConnectFailed(self._describe(exc), self.cluster)
 
     async def _connect(self) -> None:
         loop = self._loop
@@ -332,35 +393,15 @@ class Pool(Timed):
         conn = UpstreamConnection(self, self.key, started, started + lifetime)
         tls = self.tls
         try:
-            try:
-                if tls is None:
-                    await asyncio.wait_for(
-                        loop.create_connection(lambda: conn, self.ip, self.port),
-                        settings.connect_timeout,
-                    )
-                else:
-                    handshake_timeout, total = tls.connect_timeouts(settings.connect_timeout)
-                    await asyncio.wait_for(
-                        loop.create_connection(
-                            lambda: conn,
-                            self.ip,
-                            self.port,
-                            ssl=tls.context_for_connect(),
-                            server_hostname=tls.server_hostname,
-                            ssl_handshake_timeout=handshake_timeout,
-                        ),
-                        total,
-                    )
-            except asyncio.CancelledError:
-                self._connecting -= 1
-                conn.abort("drain")
-                raise
-            except Exception as exc:
-                self._connecting -= 1
-                self._connect_failed(self._describe(exc))
-                return
-        finally:
-            pass
+            await self._open(conn)
+        except asyncio.CancelledError:
+            self._connecting -= 1
+            conn.abort("drain")
+            raise
+        except Exception as exc:
+            self._connecting -= 1
+            self._connect_failed(self._connect_error(exc))
+            return
         self._connecting -= 1
         self.stats.connections_opened += 1
         self.stats.connect_duration.observe(loop.time() - started)
@@ -402,32 +443,14 @@ class Pool(Timed):
         loop = self._loop
         started = loop.time()
         conn = UpstreamConnection(self, self.key, started, math.inf)
-        settings = self.settings
         tls = self.tls
         try:
-            if tls is None:
-                await asyncio.wait_for(
-                    loop.create_connection(lambda: conn, self.ip, self.port),
-                    settings.connect_timeout,
-                )
-            else:
-                handshake_timeout, total = tls.connect_timeouts(settings.connect_timeout)
-                await asyncio.wait_for(
-                    loop.create_connection(
-                        lambda: conn,
-                        self.ip,
-                        self.port,
-                        ssl=tls.context_for_connect(),
-                        server_hostname=tls.server_hostname,
-                        ssl_handshake_timeout=handshake_timeout,
-                    ),
-                    total,
-                )
+            await self._open(conn)
         except asyncio.CancelledError:
             conn.abort("drain")
             raise
         except Exception as exc:
-            waiter.on_pool_error(ConnectFailed(self._describe(exc), self.cluster))
+            waiter.on_pool_error(self._connect_error(exc))
             return
         self.stats.connections_opened += 1
         self.stats.connect_duration.observe(loop.time() - started)
@@ -454,11 +477,11 @@ class Pool(Timed):
             return f"{self.key}: {exc.strerror or exc}"
         return f"{self.key}: {type(exc).__name__}: {exc}"
 
-    def _connect_failed(self, detail: str) -> None:
+    def _connect_failed(self, exc: SidecarError) -> None:
         pending = self._next_waiter()
         if pending is not None:
             self.stats.pool_wait.observe(self._loop.time() - pending.since)
-            pending.waiter.on_pool_error(ConnectFailed(detail, self.cluster))
+            pending.waiter.on_pool_error(exc)
         # Waiters beyond those covered by connects in flight get a connect of their own.
         if self._connecting < len(self._waiters) and self.total < self.settings.max_connections:
             self._start_connect()
@@ -502,6 +525,10 @@ class Pool(Timed):
         if self.closing:
             conn.close("drain")
             self.stats.closed("drain")
+            return
+        if self.terminating:
+            conn.close("endpoint_removed")  # its pod is shutting down and waits on us
+            self.stats.closed("endpoint_removed")
             return
         idle = self._idle
         idle.append(conn)
@@ -562,6 +589,8 @@ class Pool(Timed):
                         self.learned_idle_timeout = idle_for * 0.9
                     elif idle_for <= EARLY_CLOSE:
                         self.note_early_close(now)
+                    if len(self._idle) < self.settings.min_idle:
+                        self.prewarm()  # not after our own closes (drain, rotation, expiry)
         elif conn in self._active:
             self._active.discard(conn)
             if conn.close_reason == "remote_closed":
@@ -633,8 +662,7 @@ class Pool(Timed):
         self._idle = keep
         self.deadline = nxt
         self._wheel.schedule(self)
-        if not self.closing:
-            self.prewarm()
+        self.prewarm()
 
     # --- lifecycle --------------------------------------------------------------------------------
     def close_idle(self, reason: str, linger: float | None = None) -> int:
@@ -659,6 +687,14 @@ class Pool(Timed):
             conn.close("rotated")
             self.stats.closed("rotated")
         return len(victims)
+
+    def set_terminating(self, terminating: bool) -> None:
+        """Discovery marked the endpoint terminating (or not ready): its in-flight requests
+        finish, its idle connections close now, and none is kept idle from here on. False: it
+        serves again (the cluster prewarms it when it is warm)."""
+        self.terminating = terminating
+        if terminating:
+            self.close_idle("endpoint_removed")
 
     def start_closing(self, reason: str) -> None:
         """No new requests: fail the waiters, close idle connections; active ones finish and
