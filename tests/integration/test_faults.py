@@ -52,7 +52,11 @@ from tests.integration.test_proxy import (
     wait_until,
 )
 
-NSS_WRAPPER = "/usr/lib/x86_64-linux-gnu/libnss_wrapper.so"
+# Debian's multiarch path, whatever the machine (scripts/check installs libnss-wrapper).
+NSS_WRAPPER = next(
+    (str(p) for p in sorted(Path("/usr/lib").glob("*/libnss_wrapper.so"))),
+    "/usr/lib/x86_64-linux-gnu/libnss_wrapper.so",
+)
 
 
 # --- the misbehaving upstream ------------------------------------------------------------------
