@@ -412,11 +412,16 @@ class DownstreamProtocol(RequestSink, Timed, asyncio.Protocol):
 
     def abort_after_partial_response(self, ex: Exchange, exc: SidecarError) -> None:
         """A response has begun and cannot be completed: cut the connection so that the app
-        sees a truncated message, never a wrong one. With a RST, not a FIN: a close-delimited
-        body (an HTTP/1.0 app) ends at the FIN, so a FIN would pass the cut off as its end."""
+        sees a truncated message, never a wrong one. A framed body (Content-Length, chunked)
+        cut by a FIN is visibly short, and the app keeps what it already received. A
+        close-delimited body (an HTTP/1.0 app) ends at the FIN, so a FIN would pass the cut off
+        as its end: that one is cut with a RST."""
         self.exchange_done(ex, False)
         if self.transport is not None:
-            reset(self.transport)
+            if ex.close_delimited_out:
+                reset(self.transport)
+            else:
+                self.transport.abort()
 
     def _bad_request(self, exc: ProtocolError) -> None:
         """Bytes we cannot read unambiguously: answer 400 (431, 408) and close. Nothing of

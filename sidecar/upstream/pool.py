@@ -375,6 +375,20 @@ class Pool(Timed):
             total,
         )
 
+    def _connected(self, conn: UpstreamConnection, started: float) -> None:
+        """A connect succeeded: count it, its duration and its TLS handshake (resumed or not),
+        and hand the TLS session to the cache."""
+        self.stats.connections_opened += 1
+        self.stats.connect_duration.observe(self._loop.time() - started)
+        tls = self.tls
+        if tls is not None and conn.transport is not None:
+            tls.on_connected(conn.transport)
+            ssl_object = conn.transport.get_extra_info("ssl_object")
+            if ssl_object is not None:
+                resumed = bool(ssl_object.session_reused)
+                conn.tls_resumed = resumed
+                self.stats.tls_handshakes[resumed] += 1
+
     def _connect_error(self, exc: BaseException) -> SidecarError:
         """What a failed connect says to the request that waited for it: the sidecar's own
         shortage (EMFILE, ENOBUFS, EADDRNOTAVAIL...) is a verdict on nobody; the rest is the
@@ -391,7 +405,6 @@ class Pool(Timed):
         # expire (and reconnect) together.
         lifetime = settings.max_lifetime * (1.0 - 0.2 * random.random())
         conn = UpstreamConnection(self, self.key, started, started + lifetime)
-        tls = self.tls
         try:
             await self._open(conn)
         except asyncio.CancelledError:
@@ -403,15 +416,7 @@ class Pool(Timed):
             self._connect_failed(self._connect_error(exc))
             return
         self._connecting -= 1
-        self.stats.connections_opened += 1
-        self.stats.connect_duration.observe(loop.time() - started)
-        if tls is not None and conn.transport is not None:
-            tls.on_connected(conn.transport)
-            ssl_object = conn.transport.get_extra_info("ssl_object")
-            if ssl_object is not None:
-                resumed = bool(ssl_object.session_reused)
-                conn.tls_resumed = resumed
-                self.stats.tls_handshakes[resumed] += 1
+        self._connected(conn, started)
         if conn.state is State.CLOSED:
             return  # lost between connect and now
         if self.closing:
@@ -443,7 +448,6 @@ class Pool(Timed):
         loop = self._loop
         started = loop.time()
         conn = UpstreamConnection(self, self.key, started, math.inf)
-        tls = self.tls
         try:
             await self._open(conn)
         except asyncio.CancelledError:
@@ -452,10 +456,7 @@ class Pool(Timed):
         except Exception as exc:
             waiter.on_pool_error(self._connect_error(exc))
             return
-        self.stats.connections_opened += 1
-        self.stats.connect_duration.observe(loop.time() - started)
-        if tls is not None and conn.transport is not None:
-            tls.on_connected(conn.transport)
+        self._connected(conn, started)
         if conn.state is State.CLOSED:
             waiter.on_pool_error(
                 ConnectFailed(f"{self.key}: closed right after connecting", self.cluster)
