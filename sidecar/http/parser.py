@@ -372,6 +372,10 @@ class RequestParser:
         if head.upgrade is not None and b"upgrade" not in connection:
             head.upgrade = None  # Upgrade without Connection: upgrade is not a request to upgrade
         if method == b"CONNECT":
+            if head.chunked or head.content_length:
+                # RFC 9110 9.3.6: no content. llhttp tunnels what follows the head whatever
+                # the framing says; a server honouring it would read a body, then a request.
+                raise ProtocolError("CONNECT request with a body")
             head.authority = url
             head.target = url
         elif url[:1] == b"/" or url == b"*":
