@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 with atheris.instrument_imports(include=["sidecar"]):
     from tests.fuzz.driver import Finding, run_protocol
 
-# SIDECAR_FUZZ_STRICT=1: stop on the findings issue 18 reported too (driver.UPGRADE_BODY,
-# TRAILERS, ESCAPES, IPV6).
+# SIDECAR_FUZZ_STRICT=1: stop on the known findings too (driver.UPGRADE_BODY, TRAILERS,
+# ESCAPES, IPV6 of issue 18, and LINE_SPACES).
 STRICT = os.environ.get("SIDECAR_FUZZ_STRICT") == "1"
 
 
