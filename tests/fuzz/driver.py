@@ -81,6 +81,8 @@ UPGRADE_BODY = "issue 18 #1: Upgrade request with a body"
 TRAILERS = "issue 18 #2: trailers dropped on a new connection"
 ESCAPES = "issue 18 #3: an exception escapes the request path"
 IPV6 = "issue 18 #7: IPv6 authority without brackets"
+CL_INT64 = "issue 18 #5: a Content-Length beyond int64 is forwarded"
+_INT64_MAX = (1 << 63) - 1
 # Found by this fuzzer, not fixed (see tests/fuzz/README.md): llhttp takes a run of spaces
 # between the request line's parts as one (RFC 9112 3 asks for single SP; h11 refuses).
 LINE_SPACES = "fuzz finding: runs of SP in the request line accepted"
@@ -821,7 +823,8 @@ def _reference_one(h: h11.Connection, ref: Reference) -> bool:
             h.send(h11.Response(status_code=200, headers=[("content-length", "0")]))
             h.send(h11.EndOfMessage())
             if h.our_state is h11.MUST_CLOSE or h.their_state is h11.MUST_CLOSE:
-                tokens = {t.strip().lower() for t in (cur.header(b"connection") or b"").split(b",")}
+                tokens = {t.strip().lower() for n, v in cur.headers if n == b"connection"
+                          for t in v.split(b",")}
                 if cur.version == b"1.0" and b"keep-alive" in tokens:
                     return True
                 ref.stopped = "close"
@@ -903,12 +906,21 @@ def compare(data: bytes, world: World) -> None:
             k = index.get(id(ex.head)) if ex is not None else None
             if k is None:
                 raise Finding(f"an upstream request no app request accounts for: {up}")
+            _framing(k, up)
             if k >= len(ref.requests):
                 raise Finding(
                     f"the sidecar forwarded request {k} ({up.method!r} {up.target!r}) that h11 "
                     f"does not read in the app's bytes (h11: {ref.error or ref.stopped})",
                     _line_spaces(ref, k))
             _same(k, ref.requests[k], up, ref)
+
+
+def _framing(k: int, up: Req) -> None:
+    """A forwarded Content-Length fits a signed 64-bit integer (SPEC section 5): a longer one
+    is read differently by different servers (h11 refuses more than 20 digits)."""
+    length = up.header(b"content-length")
+    if length is not None and length.isdigit() and int(length) > _INT64_MAX:
+        raise Finding(f"request {k}: Content-Length {length!r} forwarded", CL_INT64)
 
 
 def _line_spaces(ref: Reference, k: int) -> str:

@@ -42,6 +42,7 @@ KNOWN: dict[str, str] = {
     "connect-userinfo.bin": "issue 18 finding 3: pydantic ValidationError escapes (CONNECT a@b)",
     "absolute-form-ipv6.bin": "issue 18 finding 7: IPv6 authority forwarded without brackets",
     "absolute-form-ipv6-no-port.bin": "issue 18 finding 7: IPv6 authority without brackets",
+    "cl-huge-int64.bin": "issue 18 finding 5: Content-Length beyond int64 forwarded",
     "request-line-double-space.bin": "fuzz finding (issue 13): llhttp accepts runs of SP in the "
                                      "request line, h11 refuses them",
 }
