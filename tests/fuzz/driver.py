@@ -27,7 +27,7 @@ forwards and answers (after the request's end, or as soon as its head arrives: b
 Properties of (b):
 - nothing but what the sidecar handles itself escapes `data_received`, a loop callback or a
   task (the loop's exception handler records the rest);
-- bounded work: at most `_MAX_STEPS` loop turns per input, each of which must make progress;
+- bounded work: at most `_MAX_STEPS` loop turns per input and `_WATCHDOG` seconds;
 - bounded buffers: what the protocol holds (pipelined events, the replay copy of a body,
   corked output, upgrade bytes) never exceeds `_MAX_REPLAY` plus two reads;
 - framing: a request the sidecar considers wholly sent must be complete at the origin, and a
@@ -40,10 +40,14 @@ Properties of (b):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import re
+import signal
+import threading
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +90,9 @@ _INT64_MAX = (1 << 63) - 1
 # Found by this fuzzer, not fixed (see tests/fuzz/README.md): llhttp takes a run of spaces
 # between the request line's parts as one (RFC 9112 3 asks for single SP; h11 refuses).
 LINE_SPACES = "fuzz finding: runs of SP in the request line accepted"
+# Found by this fuzzer, not fixed here (tests/integration/test_pipelined_refusals.py): a request
+# in flight, then two pipelined requests refused at once, loop for ever in _run_queue.
+QUEUE_LOOP = "fuzz finding: pipelined refusals loop for ever in DownstreamProtocol._run_queue"
 _ESCAPING_IN = frozenset({"split_authority", "dynamic_cluster"})  # where #3's exceptions rise
 
 
@@ -567,6 +574,39 @@ class Mode:
         return _cuts(_rng(b"split" + data), len(data))
 
 
+_WATCHDOG = 5.0  # seconds one input may take (most take a few ms)
+
+
+class Hang(Finding):
+    """The watchdog fired: one input ran for `_WATCHDOG` seconds."""
+
+
+@contextlib.contextmanager
+def _watchdog(seconds: float) -> Iterator[None]:
+    """Turn a hang into a Finding, with the stack it hung in. SIGALRM interrupts Python code
+    only: on the .py sources (the atheris runs) it catches any hang; a loop inside compiled
+    code is caught by libFuzzer's -timeout instead (and pytest-timeout's)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def fire(signum: int, frame: Any) -> None:
+        names = []
+        while frame is not None:
+            names.append(frame.f_code.co_name)
+            frame = frame.f_back
+        known = QUEUE_LOOP if "_run_queue" in names else ""
+        raise Hang(f"one input ran for {seconds}s; stack: {' < '.join(names[:12])}", known)
+
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def run_protocol(data: bytes, mode: Mode | None = None) -> World:
     """Drive one app connection with `data`; raise Finding if a property fails."""
     mode = mode or Mode.drawn(data)
@@ -581,8 +621,9 @@ def run_protocol(data: bytes, mode: Mode | None = None) -> World:
     root = logging.getLogger("sidecar")
     root.addHandler(caught)
     try:
-        proto, clusters = loop.run_until_complete(_drive(loop, world, data, cuts, fixed, warm,
-                                                         early, body, errors))
+        with _watchdog(_WATCHDOG):
+            proto, clusters = loop.run_until_complete(_drive(loop, world, data, cuts, fixed,
+                                                             warm, early, body, errors))
     except Finding:
         raise
     except Exception as exc:
@@ -594,7 +635,9 @@ def run_protocol(data: bytes, mode: Mode | None = None) -> World:
         root.removeHandler(caught)
         loop.close()
     if errors:
-        raise Finding("exception in a loop callback or task: " + "; ".join(errors))
+        hung = [e for e in errors if "Hang" in e]
+        raise Finding("exception in a loop callback or task: " + "; ".join(errors),
+                      QUEUE_LOOP if hung and all(QUEUE_LOOP in e for e in hung) else "")
     if world.findings:
         known = {k for _, k in world.findings}
         raise Finding("\n".join(t for t, _ in world.findings),

@@ -20,7 +20,7 @@ with atheris.instrument_imports(include=["sidecar"]):
     from tests.fuzz.driver import Finding, run_protocol
 
 # SIDECAR_FUZZ_STRICT=1: stop on the known findings too (driver.UPGRADE_BODY, TRAILERS,
-# ESCAPES, IPV6, CL_INT64 of issue 18, and LINE_SPACES).
+# ESCAPES, IPV6, CL_INT64 of issue 18, LINE_SPACES and QUEUE_LOOP).
 STRICT = os.environ.get("SIDECAR_FUZZ_STRICT") == "1"
 
 
