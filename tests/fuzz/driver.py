@@ -46,6 +46,7 @@ import random
 import re
 import signal
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -598,6 +599,13 @@ def _watchdog(seconds: float) -> Iterator[None]:
         known = QUEUE_LOOP if "_run_queue" in names else ""
         raise Hang(f"one input ran for {seconds}s; stack: {' < '.join(names[:12])}", known)
 
+    # pytest-timeout (signal method) keeps its own SIGALRM timer: leave it running if it is due
+    # first, else restore it afterwards with what is left of it.
+    pending, interval = signal.getitimer(signal.ITIMER_REAL)
+    if pending and pending <= seconds:
+        yield
+        return
+    started = time.monotonic()
     previous = signal.signal(signal.SIGALRM, fire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
@@ -605,6 +613,9 @@ def _watchdog(seconds: float) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if pending:
+            left = pending - (time.monotonic() - started)
+            signal.setitimer(signal.ITIMER_REAL, left if left > 0 else 0.001, interval)
 
 
 def run_protocol(data: bytes, mode: Mode | None = None) -> World:
