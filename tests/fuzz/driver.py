@@ -193,7 +193,7 @@ def run_parser(data: bytes) -> None:
 
 
 # === (b) the app-side protocol ================================================================
-_MAX_STEPS = 4000  # loop turns per input, all told
+_MAX_STEPS = 4000  # loop turns per input, besides a few per read
 _MAX_REPLAY = 64 * 1024  # sidecar.downstream.exchange._MAX_REPLAY
 _H11_MAX = 1 << 20  # h11's own head limit (16 KiB) is below ours (64 KiB): not a disagreement
 _ENDPOINT = Endpoint("127.0.0.1", 9)  # never dialled: the loop's create_connection is fake
@@ -674,6 +674,8 @@ async def _drive(loop: FuzzLoop, world: World, data: bytes, cuts: list[int], fix
     proto.parser = RequestParser(_Tap(world, proto), proto.ctx.limits.max_header_bytes)
     steps = 0
     largest = 0
+    chunks = pieces(data, cuts)
+    bound = _MAX_STEPS + 4 * len(chunks)  # every read gets a turn or two of its own
 
     ready = loop._ready  # noqa: SLF001 (the loop's queue of callbacks due now)
 
@@ -686,14 +688,14 @@ async def _drive(loop: FuzzLoop, world: World, data: bytes, cuts: list[int], fix
                 origin.step(early, body)
             await asyncio.sleep(0)
             steps += 1
-            if steps > _MAX_STEPS:
-                raise Finding(f"still busy after {_MAX_STEPS} loop turns: a livelock")
+            if steps > bound:
+                raise Finding(f"still busy after {bound} loop turns: a livelock")
             _check_sent(world)
             if world.progress == before and not ready:
                 return
 
     await pump()  # prewarmed connections are made
-    for piece in pieces(data, cuts):
+    for piece in chunks:
         for wait in (0.0, 1.0, 5.0, 400.0):
             if not app.paused or app.closing:
                 break

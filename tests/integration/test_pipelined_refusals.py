@@ -9,7 +9,10 @@ then handed to `on_request_end`, which re-queues it behind whatever is left beca
 not empty. Two such `end` events chase each other around the queue for ever: the event loop is
 stuck and every connection of the pod loses its egress. With a body after the refused request
 instead, the stray `end` reaches the *next* request early (its body is then cut short
-upstream, or a second last-chunk is written onto a pooled connection).
+upstream, or a second last-chunk is written onto a pooled connection). And each refusal runs
+the queue from inside the one before: a few hundred pipelined refusals exceed Python's
+recursion limit (600 here; one 64 KiB read holds about 1,800), and compiled code has no such
+guard on its C stack.
 
 Not fixed in this branch (protocol.py belongs to others; see the report): a strict xfail, red
 once it is fixed. Real parts: the sidecar process, nginx upstream, a raw socket client.
@@ -29,7 +32,7 @@ from tests.harness import LOOPS, Sidecar, nginx
 NGINX_CONF = 'server { listen 127.0.0.1:{port}; location / { return 200 "ok"; } }'
 GOOD = b"GET /a HTTP/1.1\r\nHost: up\r\n\r\n"
 REFUSED = b"GET /b HTTP/1.1\r\nHost: nowhere\r\n\r\n"  # no route: 404 from the sidecar itself
-BOUND = 5.0
+BOUND = 3.0
 
 
 def _statuses(port: int, data: bytes, want: int) -> list[bytes]:
@@ -52,8 +55,9 @@ def _statuses(port: int, data: bytes, want: int) -> list[bytes]:
 
 @pytest.mark.xfail(strict=True, reason="fuzz finding (issue 13): pipelined refusals loop for "
                    "ever in DownstreamProtocol._run_queue; not fixed in this branch")
-@pytest.mark.parametrize("loop", LOOPS)
-def test_two_pipelined_refusals_after_a_request_in_flight(loop: str) -> None:
+@pytest.mark.parametrize("loop, refused", [*((loop, 2) for loop in LOOPS), ("uvloop", 600)],
+                         ids=[*(f"{loop}-2" for loop in LOOPS), "uvloop-600"])
+def test_pipelined_refusals_after_a_request_in_flight(loop: str, refused: int) -> None:
     with nginx(NGINX_CONF) as upstream:
         config = {
             "listeners": [{"name": "egress",
@@ -63,10 +67,10 @@ def test_two_pipelined_refusals_after_a_request_in_flight(loop: str) -> None:
         }
         with Sidecar(config, loop=loop) as sc:
             port = sc.port("egress")
-            statuses = _statuses(port, GOOD + REFUSED + REFUSED, 3)
+            statuses = _statuses(port, GOOD + REFUSED * refused, 1 + refused)
             # Whatever happened on that connection, another one must still be served.
             after = _statuses(port, GOOD, 1)
             if not after:
                 sc.signal(signal.SIGKILL)  # the loop is stuck: SIGTERM would wait 10 s for it
-            assert statuses == [b"200", b"404", b"404"]
+            assert statuses == [b"200"] + [b"404"] * refused
             assert after == [b"200"]
