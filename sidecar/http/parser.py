@@ -471,6 +471,10 @@ class RequestParser:
         if head.upgrade is not None:  # llhttp upgrades only with an Upgrade field (or CONNECT)
             self._upgrade_or_not(head, method, version, connection)
         if method == b"CONNECT":
+            if head.chunked or head.content_length:
+                # RFC 9110 9.3.6: no content. llhttp tunnels what follows the head whatever
+                # the framing says; a server honouring it would read a body, then a request.
+                raise ProtocolError("CONNECT request with a body")
             head.authority = url
             head.target = url
         elif url[:1] == b"/" or url == b"*":
