@@ -26,7 +26,6 @@ from sidecar.downstream.listener import Listener
 from sidecar.downstream.protocol import DownstreamProtocol
 from sidecar.downstream.router import RouteTable
 from sidecar.downstream.tcp import TcpProxyProtocol
-from sidecar.errors import ProtocolError
 from sidecar.lifecycle import Counts, Drain, DrainSettings, DrainState, linger_seconds
 from sidecar.observe.loop_lag import watch_loop_lag
 from sidecar.observe.metrics import DiscoveryCollector, Scraper
@@ -210,13 +209,9 @@ class App:
         return max(limits) if limits else ForwardProxyConfig().max_destinations
 
     def _build_dynamic(self, host: str, port: int) -> Cluster:
-        try:
-            config = cfgmod.dynamic_cluster(host, port)
-        except ValueError as exc:  # pydantic's ValidationError too: a host we cannot resolve
-            # The glob of allowed_hosts let it through (`*` matches anything), but it is no
-            # host name ("up-a@127.0.0.1"): that is about what the app sent.
-            raise ProtocolError(f"{host!r} is not a valid host name") from exc
-        return self.build_cluster(config, dynamic=True)
+        """A forward-proxy destination's cluster. Raises ValueError for a host that is no host
+        name (the registry answers it 400)."""
+        return self.build_cluster(cfgmod.dynamic_cluster(host, port), dynamic=True)
 
     # --- listeners --------------------------------------------------------------------------------
     def _own_addresses(self) -> frozenset[tuple[str, int]]:

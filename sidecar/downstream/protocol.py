@@ -58,6 +58,7 @@ class DownstreamProtocol(RequestSink, Timed, asyncio.Protocol):
         "app_eof",
         "_corked",
         "_out",
+        "_draining_queue",
         "wheel",
     )
 
@@ -82,6 +83,7 @@ class DownstreamProtocol(RequestSink, Timed, asyncio.Protocol):
         self.app_eof = False  # the app half-closed: answer what it sent, then close
         self._corked = 0
         self._out: list[bytes] = []
+        self._draining_queue = False  # _run_queue is on the stack: it goes on by itself
 
     def now(self) -> float:
         return self.loop.time()
@@ -355,6 +357,19 @@ class DownstreamProtocol(RequestSink, Timed, asyncio.Protocol):
         # (a TypeError at run time). `_can_begin` and `_deliver_rest` read it afresh.
         queue = self.queue
         assert queue is not None
+        if self._draining_queue:
+            return  # a request it began ended at once (refused): the loop below goes on
+        self._draining_queue = True
+        try:
+            self._drain_queue(queue)
+        finally:
+            self._draining_queue = False
+        if not queue and self.queue is queue:
+            self.queue = None
+            if not self.closed:
+                self.gate.resume(PIPELINED)
+
+    def _drain_queue(self, queue: deque[tuple[str, Any]]) -> None:
         while queue and self._can_begin():
             kind, value = queue.popleft()
             if kind == "error":
@@ -365,17 +380,15 @@ class DownstreamProtocol(RequestSink, Timed, asyncio.Protocol):
                 return
             if kind == "head":
                 self._begin(value)
-            elif kind == "body":
-                self.on_request_body(value)
             elif kind == "end":
-                self.on_request_end(value)
-            else:
-                self.on_upgrade(value)
+                # The rest of a request answered as soon as it began (refused): not handed to
+                # on_request_end, which would queue it again behind what is left.
+                if self.discarding:
+                    self._close()
+            elif kind == "upgrade":
+                self.upgraded = True
+            # else "body" of such a request: dropped
             self._deliver_rest(queue)
-        if not queue:
-            self.queue = None
-            if not self.closed:
-                self.gate.resume(PIPELINED)
 
     def _can_begin(self) -> bool:
         return self.exchange is None and not self.closed

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Final
 
 from sidecar.downstream_types import ForwardTargetLike
-from sidecar.errors import ConnectFailed, TooManyDestinations
+from sidecar.errors import ConnectFailed, ProtocolError, TooManyDestinations
 from sidecar.observe.stats import ProcessStats
 from sidecar.upstream.cluster import Cluster
 
@@ -64,7 +64,13 @@ class ClusterSet:
             del self._failing[name]
         if len(self.dynamic) >= self.max_destinations:
             self._make_room(name)
-        cluster = self.dynamic[name] = self._build_dynamic(target.host, target.port)
+        try:
+            built = self._build_dynamic(target.host, target.port)
+        except ValueError as exc:  # pydantic's ValidationError is one
+            # allowed_hosts let it through (`*` matches anything), but it is no host name
+            # ("up-a@127.0.0.1"): that is about what the app sent, a 400.
+            raise ProtocolError(f"{target.host!r} is not a valid host name") from exc
+        cluster = self.dynamic[name] = built
         self._counted("created")
         return cluster
 

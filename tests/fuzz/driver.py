@@ -891,15 +891,28 @@ def _reference_one(h: h11.Connection, ref: Reference) -> bool:
             return False
 
 
+# Names the sidecar reads or strips in a request head. A name with underscores whose `-`
+# spelling is one of these (`Transfer_Encoding`) is dropped on purpose (docs/http.md: an origin
+# that maps `_` to `-` must never see a second framing field); any other is forwarded.
+_LOOKALIKE_OF = HOP_BY_HOP | _CONTROL | frozenset({
+    b"content-length", b"transfer-encoding", b"connection", b"upgrade", b"expect",
+    b"idempotency-key", b"http2-settings",
+})
+
+
 def _end_to_end(req: Req) -> list[tuple[bytes, bytes]]:
     """The fields a proxy forwards unchanged: not hop-by-hop, not named by Connection, not the
-    Host (compared apart) and not the sidecar's own control fields."""
+    Host (compared apart), not the sidecar's own control fields, and not an underscore
+    lookalike of a field it reads (see _LOOKALIKE_OF)."""
     named: set[bytes] = set()
     for name, value in req.headers:
         if name == b"connection":
             named |= {t.strip().lower() for t in value.split(b",")}
     drop = HOP_BY_HOP | _CONTROL | named
-    return [(n, v) for n, v in req.headers if n not in drop]
+    return [
+        (n, v) for n, v in req.headers
+        if n not in drop and not (b"_" in n and n.replace(b"_", b"-") in _LOOKALIKE_OF)
+    ]
 
 
 def _expected_target_and_host(ref: Req) -> tuple[bytes, bytes | None]:

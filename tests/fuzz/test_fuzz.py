@@ -31,18 +31,7 @@ ROOT = HERE.parents[1]
 CORPUS = HERE / "corpus" / "request"
 SECONDS = float(os.environ.get("SIDECAR_FUZZ_SECONDS", "60"))
 
-_UPGRADE_BODY = ("issue 18 finding 1: an Upgrade request with a body is forwarded with its "
-                 "Content-Length (or chunked) and without its body")
 KNOWN: dict[str, str] = {
-    "upgrade-with-body-cl.bin": _UPGRADE_BODY,
-    "upgrade-with-body-chunked.bin": _UPGRADE_BODY,
-    "upgrade-h2c-with-body.bin": _UPGRADE_BODY,
-    "trailers.bin": "issue 18 finding 2: request trailers dropped on a new connection",
-    "host-superscript-port.bin": "issue 18 finding 3: ValueError escapes (Host: up:\\xb2)",
-    "connect-userinfo.bin": "issue 18 finding 3: pydantic ValidationError escapes (CONNECT a@b)",
-    "absolute-form-ipv6.bin": "issue 18 finding 7: IPv6 authority forwarded without brackets",
-    "absolute-form-ipv6-no-port.bin": "issue 18 finding 7: IPv6 authority without brackets",
-    "cl-huge-int64.bin": "issue 18 finding 5: Content-Length beyond int64 forwarded",
     "request-line-double-space.bin": "fuzz finding (issue 13): llhttp accepts runs of SP in the "
                                      "request line, h11 refuses them",
 }

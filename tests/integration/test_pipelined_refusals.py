@@ -14,8 +14,9 @@ the queue from inside the one before: a few hundred pipelined refusals exceed Py
 recursion limit (600 here; one 64 KiB read holds about 1,800); compiled, the same depth is
 C stack (not measured).
 
-Not fixed in this branch (protocol.py belongs to others; see the report): a strict xfail, red
-once it is fixed. Real parts: the sidecar process, nginx upstream, a raw socket client.
+Fixed: `_run_queue` does not re-enter itself, and a refused request's queued body and end
+are dropped rather than handed back to `on_request_*`. Real parts: the sidecar process, an
+nginx upstream, a raw socket client.
 """
 
 from __future__ import annotations
@@ -53,8 +54,6 @@ def _statuses(port: int, data: bytes, want: int) -> list[bytes]:
     return re.findall(rb"HTTP/1\.1 (\d{3}) ", got)
 
 
-@pytest.mark.xfail(strict=True, reason="fuzz finding (issue 13): pipelined refusals loop for "
-                   "ever in DownstreamProtocol._run_queue; not fixed in this branch")
 @pytest.mark.parametrize("loop, refused", [*((loop, 2) for loop in LOOPS), ("uvloop", 600)],
                          ids=[*(f"{loop}-2" for loop in LOOPS), "uvloop-600"])
 def test_pipelined_refusals_after_a_request_in_flight(loop: str, refused: int) -> None:
