@@ -908,7 +908,9 @@ def _end_to_end(req: Req) -> list[tuple[bytes, bytes]]:
     for name, value in req.headers:
         if name == b"connection":
             named |= {t.strip().lower() for t in value.split(b",")}
-    drop = HOP_BY_HOP | _CONTROL | named
+    # HTTP2-Settings is connection-specific (RFC 9113 3.2.1) whether or not Connection names
+    # it: the sidecar never forwards an h2c upgrade, so it never forwards this field either.
+    drop = HOP_BY_HOP | _CONTROL | named | {b"http2-settings"}
     return [
         (n, v) for n, v in req.headers
         if n not in drop and not (b"_" in n and n.replace(b"_", b"-") in _LOOKALIKE_OF)
