@@ -1008,9 +1008,10 @@ def _framing(k: int, up: Req) -> None:
 
 
 def _line_spaces(ref: Reference, k: int) -> str:
-    """LINE_SPACES when h11 refused request k for a run of spaces in its request line."""
+    """LINE_SPACES when h11 stopped at or before request k, refusing a run of spaces in a
+    request line (every request after that one is unreadable to h11 too)."""
     line = ref.refused.split(b"\n", 1)[0]
-    refused = k == len(ref.requests) and ref.error.startswith("illegal request line")
+    refused = k >= len(ref.requests) and ref.error.startswith("illegal request line")
     return LINE_SPACES if refused and b"  " in line else ""
 
 
