@@ -43,6 +43,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import report  # noqa: E402
 from bench.procs import BenchError, Procs, free_port  # noqa: E402
 from tests.k8s.fake_apiserver import FakeApiServer  # noqa: E402
 
@@ -337,6 +338,8 @@ def main() -> None:
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     parser.add_argument("--pythonpath", help="run the sidecar from this checkout")
     parser.add_argument("--kubeconfig", action="store_true", help="authenticate by kubeconfig")
+    parser.add_argument("--compare", type=Path,
+                        help="Markdown to show under the table (e.g. the same run of older code)")
     parser.add_argument("--workdir", type=Path, help="keep logs and configs here")
     parser.add_argument("--out", type=Path, help="JSON results (default bench/results/...)")
     args = parser.parse_args()
@@ -353,10 +356,17 @@ def main() -> None:
     print()
     print(table)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    out = args.out or ROOT / "bench" / "results" / f"discovery-{stamp}.json"
+    results = ROOT / "bench" / "results"
+    out = args.out or results / f"discovery-{stamp}.json"
     given = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    out.write_text(json.dumps({"args": given | {"out": str(out)}, "rows": rows}, indent=1))
+    record = {"args": given | {"out": str(out)}, "rows": rows, "markdown": table}
+    if args.compare:
+        record["markdown"] = table + "\n\n" + args.compare.read_text().strip()
+    out.write_text(json.dumps(record, indent=1))
     print(f"\nwrote {out}")
+    if args.out is None and (results / "latest.json").exists():
+        report.rewrite_docs(results, ROOT / "docs" / "benchmarks.md")
+        print("docs:  docs/benchmarks.md")
 
 
 if __name__ == "__main__":

@@ -787,7 +787,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_docs and (not args.quick or args.docs):
         docs = REPO / "docs" / "benchmarks.md"
         docs.parent.mkdir(exist_ok=True)
-        docs.write_text(report.markdown(result, report.history(args.results_dir)))
+        docs.write_text(report.markdown(result, report.history(args.results_dir),
+                                        report.other_benchmarks(args.results_dir)))
         print(f"docs:    {docs}")
     if fatal:
         print(f"run ended early: {fatal}", file=sys.stderr)

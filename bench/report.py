@@ -22,6 +22,12 @@ RATIOS = (
 )
 
 
+# (section title, result file glob) of the benchmarks with scripts of their own.
+OTHER_BENCHMARKS = (
+    ("Discovery at scale (bench/discovery_scale.py)", "discovery-*.json"),
+)
+
+
 def _ok(row: Row | None) -> bool:
     return row is not None and not row.get("error") and bool(row.get("rps"))
 
@@ -275,7 +281,27 @@ def history(results_dir: Path, limit: int = 10) -> list[list[str]]:
     return rows
 
 
-def markdown(result: dict[str, Any], earlier: list[list[str]] | None = None) -> str:
+def other_benchmarks(results_dir: Path) -> list[str]:
+    """Sections for the benchmarks that bench/run.py does not run itself, each from its newest
+    result file in `results_dir` (each script writes the Markdown it wants shown as `markdown`
+    in its JSON): discovery at scale, the keep-alive race, the soak."""
+    sections = []
+    for title, pattern in OTHER_BENCHMARKS:
+        found = sorted(results_dir.glob(pattern))
+        if not found:
+            continue
+        try:
+            text = json.loads(found[-1].read_text()).get("markdown")
+        except (OSError, ValueError):
+            continue
+        if text:
+            sections += [f"## {title}", "", f"From `bench/results/{found[-1].name}`:", "",
+                         text.rstrip(), ""]
+    return sections
+
+
+def markdown(result: dict[str, Any], earlier: list[list[str]] | None = None,
+             others: list[str] | None = None) -> str:
     meta = result["meta"]
     machine = meta["machine"]
     load = meta.get("loadavg", {})
@@ -327,4 +353,13 @@ def markdown(result: dict[str, Any], earlier: list[list[str]] | None = None) -> 
             "figures to compare across runs; each row measured the sidecar of its day.", "",
             _md_table(["date", *(h for h, _, _ in HISTORY_COLUMNS),
                        "sidecar/Envoy 100B", "sidecar/Envoy 16KiB"], earlier), ""]
+    lines += others or []
     return "\n".join(lines)
+
+
+def rewrite_docs(results_dir: Path, docs: Path) -> None:
+    """docs/benchmarks.md again from the newest full run and the other benchmarks' newest
+    results: what a script other than bench/run.py calls after recording its own run."""
+    latest = results_dir / "latest.json"
+    result = json.loads(latest.read_text())
+    docs.write_text(markdown(result, history(results_dir), other_benchmarks(results_dir)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -141,3 +142,14 @@ def test_history_lists_full_runs_newest_first_with_ratios(tmp_path: Any) -> None
     assert rows[0][1:] == ["50,000", "30,000", "20,000", "30,000", "12,000", "1.50 x", "2.50 x"]
     text = report.markdown({"meta": _meta(), "rows": []}, rows)
     assert "## Earlier runs" in text and "| new | 50,000 |" in text
+
+
+def test_other_benchmarks_show_their_newest_result(tmp_path: Path) -> None:
+    (tmp_path / "discovery-20260101T000000Z.json").write_text(json.dumps({"markdown": "old"}))
+    (tmp_path / "discovery-20261207T000000Z.json").write_text(json.dumps({"markdown": "| new |"}))
+    (tmp_path / "20261207T000000Z.json").write_text("{}")  # a full run: not this section's
+    sections = report.other_benchmarks(tmp_path)
+    text = report.markdown({"meta": _meta(), "rows": []}, None, sections)
+    assert "## Discovery at scale" in text
+    assert "| new |" in text and "old" not in text
+    assert "discovery-20261207T000000Z.json" in text
