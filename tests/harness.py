@@ -315,3 +315,57 @@ http {{
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+class SilentListener:
+    """A TCP listener on 127.0.0.1 that accepts connections and never reads or answers: a
+    blackhole upstream, or somewhere for prewarmed pool connections to land. `port`: where
+    (default: a free one). Stopped with `close()`."""
+
+    def __init__(self, port: int | None = None, backlog: int = 64) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", free_port() if port is None else port))
+        self.sock.listen(backlog)
+        self.sock.settimeout(0.1)
+        self.port: int = self.sock.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():  # bounded by close(): the accept times out every 0.1 s
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted.append(conn)
+
+    def still_open(self) -> int:
+        """Accepted connections whose peer (the sidecar) has not closed them."""
+        n = 0
+        for conn in self.accepted:
+            if conn.fileno() < 0:
+                continue
+            try:
+                data = conn.recv(65536, socket.MSG_DONTWAIT | socket.MSG_PEEK)
+            except BlockingIOError:
+                n += 1
+                continue
+            except OSError:
+                continue
+            if data:  # request bytes, unread: still open unless an EOF follows
+                with contextlib.suppress(OSError):
+                    conn.recv(65536, socket.MSG_DONTWAIT)
+                n += 1
+        return n
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for conn in self.accepted:
+            conn.close()
+        self.sock.close()

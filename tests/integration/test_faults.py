@@ -38,7 +38,7 @@ import pytest
 import requests
 from websockets.sync.client import connect as ws_connect
 
-from tests.harness import LOOPS, Sidecar, ThreadedServer, free_port
+from tests.harness import LOOPS, Sidecar, SilentListener, ThreadedServer, free_port
 from tests.integration.test_proxy import (
     MIB,
     TIMEOUT,
@@ -243,56 +243,8 @@ class FaultUpstream:
         self.lt.run(stop())
 
 
-class Blackhole:
-    """Accepts connections and never reads or answers; counts the ones still open."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", free_port()))
-        self.sock.listen(64)
-        self.sock.settimeout(0.1)
-        self.port = self.sock.getsockname()[1]
-        self.conns: list[socket.socket] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.conns.append(conn)
-
-    def still_open(self) -> int:
-        """Accepted connections whose peer (the sidecar) has not closed them."""
-        n = 0
-        for conn in self.conns:
-            if conn.fileno() < 0:
-                continue
-            try:
-                data = conn.recv(65536, socket.MSG_DONTWAIT | socket.MSG_PEEK)
-            except BlockingIOError:
-                n += 1
-                continue
-            except OSError:
-                continue
-            if data:  # request bytes, unread: still open unless an EOF follows
-                with contextlib.suppress(OSError):
-                    conn.recv(65536, socket.MSG_DONTWAIT)
-                n += 1
-        return n
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        for conn in self.conns:
-            conn.close()
-        self.sock.close()
+# A blackhole upstream: accepts and never answers (tests/harness.py).
+Blackhole = SilentListener
 
 
 @dataclass
@@ -315,7 +267,7 @@ def upstreams() -> Iterator[tuple[FaultUpstream, Blackhole, int, Counts]]:
             yield faults, hole, aio.port, counts
     finally:
         faults.stop()
-        hole.stop()
+        hole.close()
         lt.stop()
 
 

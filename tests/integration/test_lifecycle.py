@@ -30,7 +30,7 @@ import requests
 import yaml
 from aiohttp import web
 
-from tests.harness import LOOPS, Sidecar, ThreadedServer, free_port, http_get
+from tests.harness import LOOPS, Sidecar, SilentListener, ThreadedServer, free_port, http_get
 
 BOUND = 15.0  # no single wait in this file is longer
 
@@ -221,37 +221,8 @@ def executor(workers: int) -> Iterator[ThreadPoolExecutor]:
 # --- start ----------------------------------------------------------------------------------------
 
 
-class CountingListener:
-    """A TCP listener that accepts and holds connections without a word: enough for prewarmed
-    pool connections, which send nothing. Started late on purpose by the readiness test."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port))
-        self.sock.listen(16)
-        self.sock.settimeout(0.1)
-        self.accepted: list[socket.socket] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.accepted.append(conn)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        for conn in self.accepted:
-            conn.close()
-        self.sock.close()
+# Holds prewarmed pool connections, which send nothing (tests/harness.py).
+CountingListener = SilentListener
 
 
 @pytest.mark.parametrize("loop", LOOPS)
