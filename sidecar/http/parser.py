@@ -176,13 +176,6 @@ class RequestHead:
     def has_body(self) -> bool:
         return self.chunked or bool(self.content_length)
 
-    def header(self, lowercase_name: bytes) -> bytes | None:
-        """The first value of a field, by lowercase name (a scan: for rare fields only)."""
-        for name, value in self.headers:
-            if name.lower() == lowercase_name:
-                return value
-        return None
-
     def __repr__(self) -> str:
         return f"<RequestHead {self.method.decode()} {self.target.decode('latin-1')}>"
 
