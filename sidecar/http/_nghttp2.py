@@ -63,6 +63,8 @@ typedef int (*nghttp2_on_data_chunk_recv_callback)(nghttp2_session *, uint8_t fl
     int32_t stream_id, const char *data, size_t len, void *);
 typedef int (*nghttp2_on_stream_close_callback)(nghttp2_session *, int32_t stream_id,
     uint32_t error_code, void *);
+typedef int (*nghttp2_on_frame_not_send_callback)(nghttp2_session *, const nghttp2_frame *,
+    int lib_error_code, void *);
 typedef int (*nghttp2_error_callback2)(nghttp2_session *, int lib_error_code, const char *msg,
     size_t len, void *);
 
@@ -77,6 +79,8 @@ void nghttp2_session_callbacks_set_on_data_chunk_recv_callback(nghttp2_session_c
     nghttp2_on_data_chunk_recv_callback);
 void nghttp2_session_callbacks_set_on_stream_close_callback(nghttp2_session_callbacks *,
     nghttp2_on_stream_close_callback);
+void nghttp2_session_callbacks_set_on_frame_not_send_callback(nghttp2_session_callbacks *,
+    nghttp2_on_frame_not_send_callback);
 void nghttp2_session_callbacks_set_error_callback2(nghttp2_session_callbacks *,
     nghttp2_error_callback2);
 

@@ -152,6 +152,17 @@ def _goaway_frame(last_stream_id: int, error_code: int) -> bytes:
     )
 
 
+def _goaway_in(out: bytes) -> tuple[int, bytes]:
+    """The error code and debug data of the GOAWAY frame in out (-1 when none)."""
+    i = 0
+    while i + 9 <= len(out):
+        n = int.from_bytes(out[i:i + 3], "big")
+        if out[i + 3] == _GOAWAY and n >= 8:
+            return int.from_bytes(out[i + 13:i + 17], "big"), out[i + 17:i + 9 + n]
+        i += 9 + n
+    return -1, b""
+
+
 class H2Session:
     """One HTTP/2 connection, client or server side."""
 
@@ -190,12 +201,14 @@ class H2Session:
         self._reset_debt = 0
         self._dead = False
         self._tail = b""  # bytes to write once the session is dead (our GOAWAY)
+        self._early = b""  # framed during receive(), not yet handed out
         self._goaway_sent = False
         self.goaway_received = False
+        callbacks = _callbacks(lib)
         self._handle = ffi.new_handle(self)
         self._pp = ffi.new("char **")
         self._prd = ffi.new("nghttp2_data_provider *")
-        self._prd.read_callback = _on_read
+        self._prd.read_callback = _C_CALLBACKS["read"]
         opt = ffi.new("nghttp2_option **")
         lib.nghttp2_option_new(opt)
         o = opt[0]
@@ -207,7 +220,7 @@ class H2Session:
             lib.nghttp2_option_set_max_continuations(o, MAX_CONTINUATIONS)
             pp = ffi.new("nghttp2_session **")
             new = lib.nghttp2_session_client_new2 if client else lib.nghttp2_session_server_new2
-            rv = new(pp, _callbacks(lib), self._handle, o)
+            rv = new(pp, callbacks, self._handle, o)
             if rv != 0:
                 raise MemoryError(ffi.string(lib.nghttp2_strerror(rv)).decode())
         finally:
@@ -248,36 +261,49 @@ class H2Session:
             self._flush_pending(False)
         if rv < 0 or self._exc is not None or self._abuse:
             self._fail(rv)
+        # Frame what the sink queued now rather than in data_to_send(): nghttp2 says it met a
+        # connection error only by wanting no more input once its GOAWAY is framed.
+        out = self._frames()
+        if out:
+            self._early = self._early + out if self._early else out
         if not self._lib.nghttp2_session_want_read(self._s) and not (
             self._goaway_sent or self.goaway_received
         ):
-            # nghttp2 met a connection error and queued its GOAWAY: data_to_send() has it.
-            raise H2ProtocolError(self._error_msg or "protocol error")
+            code, debug = _goaway_in(self._early)
+            if code == ENHANCE_YOUR_CALM:  # nghttp2's own limits (SETTINGS size, reset rate)
+                kind = "settings_flood" if debug.startswith(b"SETTINGS") else "rapid_reset"
+                self._sink.on_h2_abuse(kind)
+                raise H2ProtocolError(kind)
+            raise H2ProtocolError(debug.decode("ascii", "replace") or "protocol error")
 
     def data_to_send(self) -> bytes:
         """Every frame queued so far, b"" when none."""
         if self._dead:
             out, self._tail = self._tail, b""
             return out
+        out = self._frames()
+        if self._early:
+            out = self._early + out
+            self._early = b""
+        return out
+
+    def _frames(self) -> bytes:
         lib = self._lib
         s = self._s
         pp = self._pp
         n = lib.nghttp2_session_mem_send(s, pp)
         if n <= 0:
-            if n < 0:
+            if n < 0 or self._exc is not None:
                 self._fail(n)
             return b""
-        first = ffi.buffer(pp[0], n)[:]
+        chunks = [ffi.buffer(pp[0], n)[:]]
         n = lib.nghttp2_session_mem_send(s, pp)
-        if n == 0:
-            return first  # type: ignore[no-any-return]
-        chunks = [first]
         while n > 0:
             chunks.append(ffi.buffer(pp[0], n)[:])
             n = lib.nghttp2_session_mem_send(s, pp)
-        if n < 0:
+        if n < 0 or self._exc is not None:
             self._fail(n)
-        return b"".join(chunks)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def goaway(self, error_code: int = 0, last_stream_id: int | None = None) -> None:
         """Queue GOAWAY; streams up to last_stream_id (default: the last one the peer opened
@@ -458,7 +484,6 @@ class H2Session:
 # the session and turned into NGHTTP2_ERR_CALLBACK_FAILURE: never raise through C.
 
 
-@ffi.callback("int(nghttp2_session *, const nghttp2_frame *, void *)")
 def _on_begin_headers(session: Any, frame: Any, ud: Any) -> int:
     self: H2Session = ffi.from_handle(ud)
     self._hdr = []
@@ -468,8 +493,6 @@ def _on_begin_headers(session: Any, frame: Any, ud: Any) -> int:
     return 0
 
 
-@ffi.callback("int(nghttp2_session *, const nghttp2_frame *, const char *, size_t, const char *,"
-              " size_t, uint8_t, void *)")
 def _on_header(session: Any, frame: Any, name: Any, namelen: int, value: Any, valuelen: int,
                flags: int, ud: Any) -> int:
     self: H2Session = ffi.from_handle(ud)
@@ -482,7 +505,6 @@ def _on_header(session: Any, frame: Any, name: Any, namelen: int, value: Any, va
     return 0
 
 
-@ffi.callback("int(nghttp2_session *, uint8_t, int32_t, const char *, size_t, void *)")
 def _on_data_chunk(session: Any, flags: int, stream_id: int, data: Any, n: int, ud: Any) -> int:
     self: H2Session = ffi.from_handle(ud)
     st = self._streams.get(stream_id)
@@ -502,7 +524,6 @@ def _on_data_chunk(session: Any, flags: int, stream_id: int, data: Any, n: int, 
     return 0
 
 
-@ffi.callback("int(nghttp2_session *, const nghttp2_frame *, void *)")
 def _on_frame_recv(session: Any, frame: Any, ud: Any) -> int:
     self: H2Session = ffi.from_handle(ud)
     hd = frame.hd
@@ -573,7 +594,6 @@ def _on_frame_recv(session: Any, frame: Any, ud: Any) -> int:
     return 0
 
 
-@ffi.callback("int(nghttp2_session *, int32_t, uint32_t, void *)")
 def _on_stream_close(session: Any, stream_id: int, error_code: int, ud: Any) -> int:
     self: H2Session = ffi.from_handle(ud)
     st = self._streams.pop(stream_id, None)
@@ -593,15 +613,28 @@ def _on_stream_close(session: Any, stream_id: int, error_code: int, ud: Any) -> 
     return 0
 
 
-@ffi.callback("int(nghttp2_session *, int, const char *, size_t, void *)")
+def _on_frame_not_send(session: Any, frame: Any, code: int, ud: Any) -> int:
+    # A request that could not start (GOAWAY arrived, or too many streams): never processed.
+    self: H2Session = ffi.from_handle(ud)
+    if frame.hd.type != _HEADERS:
+        return 0
+    sid = frame.hd.stream_id
+    st = self._streams.pop(sid, None)
+    self._blocked.discard(sid)
+    if st is not None and not st.local_reset:
+        try:
+            self._sink.on_h2_reset(sid, REFUSED_STREAM)
+        except BaseException as exc:  # noqa: BLE001 (re-raised by receive/data_to_send)
+            self._exc = exc
+    return 0
+
+
 def _on_error(session: Any, code: int, msg: Any, n: int, ud: Any) -> int:
     self: H2Session = ffi.from_handle(ud)
     self._error_msg = ffi.unpack(msg, n).decode("ascii", "replace")
     return 0
 
 
-@ffi.callback("ssize_t(nghttp2_session *, int32_t, char *, size_t, uint32_t *,"
-              " nghttp2_data_source *, void *)")
 def _on_read(session: Any, stream_id: int, buf: Any, length: int, flags: Any, source: Any,
              ud: Any) -> int:
     self: H2Session = ffi.from_handle(ud)
@@ -639,20 +672,33 @@ def _on_read(session: Any, stream_id: int, buf: Any, length: int, flags: Any, so
 
 
 _CALLBACKS: Any = None
+# The C trampolines of the functions above, made once and kept alive as long as the process.
+_C_CALLBACKS: dict[str, Any] = {}
 
 
 def _callbacks(lib: Any) -> Any:
     global _CALLBACKS
     if _CALLBACKS is None:
+        c = _C_CALLBACKS
+        c["begin_headers"] = ffi.callback("nghttp2_on_begin_headers_callback", _on_begin_headers)
+        c["header"] = ffi.callback("nghttp2_on_header_callback", _on_header)
+        c["data_chunk"] = ffi.callback("nghttp2_on_data_chunk_recv_callback", _on_data_chunk)
+        c["frame_recv"] = ffi.callback("nghttp2_on_frame_recv_callback", _on_frame_recv)
+        c["stream_close"] = ffi.callback("nghttp2_on_stream_close_callback", _on_stream_close)
+        c["frame_not_send"] = ffi.callback("nghttp2_on_frame_not_send_callback",
+                                           _on_frame_not_send)
+        c["error"] = ffi.callback("nghttp2_error_callback2", _on_error)
+        c["read"] = ffi.callback("nghttp2_data_source_read_callback", _on_read)
         pp = ffi.new("nghttp2_session_callbacks **")
         if lib.nghttp2_session_callbacks_new(pp) != 0:
             raise MemoryError("nghttp2_session_callbacks_new")
         cb = pp[0]  # lives as long as the process: one for every session
-        lib.nghttp2_session_callbacks_set_on_begin_headers_callback(cb, _on_begin_headers)
-        lib.nghttp2_session_callbacks_set_on_header_callback(cb, _on_header)
-        lib.nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb, _on_data_chunk)
-        lib.nghttp2_session_callbacks_set_on_frame_recv_callback(cb, _on_frame_recv)
-        lib.nghttp2_session_callbacks_set_on_stream_close_callback(cb, _on_stream_close)
-        lib.nghttp2_session_callbacks_set_error_callback2(cb, _on_error)
+        lib.nghttp2_session_callbacks_set_on_begin_headers_callback(cb, c["begin_headers"])
+        lib.nghttp2_session_callbacks_set_on_header_callback(cb, c["header"])
+        lib.nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb, c["data_chunk"])
+        lib.nghttp2_session_callbacks_set_on_frame_recv_callback(cb, c["frame_recv"])
+        lib.nghttp2_session_callbacks_set_on_stream_close_callback(cb, c["stream_close"])
+        lib.nghttp2_session_callbacks_set_on_frame_not_send_callback(cb, c["frame_not_send"])
+        lib.nghttp2_session_callbacks_set_error_callback2(cb, c["error"])
         _CALLBACKS = cb
     return _CALLBACKS
