@@ -145,7 +145,10 @@ def load() -> Any:
     """The library handle (loaded on first use: importing this module costs no dlopen)."""
     global _lib
     if _lib is None:
-        _lib = ffi.dlopen(SONAME)
+        try:
+            _lib = ffi.dlopen(SONAME)
+        except OSError as exc:
+            raise OSError(f"HTTP/2 needs {SONAME} (apt-get install libnghttp2-14): {exc}") from exc
     return _lib
 
 

@@ -444,3 +444,31 @@ def test_pings_read_at_a_normal_pace_are_answered() -> None:
         s.receive(frame(6, 0, 0, b"12345678") * 3)
         assert s.data_to_send()
     assert not sr.kinds("abuse")
+
+
+def test_drain_race_a_stream_sent_after_goaway_is_refused_not_processed() -> None:
+    c, cr, s, sr = pair()
+    old = request(c, b"", False)
+    pump(c, s)
+    late = request(c)  # on the wire while the server's GOAWAY is on its way
+    wire_late = c.data_to_send()
+    s.goaway(0)  # last stream id: the last one processed (old)
+    goaway = s.data_to_send()
+    s.receive(wire_late)
+    assert [e for e in sr.kinds("headers") if e[1] == late] == []  # never reaches the caller
+    c.receive(goaway)
+    assert ("goaway", old, 0) in cr.events and ("reset", late, 0x7) in cr.events
+    c.send_data(old, b"", True)
+    pump(c, s)
+    s.send_headers(old, [(b":status", b"200")], True)  # the old one finishes
+    pump(c, s)
+    assert ("headers", old, [(b":status", b"200")], True) in cr.events
+
+
+def test_a_missing_libnghttp2_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sidecar.http import _nghttp2
+
+    monkeypatch.setattr(_nghttp2, "SONAME", "libnghttp2-nonexistent.so.99")
+    monkeypatch.setattr(_nghttp2, "_lib", None)
+    with pytest.raises(OSError, match="apt-get install libnghttp2-14"):
+        H2Session(H2Sink(), False)
