@@ -34,6 +34,12 @@ from typing import Any, Final
 from sidecar.http import _nghttp2
 
 ffi: Final[Any] = _nghttp2.ffi
+# cffi's backend functions themselves: FFI's methods of the same names are Python wrappers,
+# one more call for every header field received.
+_from_handle: Final[Any] = ffi._backend.from_handle
+_unpack: Final[Any] = ffi._backend.unpack
+_newp: Final[Any] = ffi._backend.newp
+_NV_ARRAY: Final[Any] = ffi.typeof("nghttp2_nv[]")
 
 # nghttp2.h constants
 _FLAG_END_STREAM: Final = 0x1
@@ -132,7 +138,13 @@ class _Stream:
 
 
 def _nva(headers: list[tuple[bytes, bytes]]) -> tuple[Any, Any]:
-    """An nghttp2_nv array over one buffer holding every name and value (nghttp2 copies it)."""
+    """An nghttp2_nv array over one buffer holding every name and value (nghttp2 copies it
+    on submit, so an array may serve again). gRPC answers and trailers repeat from call to
+    call: those come from a small cache."""
+    key = tuple(headers)
+    hit = _NVA_CACHE.get(key)
+    if hit is not None:
+        return hit
     buf = ffi.from_buffer(b"".join([b for h in headers for b in h]))
     rows = []
     off = 0
@@ -141,7 +153,16 @@ def _nva(headers: list[tuple[bytes, bytes]]) -> tuple[Any, Any]:
         v = len(value)
         rows.append((buf + off, buf + off + n, n, v, 0))
         off += n + v
-    return ffi.new("nghttp2_nv[]", rows), buf
+    made = (_newp(_NV_ARRAY, rows), buf)
+    if len(key) <= 8 and off <= 1024:
+        if len(_NVA_CACHE) >= _NVA_CACHE_SIZE:
+            _NVA_CACHE.clear()
+        _NVA_CACHE[key] = made
+    return made
+
+
+_NVA_CACHE: dict[tuple[tuple[bytes, bytes], ...], tuple[Any, Any]] = {}
+_NVA_CACHE_SIZE: Final = 256
 
 
 def _goaway_frame(last_stream_id: int, error_code: int) -> bytes:
@@ -296,10 +317,10 @@ class H2Session:
             if n < 0 or self._exc is not None:
                 self._fail(n)
             return b""
-        chunks = [ffi.buffer(pp[0], n)[:]]
+        chunks = [_unpack(pp[0], n)]
         n = lib.nghttp2_session_mem_send(s, pp)
         while n > 0:
-            chunks.append(ffi.buffer(pp[0], n)[:])
+            chunks.append(_unpack(pp[0], n))
             n = lib.nghttp2_session_mem_send(s, pp)
         if n < 0 or self._exc is not None:
             self._fail(n)
@@ -485,7 +506,7 @@ class H2Session:
 
 
 def _on_begin_headers(session: Any, frame: Any, ud: Any) -> int:
-    self: H2Session = ffi.from_handle(ud)
+    self: H2Session = _from_handle(ud)
     self._hdr = []
     self._hdr_bytes = 0
     if frame.headers.cat == _HCAT_REQUEST:
@@ -495,18 +516,18 @@ def _on_begin_headers(session: Any, frame: Any, ud: Any) -> int:
 
 def _on_header(session: Any, frame: Any, name: Any, namelen: int, value: Any, valuelen: int,
                flags: int, ud: Any) -> int:
-    self: H2Session = ffi.from_handle(ud)
+    self: H2Session = _from_handle(ud)
     hdr = self._hdr
     self._hdr_bytes += namelen + valuelen + _FIELD_OVERHEAD
     if self._hdr_bytes > self._max_header_bytes or len(hdr) >= self._max_headers:
         self._abuse = "hpack_bomb"
         return _ERR_CALLBACK_FAILURE
-    hdr.append((ffi.unpack(name, namelen), ffi.unpack(value, valuelen)))
+    hdr.append((_unpack(name, namelen), _unpack(value, valuelen)))
     return 0
 
 
 def _on_data_chunk(session: Any, flags: int, stream_id: int, data: Any, n: int, ud: Any) -> int:
-    self: H2Session = ffi.from_handle(ud)
+    self: H2Session = _from_handle(ud)
     st = self._streams.get(stream_id)
     if st is None or st.local_reset:
         # not ours any more (reset by the caller): give the bytes back at once
@@ -517,7 +538,7 @@ def _on_data_chunk(session: Any, flags: int, stream_id: int, data: Any, n: int, 
         if self._pending_sid:
             self._flush_pending(False)
         self._pending_sid = stream_id
-        self._pending = ffi.unpack(data, n)
+        self._pending = _unpack(data, n)
     except BaseException as exc:  # noqa: BLE001 (re-raised by receive())
         self._exc = exc
         return _ERR_CALLBACK_FAILURE
@@ -525,7 +546,7 @@ def _on_data_chunk(session: Any, flags: int, stream_id: int, data: Any, n: int, 
 
 
 def _on_frame_recv(session: Any, frame: Any, ud: Any) -> int:
-    self: H2Session = ffi.from_handle(ud)
+    self: H2Session = _from_handle(ud)
     hd = frame.hd
     t = hd.type
     try:
@@ -595,7 +616,7 @@ def _on_frame_recv(session: Any, frame: Any, ud: Any) -> int:
 
 
 def _on_stream_close(session: Any, stream_id: int, error_code: int, ud: Any) -> int:
-    self: H2Session = ffi.from_handle(ud)
+    self: H2Session = _from_handle(ud)
     st = self._streams.pop(stream_id, None)
     if st is None:
         return 0
@@ -615,7 +636,7 @@ def _on_stream_close(session: Any, stream_id: int, error_code: int, ud: Any) -> 
 
 def _on_frame_not_send(session: Any, frame: Any, code: int, ud: Any) -> int:
     # A request that could not start (GOAWAY arrived, or too many streams): never processed.
-    self: H2Session = ffi.from_handle(ud)
+    self: H2Session = _from_handle(ud)
     if frame.hd.type != _HEADERS:
         return 0
     sid = frame.hd.stream_id
@@ -630,14 +651,14 @@ def _on_frame_not_send(session: Any, frame: Any, code: int, ud: Any) -> int:
 
 
 def _on_error(session: Any, code: int, msg: Any, n: int, ud: Any) -> int:
-    self: H2Session = ffi.from_handle(ud)
-    self._error_msg = ffi.unpack(msg, n).decode("ascii", "replace")
+    self: H2Session = _from_handle(ud)
+    self._error_msg = _unpack(msg, n).decode("ascii", "replace")
     return 0
 
 
 def _on_read(session: Any, stream_id: int, buf: Any, length: int, flags: Any, source: Any,
              ud: Any) -> int:
-    self: H2Session = ffi.from_handle(ud)
+    self: H2Session = _from_handle(ud)
     st = self._streams.get(stream_id)
     if st is None:
         return _ERR_TEMPORAL_CALLBACK_FAILURE
