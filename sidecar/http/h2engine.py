@@ -36,9 +36,10 @@ from sidecar.http import _nghttp2
 ffi: Final[Any] = _nghttp2.ffi
 # cffi's backend functions themselves: FFI's methods of the same names are Python wrappers,
 # one more call for every header field received.
-_from_handle: Final[Any] = ffi._backend.from_handle
-_unpack: Final[Any] = ffi._backend.unpack
-_newp: Final[Any] = ffi._backend.newp
+_backend: Final[Any] = getattr(ffi, "_backend", None)  # ABI mode's FFI wraps its backend
+_from_handle: Final[Any] = _backend.from_handle if _backend else ffi.from_handle
+_unpack: Final[Any] = _backend.unpack if _backend else ffi.unpack
+_newp: Final[Any] = _backend.newp if _backend else ffi.new
 _NV_ARRAY: Final[Any] = ffi.typeof("nghttp2_nv[]")
 
 # nghttp2.h constants
@@ -701,15 +702,18 @@ def _callbacks(lib: Any) -> Any:
     global _CALLBACKS
     if _CALLBACKS is None:
         c = _C_CALLBACKS
-        c["begin_headers"] = ffi.callback("nghttp2_on_begin_headers_callback", _on_begin_headers)
-        c["header"] = ffi.callback("nghttp2_on_header_callback", _on_header)
-        c["data_chunk"] = ffi.callback("nghttp2_on_data_chunk_recv_callback", _on_data_chunk)
-        c["frame_recv"] = ffi.callback("nghttp2_on_frame_recv_callback", _on_frame_recv)
-        c["stream_close"] = ffi.callback("nghttp2_on_stream_close_callback", _on_stream_close)
-        c["frame_not_send"] = ffi.callback("nghttp2_on_frame_not_send_callback",
-                                           _on_frame_not_send)
-        c["error"] = ffi.callback("nghttp2_error_callback2", _on_error)
-        c["read"] = ffi.callback("nghttp2_data_source_read_callback", _on_read)
+        cb_ = _nghttp2.c_callback
+        c["begin_headers"] = cb_("begin_headers", "nghttp2_on_begin_headers_callback",
+                                 _on_begin_headers)
+        c["header"] = cb_("header", "nghttp2_on_header_callback", _on_header)
+        c["data_chunk"] = cb_("data_chunk", "nghttp2_on_data_chunk_recv_callback", _on_data_chunk)
+        c["frame_recv"] = cb_("frame_recv", "nghttp2_on_frame_recv_callback", _on_frame_recv)
+        c["stream_close"] = cb_("stream_close", "nghttp2_on_stream_close_callback",
+                                _on_stream_close)
+        c["frame_not_send"] = cb_("frame_not_send", "nghttp2_on_frame_not_send_callback",
+                                  _on_frame_not_send)
+        c["error"] = cb_("error", "nghttp2_error_callback2", _on_error)
+        c["read"] = cb_("read", "nghttp2_data_source_read_callback", _on_read)
         pp = ffi.new("nghttp2_session_callbacks **")
         if lib.nghttp2_session_callbacks_new(pp) != 0:
             raise MemoryError("nghttp2_session_callbacks_new")

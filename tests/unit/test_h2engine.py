@@ -4,7 +4,11 @@ frame by frame for the abuse cases of SPEC section 11."""
 
 from __future__ import annotations
 
+import os
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import h2.config
 import h2.connection
@@ -472,3 +476,42 @@ def test_a_missing_libnghttp2_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(_nghttp2, "_lib", None)
     with pytest.raises(OSError, match="apt-get install libnghttp2-14"):
         H2Session(H2Sink(), False)
+
+
+# -- the two builds of the binding (sidecar/http/_nghttp2.py) -----------------------------------
+
+
+def test_the_binding_is_the_one_the_build_promised() -> None:
+    from sidecar.http import _nghttp2
+
+    if os.environ.get("SIDECAR_PURE") == "1" or os.environ.get("SIDECAR_EXPECT_COMPILED") == "0":
+        assert _nghttp2.MODE == "abi"  # the sources only: libnghttp2.so.14 loaded at run time
+    elif os.environ.get("SIDECAR_EXPECT_COMPILED") == "1":
+        # scripts/check installs libnghttp2-dev: a build that silently fell back to ABI mode
+        # would make every HTTP/2 figure wrong
+        assert _nghttp2.MODE == "api"
+
+
+ROUND_TRIP = """
+from tests.unit.test_h2engine import pair, request, pump
+from sidecar.http import _nghttp2
+c, cr, s, sr = pair()
+sid = request(c)
+pump(c, s)
+s.send_headers(sid, [(b":status", b"200")], False)
+s.send_data(sid, b"ok", False)
+s.send_trailers(sid, [(b"grpc-status", b"0")])
+pump(c, s)
+assert cr.kinds("trailers") == [("trailers", sid, [(b"grpc-status", b"0")])], cr.events
+print(_nghttp2.MODE)
+"""
+
+
+def test_the_abi_fallback_runs_where_the_compiled_binding_is_absent() -> None:
+    # SIDECAR_PURE=1 hides every compiled module of the tree, the binding included: what a
+    # machine without a compiler or libnghttp2-dev runs. Whatever this run's build is.
+    env = {**os.environ, "SIDECAR_PURE": "1"}
+    out = subprocess.run([sys.executable, "-c", ROUND_TRIP], env=env, capture_output=True,
+                         text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "abi"
