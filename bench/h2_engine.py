@@ -12,7 +12,10 @@ channel sends them), so per-read overheads are shared as on a real connection. T
 (process_time) each side spends inside its engine calls is divided by N.
 
 Candidates: (a) `h2` as shipped, (b) `h2` with header validation and normalization off,
-(c) libnghttp2 through cffi in ABI mode: sidecar/http/h2engine.py, the engine the product uses.
+(c) libnghttp2 through cffi: sidecar/http/h2engine.py, the engine the product uses, in the mode
+this tree imports ("api": the binding setup.py compiles; "abi": the fallback that loads
+libnghttp2.so.14 at run time), and (d) "nghttp2-abi": the same engine in ABI mode, in a
+subprocess with SIDECAR_PURE=1 (the tree's sources only).
 Reference: Envoy moves ~14,800 h2c requests/s per core, ~68 us per request for both legs,
 ~34 us per side including the kernel.
 """
@@ -20,6 +23,9 @@ Reference: Envoy moves ~14,800 h2c requests/s per core, ~68 us per request for b
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -198,17 +204,33 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-n", type=int, default=20000)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--only", default="h2,h2-novalidate,nghttp2")
+    ap.add_argument("--only", default="h2,h2-novalidate,nghttp2,nghttp2-abi")
+    ap.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    def abi() -> tuple[float, float]:
+        out = subprocess.run(
+            [sys.executable, __file__, "-n", str(args.n), "--batch", str(args.batch), "--only",
+             "nghttp2", "--raw"], env={**os.environ, "SIDECAR_PURE": "1"},
+            capture_output=True, text=True, check=True, timeout=600).stdout.split()
+        return float(out[0]), float(out[1])
+
     cands: dict[str, Callable[[], tuple[float, float]]] = {
         "h2": lambda: run_h2(args.n, args.batch, True),
         "h2-novalidate": lambda: run_h2(args.n, args.batch, False),
         "nghttp2": lambda: run_engine(args.n, args.batch),
+        "nghttp2-abi": abi,
     }
-    print(f"{'engine':<16}{'client us/req':>14}{'server us/req':>14}{'both':>10}")
+    if args.raw:
+        cl, sv = cands[args.only]()
+        print(cl, sv)
+        return
+    from sidecar.http import _nghttp2
+
+    print(f"{'engine':<20}{'client us/req':>14}{'server us/req':>14}{'both':>10}")
     for name in args.only.split(","):
         cl, sv = cands[name]()
-        print(f"{name:<16}{cl:>14.1f}{sv:>14.1f}{cl + sv:>10.1f}")
+        label = f"nghttp2 ({_nghttp2.MODE})" if name == "nghttp2" else name
+        print(f"{label:<20}{cl:>14.1f}{sv:>14.1f}{cl + sv:>10.1f}")
 
 
 if __name__ == "__main__":

@@ -6,10 +6,11 @@ head, chunk of body, trailers, reset, window opening, GOAWAY, PING ACK and SETTI
 inside that call; the sink may answer at once (send_headers/send_data/... only queue frames).
 After the read batch the Protocol writes `data_to_send()` once (corking).
 
-Why nghttp2 (bench/h2_engine.py, in memory, per gRPC unary request): the `h2` library costs
-~110 us of CPU per side (~87 with its validation off), nghttp2 through cffi ~20: HPACK, framing
-and HTTP messaging checks run in C, and nghttp2 carries the hardening written after the
-2019 and 2023-24 attacks (outbound ACK floods, reset rate, CONTINUATION count).
+Why nghttp2 (bench/h2_engine.py, in memory, CPU per gRPC unary request and side): the `h2`
+library costs ~85-130 us (its validation off or on), nghttp2 ~14-17 us through the compiled
+cffi binding and ~18-21 us through the ABI-mode fallback (sidecar/http/_nghttp2.py): HPACK,
+framing and HTTP messaging checks run in C, and nghttp2 carries the hardening written after
+the 2019 and 2023-24 attacks (outbound ACK floods, reset rate, CONTINUATION count).
 
 Flow control is the consumer's: nghttp2's automatic WINDOW_UPDATE is off, and a window opens
 only when the caller says the bytes left the sidecar (`consume`). Bytes delivered on a stream
