@@ -18,8 +18,9 @@ that then closes are given back to the connection window by the engine.
 
 Abuse (SPEC section 11), each reported through `on_h2_abuse` before `receive` raises
 H2ProtocolError, with GOAWAY(ENHANCE_YOUR_CALM) queued:
-- rapid_reset: streams reset by the client count against those it completes; a debt above
-  RAPID_RESET_DEBT (server role) ends the connection (CVE-2023-44487);
+- rapid_reset: streams the client resets before our answer was all queued count against
+  those it completes; a debt above RAPID_RESET_DEBT (server role) ends the connection
+  (CVE-2023-44487); nghttp2's own reset rate limit (1000 burst, 33/s) stays as a backstop;
 - continuation_flood: more CONTINUATION frames than MAX_CONTINUATIONS after one HEADERS;
 - hpack_bomb: a decoded header list over `max_header_bytes` (32 bytes per field counted, as
   SETTINGS_MAX_HEADER_LIST_SIZE, which we advertise) or over `max_headers` fields;
@@ -591,10 +592,15 @@ def _on_frame_recv(session: Any, frame: Any, ud: Any) -> int:
             if st is not None and not st.reported:
                 st.reported = True
                 if not self._client:
-                    self._reset_debt += 1
-                    if self._reset_debt > RAPID_RESET_DEBT:
-                        self._abuse = "rapid_reset"
-                        return _ERR_CALLBACK_FAILURE
+                    # Premature: before our answer was all queued. A reset after it (a client
+                    # dropping the rest of its upload) counts as a completed stream.
+                    if not st.end or st.out or st.trailers is not None:
+                        self._reset_debt += 1
+                        if self._reset_debt > RAPID_RESET_DEBT:
+                            self._abuse = "rapid_reset"
+                            return _ERR_CALLBACK_FAILURE
+                    elif self._reset_debt:
+                        self._reset_debt -= 1
                 self._sink.on_h2_reset(sid, frame.rst_stream.error_code)
         elif t == _SETTINGS:
             if not hd.flags & _FLAG_ACK:

@@ -352,6 +352,19 @@ def test_cancelling_some_calls_is_not_rapid_reset() -> None:
     assert not sr.kinds("abuse") and s.open_streams == 0
 
 
+def test_resets_after_the_answer_are_not_rapid_reset() -> None:
+    # A client that drops the rest of its upload once the answer arrived: 400 such resets.
+    c, cr, s, sr = pair()
+    for _ in range(400):
+        sid = request(c, b"upload", False)
+        pump(c, s)
+        s.send_headers(sid, [(b":status", b"200")], True)
+        pump(c, s)
+        c.reset(sid)
+        pump(c, s)
+    assert not sr.kinds("abuse") and s.open_streams == 0
+
+
 def test_continuation_flood() -> None:
     s, sr = make(False)
     s.data_to_send()
