@@ -14,6 +14,8 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sidecar.http.h2engine import ENHANCE_YOUR_CALM, H2ProtocolError, H2Session, H2Sink
 
@@ -528,3 +530,33 @@ def test_the_abi_fallback_runs_where_the_compiled_binding_is_absent() -> None:
                          text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "abi"
+
+
+def _client_wire() -> bytes:
+    c, _ = make(True)
+    for i in range(3):
+        sid = c.new_stream_id()
+        c.send_headers(sid, REQ + [(b"x-i", b"%d" % i), (b"x-big", b"v" * 300 * i)], False)
+        c.send_data(sid, b"d" * (1000 * i + 1), False)
+        c.send_trailers(sid, [(b"x-end", b"%d" % i)])
+    return c.data_to_send()
+
+
+_WIRE = _client_wire()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=200), min_size=1, max_size=60))
+def test_any_split_of_the_input_gives_the_same_events(cuts: list[int]) -> None:
+    whole, rw = make(False)
+    whole.receive(_WIRE)
+    split, rs = make(False)
+    i = 0
+    for n in cuts:
+        if i >= len(_WIRE):
+            break
+        split.receive(_WIRE[i:i + n])
+        i += n
+    if i < len(_WIRE):
+        split.receive(_WIRE[i:])
+    assert rs.events == rw.events and rs.data == rw.data
