@@ -227,7 +227,7 @@ class H2Session:
         self._tail = b""  # bytes to write once the session is dead (our GOAWAY)
         self._early = b""  # framed during receive(), not yet handed out
         self._goaway_sent = False
-        self.goaway_received = False
+        self._goaway_received = False
         callbacks = _callbacks(lib)
         self._handle = ffi.new_handle(self)
         self._pp = ffi.new("char **")
@@ -254,7 +254,7 @@ class H2Session:
     def __repr__(self) -> str:
         role = "client" if self._client else "server"
         state = "dead" if self._dead else "goaway" if (self._goaway_sent or
-                                                       self.goaway_received) else "open"
+                                                       self._goaway_received) else "open"
         return f"<H2Session {role} {state} [Streams: {len(self._streams)} open]>"
 
     # -- connection --------------------------------------------------------------------------
@@ -291,7 +291,7 @@ class H2Session:
         if out:
             self._early = self._early + out if self._early else out
         if not self._lib.nghttp2_session_want_read(self._s) and not (
-            self._goaway_sent or self.goaway_received
+            self._goaway_sent or self._goaway_received
         ):
             code, debug = _goaway_in(self._early)
             if code == ENHANCE_YOUR_CALM:  # nghttp2's own limits (SETTINGS size, reset rate)
@@ -346,6 +346,11 @@ class H2Session:
     @property
     def open_streams(self) -> int:
         return len(self._streams)
+
+    @property
+    def goaway_received(self) -> bool:
+        """The peer sent GOAWAY: open no more streams on this connection."""
+        return self._goaway_received
 
     @property
     def peer_max_concurrent_streams(self) -> int:
@@ -615,7 +620,7 @@ def _on_frame_recv(session: Any, frame: Any, ud: Any) -> int:
             else:
                 self._last_control = "ping_flood"
         elif t == _GOAWAY:
-            self.goaway_received = True
+            self._goaway_received = True
             self._sink.on_h2_goaway(frame.goaway.last_stream_id, frame.goaway.error_code)
     except BaseException as exc:  # noqa: BLE001 (re-raised by receive())
         self._exc = exc
