@@ -43,6 +43,7 @@ _KINDS = {
     "_check_host": "host name or IP",
     "_host_pattern": "host glob",
     "_retry_condition": "retry condition",
+    "_grpc_status": "gRPC status",
     "_check_name": "name",
     "_k8s_name": "Kubernetes name",
 }

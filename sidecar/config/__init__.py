@@ -40,13 +40,18 @@ Only `loader` imports yaml.
 
 from sidecar.config.addresses import Address, is_loopback, join_address, split_address
 from sidecar.config.clusters import (
+    ALPN_FOR,
+    Alpn,
     ClusterConfig,
     DnsDiscovery,
+    Http2Config,
     KubernetesDiscovery,
+    LoadBalancer,
     PoolConfig,
     StaticDiscovery,
     TimeoutsConfig,
     TlsConfig,
+    UpstreamProtocol,
     dynamic_cluster,
 )
 from sidecar.config.errors import ConfigError, ConfigIssue
@@ -61,6 +66,7 @@ from sidecar.config.listeners import (
 )
 from sidecar.config.loader import expand_env, load_config, parse_config
 from sidecar.config.policies import (
+    GRPC_STATUS_CODES,
     BackoffConfig,
     BudgetConfig,
     CircuitBreakerConfig,
@@ -80,8 +86,11 @@ from sidecar.config.units import (
 )
 
 __all__ = [
+    "ALPN_FOR",
+    "GRPC_STATUS_CODES",
     "Address",
     "AdminConfig",
+    "Alpn",
     "BackoffConfig",
     "BudgetConfig",
     "CircuitBreakerConfig",
@@ -94,9 +103,11 @@ __all__ = [
     "Duration",
     "ForwardProxyConfig",
     "HealthCheckConfig",
+    "Http2Config",
     "KubernetesDiscovery",
     "ListenerConfig",
     "ListenerLimits",
+    "LoadBalancer",
     "OutlierConfig",
     "PoolConfig",
     "RetryConfig",
@@ -107,6 +118,7 @@ __all__ = [
     "StatusConfig",
     "TimeoutsConfig",
     "TlsConfig",
+    "UpstreamProtocol",
     "config_warnings",
     "default_config",
     "dynamic_cluster",

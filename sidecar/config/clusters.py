@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Self
+from collections.abc import Mapping
+from typing import Annotated, Any, Final, Literal, Self, TypeAlias
 
 from pydantic import (
     AfterValidator,
@@ -105,6 +106,18 @@ Discovery = Annotated[
 ]
 
 
+UpstreamProtocol: TypeAlias = Literal["auto", "http1", "http2"]
+Alpn: TypeAlias = Literal["h2", "http/1.1"]
+LoadBalancer: TypeAlias = Literal["round_robin", "least_request", "random"]
+
+# The ALPN list a cluster's `protocol` offers when `tls.alpn` is not given (SPEC section 11).
+ALPN_FOR: Final[Mapping[str, tuple[Alpn, ...]]] = {
+    "auto": ("h2", "http/1.1"),
+    "http1": ("http/1.1",),
+    "http2": ("h2",),
+}
+
+
 class TlsConfig(_Model):
     enabled: bool = Field(
         default=False,
@@ -148,9 +161,16 @@ class TlsConfig(_Model):
             "(`sidecar_tls_handshakes_total{resumed}`)."
         ),
     )
-    alpn: list[Annotated[str, Field(min_length=1)]] = Field(
-        default_factory=lambda: ["http/1.1"],
-        description="ALPN protocols offered in the handshake.",
+    alpn: list[Alpn] = Field(
+        default_factory=lambda: list(ALPN_FOR["auto"]),
+        description=(
+            "ALPN protocols offered in the handshake, in order of preference: `h2` and/or "
+            "`http/1.1`. Default: what the cluster's `protocol` speaks (auto: h2, http/1.1, the "
+            "endpoint chooses; http1: http/1.1; http2: h2). Set explicitly, it must agree with "
+            "`protocol`: h2 with http1 is an error (the endpoint could choose a protocol the "
+            "cluster will not speak), and so is an http2 list other than [h2]. With auto, "
+            "[http/1.1] keeps a TLS cluster on HTTP/1.1."
+        ),
     )
     min_version: Literal["TLSv1.2", "TLSv1.3"] = Field(
         default="TLSv1.2",
@@ -262,6 +282,31 @@ class PoolConfig(_Model):
         return self
 
 
+class Http2Config(_Model):
+    max_concurrent_streams: int = Field(
+        default=100,
+        ge=1,
+        description=(
+            "Streams per upstream HTTP/2 connection at most, lowered by the endpoint's "
+            "SETTINGS_MAX_CONCURRENT_STREAMS. A new connection to an endpoint opens only when "
+            "every open one is full, up to pool.max_connections; beyond that, requests wait in "
+            "the pending queue (pool.max_pending, pool.pending_timeout)."
+        ),
+    )
+    keepalive_interval: Duration = Field(
+        default=30.0,
+        gt=0,
+        description="An idle upstream HTTP/2 connection is PINGed this often.",
+    )
+    keepalive_timeout: Duration = Field(
+        default=5.0,
+        gt=0,
+        description=(
+            "An upstream HTTP/2 connection whose PING is not answered within this is closed."
+        ),
+    )
+
+
 class TimeoutsConfig(_Model):
     request: Duration = Field(
         default=15.0,
@@ -283,11 +328,22 @@ class ClusterConfig(_Model):
     discovery: Discovery = Field(
         description="Where the endpoints come from: `type` is static, dns or kubernetes.",
     )
-    load_balancer: Literal["round_robin", "least_request", "random"] = Field(
+    load_balancer: LoadBalancer = Field(
         default="least_request",
         description=(
             "How each request picks an endpoint: `round_robin`, `least_request` (the less busy of "
             "two random endpoints) or `random`."
+        ),
+    )
+    protocol: UpstreamProtocol = Field(
+        default="auto",
+        description=(
+            "What the sidecar speaks to the endpoints. `auto`: with TLS, ALPN offers h2 and "
+            "http/1.1 and the endpoint's choice is used; in cleartext the app's protocol is kept "
+            "(HTTP/2 as h2c, HTTP/1.1 as HTTP/1.1). `http2`: always HTTP/2 (h2c, or ALPN h2 with "
+            "TLS); HTTP/1.1 app requests are sent as HTTP/2 streams and answered as HTTP/1.1. "
+            "`http1`: always HTTP/1.1; gRPC requests are refused with protocol_mismatch "
+            "(trailers cannot survive the trip)."
         ),
     )
     tls: TlsConfig = Field(
@@ -297,6 +353,13 @@ class ClusterConfig(_Model):
     pool: PoolConfig = Field(
         default_factory=PoolConfig,
         description="Keep-alive connection pools, one per endpoint.",
+    )
+    http2: Http2Config = Field(
+        default_factory=Http2Config,
+        description=(
+            "Upstream HTTP/2 connections (protocol http2, or auto when HTTP/2 is used): "
+            "multiplexing and keepalive PINGs. Ignored (with a warning) for protocol http1."
+        ),
     )
     health_check: HealthCheckConfig = Field(
         default_factory=HealthCheckConfig,
@@ -321,6 +384,50 @@ class ClusterConfig(_Model):
         default_factory=TimeoutsConfig,
         description="Deadlines of a request.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_alpn(cls, data: Any) -> Any:
+        """`tls.alpn` not given: what `protocol` speaks (an invalid protocol: pydantic says so)."""
+        if not isinstance(data, Mapping):
+            return data
+        protocol = data.get("protocol", "auto")
+        offer = ALPN_FOR.get(protocol) if isinstance(protocol, str) else None
+        if offer is None:
+            return data
+        tls = data.get("tls", {})
+        if isinstance(tls, Mapping) and "alpn" not in tls:
+            return {**data, "tls": {**tls, "alpn": list(offer)}}
+        if isinstance(tls, TlsConfig) and "alpn" not in tls.model_fields_set:
+            return {**data, "tls": tls.model_copy(update={"alpn": list(offer)})}
+        return data
+
+    @model_validator(mode="after")
+    def _alpn_agrees(self) -> Self:
+        _raise_problems(_alpn_problems(self.protocol, self.tls.alpn))
+        return self
+
+
+def _alpn_problems(protocol: UpstreamProtocol, alpn: list[Alpn]) -> list[Problem]:
+    """`tls.alpn` against `protocol` (whether or not TLS is enabled: the file must not say two
+    different things)."""
+    where = ("tls", "alpn")
+    if protocol == "http1" and "h2" in alpn:
+        message = (
+            "offers h2 but protocol is http1: the endpoint could choose HTTP/2; remove h2, or set "
+            "protocol: auto"
+        )
+        return [(where, message)]
+    if protocol == "http2" and alpn != ["h2"]:
+        if "h2" not in alpn:
+            message = "protocol http2 needs h2 in alpn: the endpoint must agree to HTTP/2"
+        else:
+            message = (
+                "protocol http2 offers only h2: with http/1.1 offered the endpoint could choose "
+                "HTTP/1.1; set alpn: [h2], or protocol: auto to let the endpoint choose"
+            )
+        return [(where, message)]
+    return []
 
 
 def dynamic_cluster(host: str, port: int) -> ClusterConfig:

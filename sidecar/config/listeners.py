@@ -81,6 +81,15 @@ class ListenerLimits(_Model):
         ge=1,
         description="Most header fields (or trailer fields) in a request; more get 431.",
     )
+    max_concurrent_streams: int = Field(
+        default=1000,
+        ge=1,
+        description=(
+            "HTTP/2 streams (requests) one app connection may have open at once, advertised in "
+            "SETTINGS_MAX_CONCURRENT_STREAMS; a stream beyond it is refused (REFUSED_STREAM, "
+            "which the app's HTTP/2 or gRPC library retries)."
+        ),
+    )
 
 
 def _host_pattern(value: object) -> str:
@@ -202,8 +211,10 @@ class ListenerConfig(_Model, _Bound):
     protocol: Literal["http", "tcp"] = Field(
         default="http",
         description=(
-            "`http`: HTTP/1.1 proxying (fixed cluster, routes, forward proxy); `tcp`: raw TCP "
-            "passthrough to `cluster`."
+            "`http`: HTTP proxying (fixed cluster, routes, forward proxy) of HTTP/1.1 and of "
+            "cleartext HTTP/2 with prior knowledge (h2c, what gRPC's insecure channels send) on "
+            "the same port, told apart by the connection preface; `tcp`: raw TCP passthrough to "
+            "`cluster`."
         ),
     )
     routes: list[RouteConfig] = Field(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import re
-from typing import Annotated, Any, Literal, Self
+from collections.abc import Mapping
+from typing import Annotated, Any, Final, Literal, Self
 
 from pydantic import (
     BeforeValidator,
@@ -167,6 +169,52 @@ def _retry_condition(value: object) -> str:
     )
 
 
+# gRPC status codes by their snake_case name (grpc/doc/statuscodes.md); `ok` cannot fail a try.
+GRPC_STATUS_CODES: Final[Mapping[str, int]] = {
+    "cancelled": 1,
+    "unknown": 2,
+    "invalid_argument": 3,
+    "deadline_exceeded": 4,
+    "not_found": 5,
+    "already_exists": 6,
+    "permission_denied": 7,
+    "resource_exhausted": 8,
+    "failed_precondition": 9,
+    "aborted": 10,
+    "out_of_range": 11,
+    "unimplemented": 12,
+    "internal": 13,
+    "unavailable": 14,
+    "data_loss": 15,
+    "unauthenticated": 16,
+}
+_GRPC_NAMES: Final = {code: name for name, code in GRPC_STATUS_CODES.items()}
+
+
+def _grpc_status(value: object) -> str:
+    """A `retry.grpc_on` entry: a status name (`unavailable`; `UNAVAILABLE` as gRPC's docs write
+    it is the same) or its number (14), kept as the snake_case name."""
+    if isinstance(value, int) and not isinstance(value, bool) and value in _GRPC_NAMES:
+        return _GRPC_NAMES[value]
+    if value in (0, "0") or (isinstance(value, str) and value.strip().lower() == "ok"):
+        raise ValueError(f"{value!r} is gRPC's success status (ok): there is nothing to retry")
+    if isinstance(value, str):
+        text = value.strip().lower().replace("-", "_")
+        if text in GRPC_STATUS_CODES:
+            return text
+        close = difflib.get_close_matches(text, list(GRPC_STATUS_CODES), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+    else:
+        hint = ""
+    raise ValueError(
+        f"unknown gRPC status {value!r}{hint}: use a name such as unavailable, "
+        "resource_exhausted or aborted (gRPC's status names in snake case), or its number"
+    )
+
+
+GrpcStatus = Annotated[str, BeforeValidator(_grpc_status)]
+
+
 class BackoffConfig(_Model):
     base: Duration = Field(
         default=0.025,
@@ -258,5 +306,15 @@ class RetryConfig(_Model):
         description=(
             "Request bodies up to this size are kept for replay; larger ones are not retried once "
             "sent."
+        ),
+    )
+    grpc_on: list[GrpcStatus] = Field(
+        default_factory=lambda: ["unavailable"],
+        description=(
+            "gRPC statuses that are retried (names in snake case, e.g. unavailable, "
+            "resource_exhausted; or their numbers), only from a Trailers-Only answer (no message "
+            "reached the app), within attempts and the budget. Other statuses, and any status "
+            "after a response message, go to the app as they are. `[]`: never retry on a gRPC "
+            "status."
         ),
     )

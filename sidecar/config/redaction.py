@@ -48,6 +48,8 @@ def config_warnings(config: Config) -> list[str]:
             warnings.append(f"{who}: tls.insecure_skip_verify: upstream certificates not verified")
         if not tls.enabled and (tls.sni or tls.ca_file or tls.cert_file or tls.key_file):
             warnings.append(f"{who}: tls settings are ignored because tls.enabled is false")
+        if cluster.protocol == "http1" and "http2" in cluster.model_fields_set:
+            warnings.append(f"{who}: http2 settings are ignored because protocol is http1")
         if cluster.retry.per_try_timeout > cluster.timeouts.request:
             warnings.append(f"{who}: retry.per_try_timeout exceeds timeouts.request")
     return warnings
