@@ -111,6 +111,10 @@ listeners:
     address: 127.0.0.1:6380
     protocol: tcp
     cluster: redis
+  - name: grpc                           # HTTP/1.1 and h2c (gRPC) on one port
+    address: 127.0.0.1:9002
+    cluster: orders
+    limits: {max_concurrent_streams: 1000}
 clusters:
   - name: payments
     discovery: {type: kubernetes, service: payments, namespace: shop, port: https}
@@ -130,6 +134,12 @@ clusters:
     timeouts: {request: 15s}
   - name: redis
     discovery: {type: dns, host: redis.shop.svc.cluster.local, port: 6379}
+  - name: orders
+    discovery: {type: kubernetes, service: orders, port: grpc}
+    protocol: http2                      # h2c to the endpoints; ALPN h2 when tls.enabled
+    http2: {max_concurrent_streams: 100, keepalive_interval: 30s, keepalive_timeout: 5s}
+    retry:
+      grpc_on: [unavailable]             # gRPC statuses retried (Trailers-Only answers only)
 drain: {grace: 25s, accept_period: 5s, linger: 5s}
 """
 
@@ -139,6 +149,8 @@ SECTION_NOTES = {
     "order: its fixed `cluster`; else the first route that matches; else the forward proxy "
     "(allowed hosts only); else 404 `no_route`.",
     "clusters[].discovery": "`type` picks one of the three forms below.",
+    "clusters[].http2": "Used when the cluster speaks HTTP/2 to its endpoints (`protocol: http2`, "
+    "or `auto` when the app or the endpoint's ALPN choice makes it HTTP/2).",
 }
 
 
@@ -193,7 +205,10 @@ def type_name(annotation: Any, metadata: list[Any] | None = None, path: str = ""
         (item,) = get_args(annotation)
         if _models_in(item):
             return f"list of mappings (`{path}[]`)"
-        return f"list of {type_name(item)}s"
+        if get_origin(_unwrap(item)[0]) is Literal:
+            return f"list of {type_name(item).replace(' or ', ', ')}"
+        name = type_name(item)
+        return f"list of {name}es" if name.endswith("s") else f"list of {name}s"
     if _is_union(annotation):
         args = [a for a in get_args(annotation) if a is not type(None)]
         if all(_models_in(a) for a in args):
