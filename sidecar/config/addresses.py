@@ -6,10 +6,7 @@ import ipaddress
 import re
 from typing import Annotated
 
-from pydantic import (
-    AfterValidator,
-    BeforeValidator,
-)
+from pydantic import AfterValidator, BeforeValidator
 
 from sidecar.config.units import _kind
 

@@ -9,10 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Union, get_args, get_origin
 
-from pydantic import (
-    BaseModel,
-    ValidationError,
-)
+from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticCustomError
 
 from sidecar.config.units import _kind
@@ -24,7 +21,7 @@ _PROBLEMS = "config_problems"
 
 
 def _raise_problems(problems: Sequence[Problem]) -> None:
-    """Raise one pydantic error that carries several located problems (see the module doc)."""
+    """Raise one pydantic error that carries several located problems (see the package doc)."""
     if problems:
         text = "; ".join(f"{_format_path(loc) or 'here'}: {msg}" for loc, msg in problems)
         raise PydanticCustomError(_PROBLEMS, "{summary}", {"summary": text, "problems": problems})

@@ -9,9 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import yaml
-from pydantic import (
-    ValidationError,
-)
+from pydantic import ValidationError
 
 from sidecar.config.base import _mappings
 from sidecar.config.errors import ConfigError, ConfigIssue, Loc, _format_path, _issues_from, _locate
@@ -21,7 +19,7 @@ from sidecar.config.units import _kind
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 core-schema scalars (see the module doc, point 1)."""
+    """SafeLoader with YAML 1.2 core-schema scalars (see the package doc, point 1)."""
 
     yaml_implicit_resolvers: dict[Any, list[tuple[str, re.Pattern[str]]]] = {}
 
@@ -188,7 +186,7 @@ class _TooLarge(Exception):
 def parse_config(
     text: str, source: str = "<string>", environ: Mapping[str, str] | None = None
 ) -> Config:
-    """YAML text -> `Config`, or `ConfigError` with every problem located (see the module doc)."""
+    """YAML text -> `Config`, or `ConfigError` with every problem located (see the package doc)."""
     env = os.environ if environ is None else environ
     try:
         node = yaml.compose(text, Loader=_Loader)

@@ -7,12 +7,7 @@ import ipaddress
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import (
-    BeforeValidator,
-    Field,
-    PlainSerializer,
-    model_validator,
-)
+from pydantic import BeforeValidator, Field, PlainSerializer, model_validator
 
 from sidecar.config.addresses import split_address
 from sidecar.config.base import _default_when_absent, _mappings, _Model

@@ -8,10 +8,7 @@ import re
 from collections.abc import Mapping
 from typing import Annotated
 
-from pydantic import (
-    BeforeValidator,
-    PlainSerializer,
-)
+from pydantic import BeforeValidator, PlainSerializer
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?|\.\d+)(ms|s|m|h)")
