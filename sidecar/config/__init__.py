@@ -14,8 +14,8 @@ holding *every* problem found, each as `FILE:LINE: path.to.field: message` (SPEC
    several fields live in `model_validator`s that raise one `config_problems` error carrying a
    list of (relative path, message), so each problem points at the key at fault.
 4. Pydantic does not run a model's own validator when one of its fields failed. So that a file
-   with a bad duration *and* a dangling cluster reference reports both, the listener-level and
-   config-level checks are plain functions over mappings, re-run on the raw data in that case.
+   with a bad duration *and* a dangling cluster reference reports both, the listener-, cluster-
+   and config-level checks are plain functions over mappings, re-run on the raw data in that case.
 
 Defaults: every section has them, and they are the embedded default of SPEC section 4. An
 omitted `listeners` key means the default egress listener (127.0.0.1:15001, forward proxy for

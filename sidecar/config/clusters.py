@@ -398,12 +398,23 @@ class ClusterConfig(_Model):
         return data
 
     @model_validator(mode="after")
-    def _alpn_agrees(self) -> Self:
-        _raise_problems(_alpn_problems(self.protocol, self.tls.alpn))
+    def _consistent(self) -> Self:
+        _raise_problems(_cluster_problems(self.model_dump()))
         return self
 
 
-def _alpn_problems(protocol: UpstreamProtocol, alpn: list[Alpn]) -> list[Problem]:
+def _cluster_problems(cluster: Mapping[str, Any]) -> list[Problem]:
+    """The checks across a cluster's fields, over a plain mapping: the loader re-runs them on
+    the raw data when one of the cluster's fields failed (see the package doc, point 4)."""
+    protocol = cluster.get("protocol", "auto")
+    tls = cluster.get("tls")
+    alpn = tls.get("alpn") if isinstance(tls, Mapping) else None
+    if protocol not in ALPN_FOR or not isinstance(alpn, list):
+        return []  # invalid (pydantic says so), or not given: derived from protocol
+    return _alpn_problems(protocol, alpn)
+
+
+def _alpn_problems(protocol: str, alpn: list[object]) -> list[Problem]:
     """`tls.alpn` against `protocol` (whether or not TLS is enabled: the file must not say two
     different things)."""
     where = ("tls", "alpn")

@@ -12,6 +12,7 @@ import yaml
 from pydantic import ValidationError
 
 from sidecar.config.base import _mappings
+from sidecar.config.clusters import _cluster_problems
 from sidecar.config.errors import ConfigError, ConfigIssue, Loc, _format_path, _issues_from, _locate
 from sidecar.config.listeners import _listener_problems
 from sidecar.config.root import Config, _config_problems
@@ -219,13 +220,18 @@ def parse_config(
     except ValidationError as exc:
         problems, checked = _issues_from(exc, data, Config)
         # Pydantic skips the checks of a model when one of its fields failed: re-run those
-        # of listeners and of the whole config on the raw data, so one pass reports everything
+        # of listeners, clusters and the whole config on the raw data, so one pass reports all
         # (a Config-level error means every field passed, the checks ran: nothing to re-run).
         for index, listener in _mappings(data.get("listeners")):
             here: Loc = ("listeners", index)
             failed = any(loc[:2] == here and len(loc) > 2 for loc, _ in problems)
             if failed and here not in checked:
                 problems += [((*here, *rel), m) for rel, m in _listener_problems(listener)]
+        for index, cluster in _mappings(data.get("clusters")):
+            here = ("clusters", index)
+            failed = any(loc[:2] == here and len(loc) > 2 for loc, _ in problems)
+            if failed and here not in checked:
+                problems += [((*here, *rel), m) for rel, m in _cluster_problems(cluster)]
         if () not in checked:
             problems += _config_problems(data)
         # A value the reader already complained about (an unset ${VAR}, say) was replaced:

@@ -262,6 +262,14 @@ def test_alpn_that_contradicts_protocol_is_an_error_at_the_alpn_key(
     assert message.startswith(says)
 
 
+def test_an_alpn_contradiction_is_reported_with_the_other_errors_of_its_cluster() -> None:
+    # Pydantic skips a model's own checks when one of its fields failed: the loader re-runs
+    # the cluster's on the raw data, so one `sidecar check` shows both problems.
+    body = "    protocol: http1\n    tls: {alpn: [h2]}\n    retry: {grpc_on: [unavailble]}\n"
+    found = [(line, path) for line, path, _ in issues(HEAD + body)]
+    assert found == [(5, "clusters[0].tls.alpn"), (6, "clusters[0].retry.grpc_on[0]")]
+
+
 def test_alpn_names_only_what_a_cluster_can_speak() -> None:
     found = issues(HEAD + "    tls:\n      alpn: [h2, spdy/3]\n")
     assert found == [(5, "clusters[0].tls.alpn[1]", "must be 'h2' or 'http/1.1'")]
