@@ -36,7 +36,7 @@ import ssl
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from sidecar.errors import (
     ConnectFailed,
@@ -48,6 +48,9 @@ from sidecar.errors import (
 from sidecar.observe.stats import ClusterStats
 from sidecar.timers import Timed, Wheel
 from sidecar.upstream.connection import State, UpstreamConnection
+
+if TYPE_CHECKING:
+    from sidecar.config import PoolConfig
 
 log = logging.getLogger("sidecar.pool")
 
@@ -79,7 +82,7 @@ class PoolSettings:
     pending_timeout: float = 1.0
 
     @classmethod
-    def from_config(cls, cfg: Any) -> PoolSettings:
+    def from_config(cls, cfg: PoolConfig) -> PoolSettings:
         return cls(
             max_connections=cfg.max_connections,
             min_idle=cfg.min_idle,
