@@ -412,7 +412,18 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"{meta['warmup_s']:g} s warm-up + {meta['duration_s']:g} s measured per case",
         "- **Versions:** " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
         "- rps: h2load's req/s over the measured time; p50/p99 from its per-request log; "
-        "proxy CPU: share of its core over the run; RSS: now / peak since start",
+        "proxy CPU: share of its core over the run; other CPU on core: what else ran on the "
+        "proxy's core meanwhile (other processes, steal): where it is high the proxy was "
+        "starved, so compare rows of one run; RSS: now / peak since start",
+    ]
+    others = [r["other_on_proxy_core_pct"] for r in rows
+              if r.get("other_on_proxy_core_pct") is not None]
+    if others and max(others) >= 20:
+        lines.append(
+            f"- **Noisy run:** up to {max(others):.0f}% of the proxy's core went to other work; "
+            "the absolute proxy figures are low by about that much"
+        )
+    lines += [
         "",
         "| case | target | rps | p50 ms | p99 ms | vs Envoy | proxy CPU | other CPU on core "
         "| RSS / peak MiB | notes |",
@@ -495,8 +506,8 @@ def main(argv: list[str] | None = None) -> int:
             procs.stop_all()
     add_ratios(rows)
     meta = {
-        "command": "python bench/h2load.py " + shlex.join(argv if argv is not None
-                                                          else sys.argv[1:]),
+        "command": ("python bench/h2load.py " + shlex.join(
+            argv if argv is not None else sys.argv[1:])).rstrip(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "proxy_core": proxy_core,
         "load_core": sorted(load_cores)[0],
