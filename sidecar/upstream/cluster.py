@@ -301,6 +301,7 @@ class Cluster:
             g.active += pool.active_count
             g.idle += pool.idle_count
             g.pending += pool.pending_count
+            g.streams += pool.streams
         policies = self.policies
         if policies is not None:
             g.breaker_state = policies.breaker_state_code()

@@ -160,6 +160,7 @@ class Pool(Timed):
         "no_reuse_until",
         "warm",
         "terminating",
+        "streams",
     )
 
     def __init__(
@@ -192,6 +193,9 @@ class Pool(Timed):
         self.learned_idle_timeout = math.inf
         self.closing = False
         self.inflight = 0  # requests using this endpoint now (least-request balancing)
+        # Open HTTP/2 streams on this endpoint's connections, kept by the HTTP/2 endpoint side;
+        # read at scrape time as sidecar_upstream_streams. 0 while only HTTP/1.1 is spoken.
+        self.streams = 0
         self.watch_closes = False  # the endpoint closes idle connections: look before reuse
         self.early_closes = 0  # closes right after a response, in a row
         self.no_reuse_until = 0.0  # loop time until which connections are not reused
