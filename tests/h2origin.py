@@ -2,8 +2,9 @@
 loop, on 127.0.0.1. It records what it receives (header lists as sent on the wire, decoded by
 `h2`, bodies, which connection carried each stream) and answers by path:
 
-- `/hold`: held until `release_held()` (or until `goaway_at` held streams arrived: then GOAWAY
-  with last-stream-id the first held stream's, which is answered; the others were refused);
+- `/hold` (unless `hold=False`): held until `release_held()` (or until `goaway_at` held
+  streams arrived: then GOAWAY with last-stream-id the first held stream's, which is
+  answered; the others were refused);
 - `/big/N`: N bytes, sent as fast as the client's windows allow (`sent[stream]` counts them);
 - `/grpc/unavailable`: a gRPC Trailers-Only answer, grpc-status 14;
 - anything else: 200, `origin NAME PATH`, content-length set.
@@ -115,7 +116,7 @@ class _Conn(asyncio.Protocol):
         path = dict(rec.headers).get(b":path", b"/")
         sid = rec.stream_id
         origin = self.origin
-        if path == b"/hold":
+        if path == b"/hold" and origin.hold:
             self.held.append(sid)
             if origin.goaway_at and len(self.held) >= origin.goaway_at:
                 first = self.held[0]
@@ -174,8 +175,9 @@ class _Conn(asyncio.Protocol):
 
 class H2Origin:
     def __init__(self, name: str = "o", max_concurrent_streams: int = 100, goaway_at: int = 0,
-                 silent: bool = False) -> None:
+                 silent: bool = False, hold: bool = True) -> None:
         self.name = name
+        self.hold = hold
         self.max_concurrent_streams = max_concurrent_streams
         self.goaway_at = goaway_at
         self.silent = silent

@@ -179,8 +179,12 @@ def response_head(fields: Headers, head_request: bool, end_stream: bool,
         head.content_length = content_length
     if head_request or status < 200 or status == 204 or status == 304:
         head.bodyless = True
-    elif end_stream and content_length is None:
+    elif end_stream and content_length is None and trailers is None:
         head.content_length = 0  # nothing follows: say so rather than frame a chunked nothing
+    if trailers is not None:
+        for name, value in trailers:
+            if name == b"grpc-status" and value.isdigit() and len(value) < 4:
+                head.grpc_status = int(value)
     return head, trailers
 
 
@@ -453,7 +457,10 @@ class H2Connection(H2Sink, CarrierBase, asyncio.Protocol):
         self.ping_due = math.inf  # when an unanswered PING makes the connection dead
         self._in_read = False
         self._timer: asyncio.TimerHandle | None = None
-        self.on_capacity: Callable[[H2Connection], None] | None = None
+        self.on_capacity: Callable[[H2Connection], None] | None = None  # the pool's hook
+        # Done once the peer's first SETTINGS arrived (or the connection closed): the pool
+        # hands out streams only then, so that it knows the peer's stream limit.
+        self.settings_seen: asyncio.Future[None] | None = None
 
     def __repr__(self) -> str:
         return f"<H2Connection {self.key} {self.state.name} streams={len(self.streams)}>"
@@ -535,6 +542,14 @@ class H2Connection(H2Sink, CarrierBase, asyncio.Protocol):
 
     def tls_session_due(self) -> asyncio.Transport | None:
         return None
+
+    def tls_handshake(self) -> bool | None:
+        """Whether its TLS session was resumed (None: not TLS)."""
+        transport = self.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        if ssl_object is None:
+            return None
+        return bool(ssl_object.session_reused)
 
     def retire(self, reason: str) -> None:
         """No new streams: GOAWAY to the endpoint; the open ones finish, then it closes."""
@@ -633,6 +648,7 @@ class H2Connection(H2Sink, CarrierBase, asyncio.Protocol):
         self.transport = transport
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         set_nodelay(transport)
+        self.settings_seen = asyncio.get_running_loop().create_future()
         self.session.initiate()
         self.flush()
         self.last_read = self.owner.now()
@@ -670,6 +686,9 @@ class H2Connection(H2Sink, CarrierBase, asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self._transition(CarrierState.CLOSED)
+        seen = self.settings_seen
+        if seen is not None and not seen.done():
+            seen.set_result(None)
         if not self.close_reason:
             self.close_reason = "remote_closed"
         streams = list(self.streams.values())
@@ -709,7 +728,7 @@ class H2Connection(H2Sink, CarrierBase, asyncio.Protocol):
         settings = self.settings
         if self.ping_due != math.inf:
             if now >= self.ping_due:
-                self.close_reason = self.close_reason or "keepalive_timeout"
+                self.close_reason = self.close_reason or "timeout"  # no PING ACK: dead
                 self.fail_all(UpstreamReset("HTTP/2 PING not answered: connection dead"))
                 return
             self._arm(self.ping_due - now)
@@ -817,7 +836,7 @@ class H2Connection(H2Sink, CarrierBase, asyncio.Protocol):
         # Streams above last_stream_id come back as REFUSED_STREAM from the engine; the rest
         # finish. No new stream from here on.
         self.reusable = False
-        self.close_reason = self.close_reason or "goaway"
+        self.close_reason = self.close_reason or "remote_closed"  # its GOAWAY
         self.maybe_close()
         if self.on_capacity is not None:
             self.on_capacity(self)
@@ -829,6 +848,9 @@ class H2Connection(H2Sink, CarrierBase, asyncio.Protocol):
     def on_h2_settings(self, peer_max_concurrent_streams: int) -> None:
         grew = peer_max_concurrent_streams > self.peer_max
         self.peer_max = peer_max_concurrent_streams
+        seen = self.settings_seen
+        if seen is not None and not seen.done():
+            seen.set_result(None)
         if grew and self.on_capacity is not None:
             self.on_capacity(self)
 

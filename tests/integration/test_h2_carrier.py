@@ -250,7 +250,7 @@ def test_ping_keepalive_closes_a_dead_connection(loop_name: str) -> None:
         assert not await user.done
         assert isinstance(user.error, UpstreamReset)
         await owner.closed
-        assert conn.close_reason == "keepalive_timeout"
+        assert conn.close_reason == "timeout"
 
     with h2_origin(silent=True) as origin:
         run(loop_name, main(origin.port))
