@@ -17,7 +17,8 @@ has settled:
   holds about 64 upstream connections too;
 - per idle pool entry: a cluster with `pool.min_idle` = `--pool` to a server that accepts and
   holds every connection; the RSS of that sidecar less that of the same sidecar with min_idle 0,
-  divided by the entries.
+  divided by the entries. The same with `--tls-pool` TLS connections (a trustme CA; the
+  server, in this process, completes each handshake and holds the connection).
 
 RSS is VmRSS; "anon" is the anonymous part of it (smaps_rollup): the memory only this process
 uses. The rest maps files (the interpreter, libssl, the extension modules), which the page cache
@@ -34,6 +35,7 @@ import asyncio
 import contextlib
 import json
 import os
+import ssl
 import sys
 import tempfile
 import time
@@ -45,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import report  # noqa: E402
 from bench.procs import BenchError, Proc, Procs, free_port, http_request, wait_ready  # noqa: E402
+from bench.upstream import TlsFiles, make_tls_files  # noqa: E402
 
 SIDECAR_CORE = frozenset({0})
 SETTLE = 1.0  # seconds the figure must stay within SETTLE_KIB before it is read
@@ -169,15 +172,17 @@ class Upstream:
     """A loopback server: answers every request head with a small 200 (keep-alive), or with
     `hold` never answers and keeps every connection open. Counts connections accepted."""
 
-    def __init__(self, hold: bool = False) -> None:
+    def __init__(self, hold: bool = False, tls: ssl.SSLContext | None = None) -> None:
         self.hold = hold
+        self.tls = tls
         self.accepted = 0
         self.writers: list[asyncio.StreamWriter] = []
         self.server: asyncio.Server | None = None
         self.port = 0
 
     async def __aenter__(self) -> Upstream:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, backlog=4096)
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, backlog=4096,
+                                                 ssl=self.tls)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
@@ -259,21 +264,30 @@ async def per_connection(procs: Procs, args: argparse.Namespace) -> dict[str, An
             await asyncio.to_thread(sidecar.stop)
 
 
-async def per_pool_entry(procs: Procs, args: argparse.Namespace) -> dict[str, Any]:
-    m = args.pool
+async def per_pool_entry(procs: Procs, args: argparse.Namespace, m: int,
+                         tls: TlsFiles | None = None) -> dict[str, Any]:
+    """Idle pool entries, plain TCP or (with `tls`) TLS to a server that holds them."""
     figures = {}
-    async with Upstream(hold=True) as holder:
+    server_tls = None
+    if tls is not None:
+        server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_tls.load_cert_chain(tls.cert_pem, tls.key_pem)
+    async with Upstream(hold=True, tls=server_tls) as holder:
         for min_idle in (0, m):
             pool = {"max_connections": max(m, 1), "max_idle": max(m, 1), "min_idle": min_idle}
+            cluster: dict[str, Any] = {"name": "held", "pool": pool, "discovery": {
+                "type": "static", "endpoints": [f"127.0.0.1:{holder.port}"]}}
+            if tls is not None:
+                cluster["tls"] = {"enabled": True, "ca_file": str(tls.ca_pem), "sni": "localhost"}
             config = {
                 "listeners": [{"name": "app", "address": f"127.0.0.1:{free_port()}",
                                "cluster": "held"}],
-                "clusters": [{"name": "held", "pool": pool, "discovery": {
-                    "type": "static", "endpoints": [f"127.0.0.1:{holder.port}"]}}],
+                "clusters": [cluster],
                 "access_log": False,
             }
             start = holder.accepted
-            sidecar = await asyncio.to_thread(Sidecar, procs, args, f"pool-{min_idle}", config)
+            name = f"pool-{'tls-' if tls else ''}{min_idle}"
+            sidecar = await asyncio.to_thread(Sidecar, procs, args, name, config)
             try:
                 await asyncio.to_thread(sidecar.scrape)
                 await until(lambda s=start, k=min_idle: holder.accepted - s >= k, 60,
@@ -297,7 +311,7 @@ def markdown(r: dict[str, Any], args: argparse.Namespace) -> str:
     p = r["pool"]
     return "\n".join([
         f"`python bench/memory.py --connections {args.connections} --pool {args.pool} "
-        f"--loop {args.loop}` ({r['build']})",
+        f"--tls-pool {args.tls_pool} --loop {args.loop}` ({r['build']})",
         "",
         "| what | RSS (anonymous part) |",
         "|---|---|",
@@ -314,6 +328,9 @@ def markdown(r: dict[str, Any], args: argparse.Namespace) -> str:
         f"| {p['pool_entries']:,} idle pool entries (plain TCP, `min_idle`) | "
         f"{_mib(p['pool_full'])}: **{p['kib_per_pool_entry']} KiB each** "
         f"(from {p['pool_empty']['rss']:.1f} MiB) |",
+        *([f"| {t['pool_entries']:,} idle pool entries (TLS 1.3, `min_idle`) | "
+           f"{_mib(t['pool_full'])}: **{t['kib_per_pool_entry']} KiB each** "
+           f"(from {t['pool_empty']['rss']:.1f} MiB) |"] if (t := r.get("tls_pool")) else []),
         "",
         "Sizing a pod: RSS at rest plus the KiB per connection times the connections it holds "
         "(app side and pool side), plus headroom for requests in flight (see the peak under "
@@ -339,7 +356,10 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         result.update(await idle_default(procs, args))
         result.update(await idle_kubernetes(procs, args))
         result["connections"] = await per_connection(procs, args)
-        result["pool"] = await per_pool_entry(procs, args)
+        result["pool"] = await per_pool_entry(procs, args, args.pool)
+        if args.tls_pool:
+            tls = make_tls_files(work)
+            result["tls_pool"] = await per_pool_entry(procs, args, args.tls_pool, tls)
         return result
     finally:
         procs.stop_all()
@@ -349,6 +369,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--connections", type=int, default=10000)
     parser.add_argument("--pool", type=int, default=5000)
+    parser.add_argument("--tls-pool", type=int, default=1000,
+                        help="TLS pool entries (needs trustme; 0: skip)")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     parser.add_argument("--pythonpath", help="run the sidecar from this checkout")
     parser.add_argument("--workdir", type=Path, help="keep logs and configs here")
