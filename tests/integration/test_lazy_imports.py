@@ -11,16 +11,18 @@ Not a timed test, nor an RSS threshold: bench/memory.py measures the bytes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.harness import LOOPS, free_port
+from tests.k8s.fake_apiserver import FakeApiServer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,35 +75,85 @@ CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("loop", LOOPS)
-def test_default_config_loads_only_what_it_uses(tmp_path: Path, loop: str) -> None:
-    admin, status, egress = free_port(), free_port(), free_port()
-    config = tmp_path / "sidecar.yaml"
-    # The embedded default (SPEC section 4) at free ports; a short drain so that SIGTERM ends it.
-    config.write_text(json.dumps({
+async def _run(tmp_path: Path, config: dict[str, Any], status: int, loop: str,
+               env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run CHILD (`sidecar run` with `config`) to its exit; what it saw."""
+    path = tmp_path / "sidecar.yaml"
+    # A short drain, so that the child's SIGTERM ends it at once.
+    path.write_text(json.dumps({**config, "drain": {"grace": "1s", "accept_period": "0s"}}))
+    out = tmp_path / "modules.json"
+    full = {k: v for k, v in os.environ.items()
+            if not k.startswith("KUBERNETES_") and k != "SIDECAR_CONFIG"}
+    full.update(env or {}, PYTHONPATH=str(ROOT))
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CHILD, str(status), str(out),
+        "run", "--config", str(path), "--loop", loop, "--log-format", "text",
+        cwd=tmp_path, env=full, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        _, stderr = await asyncio.wait_for(child.communicate(), 60)
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+    assert child.returncode == 0, stderr.decode()[-2000:]
+    seen: dict[str, Any] = json.loads(out.read_text())
+    assert seen["code"] == 0
+    assert "sidecar.app" in seen["ready"]  # it did run
+    return seen
+
+
+def _loaded(modules: list[str], never: tuple[str, ...]) -> list[str]:
+    return sorted(m for m in modules for n in never if m == n or m.startswith(n + "."))
+
+
+def _default(admin: int, status: int) -> dict[str, Any]:
+    """The embedded default (SPEC section 4), at free ports."""
+    return {
         "admin": {"address": f"127.0.0.1:{admin}"},
         "status": {"address": f"127.0.0.1:{status}"},
-        "listeners": [{"name": "egress", "address": f"127.0.0.1:{egress}",
+        "listeners": [{"name": "egress", "address": f"127.0.0.1:{free_port()}",
                        "forward_proxy": {"enabled": True, "allowed_hosts": ["*"],
                                          "connect": True}}],
-        "drain": {"grace": "1s", "accept_period": "0s"},
-    }))
-    out = tmp_path / "modules.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("SIDECAR_CONFIG", None)
-    done = subprocess.run(
-        [sys.executable, "-c", CHILD, str(status), str(out),
-         "run", "--config", str(config), "--loop", loop, "--log-format", "text"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    seen = json.loads(out.read_text())
-    assert seen["code"] == 0
-    ready = set(seen["ready"])
-    assert "sidecar.app" in ready and "sidecar.admin.server" in ready  # it did run
-    loaded = sorted(m for m in ready for never in NEVER
-                    if m == never or m.startswith(never + "."))
+    }
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_default_config_loads_only_what_it_uses(tmp_path: Path, loop: str) -> None:
+    admin, status = free_port(), free_port()
+    seen = asyncio.run(_run(tmp_path, _default(admin, status), status, loop))
+    loaded = _loaded(seen["ready"], NEVER)
     assert loaded == [], f"loaded by `sidecar run` with the default config: {loaded}"
     # The lazy path works: the first scrape loads the metrics library and answers.
     assert seen["metrics_status"] == "HTTP/1.1 200 OK"
     assert "prometheus_client" in set(seen["after_scrape"])
+
+
+def test_kubernetes_cluster_in_a_pod_loads_no_kubernetes_client(tmp_path: Path) -> None:
+    """A `kubernetes` cluster authenticated in-cluster (service-account files, as in a pod)
+    talks to the API through aiohttp, which the admin server loads anyway: kubernetes-asyncio
+    (about 40 MiB of generated models) is only for a kubeconfig, outside a pod."""
+
+    async def scenario() -> dict[str, Any]:
+        async with FakeApiServer(tmp_path / "apiserver") as fake:
+            fake.put_slice("ns", {
+                "metadata": {"name": "svc-0", "labels": {"kubernetes.io/service-name": "svc"}},
+                "addressType": "IPv4",
+                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+                "endpoints": [{"addresses": ["127.0.9.1"], "conditions": {"ready": True}}],
+            })
+            admin, status = free_port(), free_port()
+            config = _default(admin, status)
+            config["clusters"] = [{"name": "svc", "discovery": {
+                "type": "kubernetes", "service": "svc", "namespace": "ns", "port": "http"}}]
+            env = {**fake.env(), "POD_NAMESPACE": "ns",
+                   "SIDECAR_SERVICEACCOUNT_DIR": str(fake.workdir)}
+            return await _run(tmp_path, config, status, "uvloop", env)
+
+    seen = asyncio.run(scenario())
+    modules = set(seen["ready"])
+    assert "sidecar.discovery.kubernetes" in modules  # the cluster's resolver ran
+    never = tuple(n for n in NEVER if not n.startswith("sidecar.discovery.kube"))
+    loaded = _loaded(seen["ready"], never)
+    assert loaded == [], f"loaded with one in-cluster kubernetes cluster: {loaded}"
