@@ -1,12 +1,11 @@
 """What a running sidecar has imported (issue 17: the per-pod memory footprint).
 
-`sidecar run` with the embedded default (only its addresses moved to free ports) must not load
-what that config never uses: the Kubernetes client, the injector and its YAML libraries, the
-metrics library before anyone scrapes, the command line's HTTP client. Each costs RSS in every
-pod of the fleet. The child interpreter runs the real entry point (`sidecar.cli.main(["run",
+`sidecar run` must not load what its config never uses: the Kubernetes client, the injector
+and its YAML libraries, the metrics library before anyone scrapes. Each costs RSS in every pod
+of the fleet. The child interpreter runs the real entry point (`sidecar.cli.main(["run",
 ...])`); a thread in it waits for /readyz over a raw socket (the `socket` module is loaded
-anyway), copies `sys.modules`, sends it SIGTERM and the sidecar drains and exits. Then the
-same child scrapes /metrics once, so the lazy path is seen to load prometheus-client when asked.
+anyway), copies `sys.modules`, scrapes /metrics once (the lazy path must load prometheus-client
+then, and answer), copies `sys.modules` again and sends SIGTERM: the sidecar drains and exits.
 Not a timed test, nor an RSS threshold: bench/memory.py measures the bytes."""
 
 from __future__ import annotations
