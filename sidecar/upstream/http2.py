@@ -59,6 +59,7 @@ from sidecar.streams import (
 )
 from sidecar.upstream.connection import reset as reset_transport
 from sidecar.upstream.connection import set_nodelay
+from sidecar.upstream.h2settings import H2Settings
 
 # Request fields never sent in HTTP/2 (RFC 9113 section 8.2.2), besides those the parser
 # already left out of `forward`: `host` becomes `:authority`.
@@ -76,27 +77,6 @@ _HELD_HIGH: Final = WRITE_HIGH_WATER
 _HELD_LOW: Final = WRITE_LOW_WATER
 CANCEL: Final = 0x8
 NO_ERROR: Final = 0x0
-
-
-class H2Settings:
-    """What a cluster says about its upstream HTTP/2 connections (SPEC section 4 `http2`)."""
-
-    __slots__ = ("max_concurrent_streams", "keepalive_interval", "keepalive_timeout",
-                 "scheme", "initial_window")
-
-    def __init__(
-        self,
-        max_concurrent_streams: int = 100,
-        keepalive_interval: float = 30.0,
-        keepalive_timeout: float = 5.0,
-        scheme: bytes = b"http",
-        initial_window: int = 1 << 20,
-    ) -> None:
-        self.max_concurrent_streams = max_concurrent_streams
-        self.keepalive_interval = keepalive_interval
-        self.keepalive_timeout = keepalive_timeout
-        self.scheme = scheme
-        self.initial_window = initial_window
 
 
 def request_fields(
