@@ -25,6 +25,7 @@ RATIOS = (
 # (section title, result file glob) of the benchmarks with scripts of their own.
 OTHER_BENCHMARKS = (
     ("Discovery at scale (bench/discovery_scale.py)", "discovery-*.json"),
+    ("Upstream TLS handshakes (bench/tls_handshake.py)", "tls-handshake-*.json"),
 )
 
 

@@ -12,7 +12,7 @@
 # Capture. A TLS 1.2 session is complete when the handshake ends. TLS 1.3 tickets arrive *after*
 # the handshake, in post-handshake messages OpenSSL processes on a later read; the session seen
 # right after connect is not resumable. So the session is captured late: after the first response
-# bytes (`capture_session`) and when the connection is closed (`on_closing`); the newest wins.
+# bytes (`capture_session`, from the pool's `release`); the newest wins.
 # Connections that leave the pool as byte tunnels (TCP listeners, upgrades) never come back for
 # either, so the context also keeps the SSLObject of the newest connection per name and, when the
 # next connection is made, takes that one's session if a ticket has arrived since.
@@ -57,6 +57,9 @@ import ssl
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any, Final
+
+from sidecar.clock import MONOTONIC, Clock
+from sidecar.upstream.tls_native import SessionOffer
 
 log = logging.getLogger("sidecar.tls")
 
@@ -138,15 +141,20 @@ class _ResumingContext(ssl.SSLContext):
     current: _Current
     # The newest connection per server name: its session may have become resumable since.
     newest: dict[str, ssl.SSLObject]
-    # When each name's session was captured (monotonic): younger than _RECAPTURE, none is read.
+    # When each name's session was captured (clock seconds): younger than _RECAPTURE, none is
+    # read.
     captured_at: dict[str, float]
+    clock: Clock
+    # Offers a cached session by reference, not through CPython's copy (see tls_native.py).
+    offer: SessionOffer
 
     def wants_session(self, key: str) -> bool:
-        return time.monotonic() - self.captured_at.get(key, -_RECAPTURE) >= _RECAPTURE
+        captured = self.captured_at.get(key)
+        return captured is None or self.clock.now() - captured >= _RECAPTURE
 
     def keep(self, key: str, session: ssl.SSLSession) -> None:
         self.sessions[key] = session
-        self.captured_at[key] = time.monotonic()
+        self.captured_at[key] = self.clock.now()
 
     def forget(self, key: str) -> None:
         """Drop the name's session: the next connection's is read (see Cost)."""
@@ -178,6 +186,14 @@ class _ResumingContext(ssl.SSLContext):
             if cached is not None and not _still_valid(cached):
                 self.forget(key)
             elif cached is not None:
+                if self.offer.enabled:
+                    sslobj = super().wrap_bio(incoming, outgoing, server_side, server_hostname)
+                    offered = self.offer.offer(sslobj, cached)
+                    if offered is not None:
+                        if not offered:  # marked not resumable (a failed connection used it)
+                            self.forget(key)
+                        return sslobj
+                    # The fast path turned itself off (unexpected layout): the pure way below.
                 try:
                     return super().wrap_bio(
                         incoming, outgoing, server_side, server_hostname, session=cached
@@ -207,12 +223,15 @@ class TlsOrigin:
         insecure_skip_verify: bool = False,
         handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
         handshakes: dict[bool, int] | None = None,
+        clock: Clock = MONOTONIC,
+        native_sessions: bool = True,
     ) -> None:
         """Build the first context; a bad file or option raises (a config error at start).
 
         `handshakes` may be the cluster's stats dict (`{True: n, False: n}`) to count into.
         `handshake_timeout` None: the TCP connect and the handshake share the pool's
-        connect_timeout (see `connect_timeouts`).
+        connect_timeout (see `connect_timeouts`). `native_sessions` False: offer cached
+        sessions the pure way, through CPython's copy (see tls_native.py).
         """
         if min_version not in _VERSIONS:
             raise ValueError(f"min_version must be one of {', '.join(_VERSIONS)}: {min_version!r}")
@@ -242,6 +261,8 @@ class TlsOrigin:
         self.handshakes.setdefault(False, 0)
         self.reloads = 0
         self.reload_errors = 0
+        self.clock = clock
+        self.native_sessions = native_sessions
         self._current = _Current()
         self._seen: _Fingerprint = ()
         if not enabled:
@@ -336,10 +357,6 @@ class TlsOrigin:
         # of the old context must not feed sessions to the new one.
         context.keep(key, session)
 
-    def on_closing(self, transport: asyncio.BaseTransport) -> None:
-        """Before closing (or from `connection_lost`): TLS 1.3 tickets have arrived by now."""
-        self.capture_session(transport)
-
     def describe_error(self, exc: BaseException) -> str:
         """`describe_tls_error`, plus the setting of this origin that explains the failure."""
         detail = describe_tls_error(exc)
@@ -361,32 +378,6 @@ class TlsOrigin:
 
     def cached_sessions(self) -> int:
         return len(self._context.sessions) if self._context is not None else 0
-
-    def redacted_view(self) -> dict[str, Any]:
-        """For /config and /clusters: paths and settings, never key material."""
-        if not self.enabled:
-            return {"enabled": False}
-        view: dict[str, Any] = {
-            "enabled": True,
-            "sni": self.sni,
-            "ca_file": self.ca_file,
-            "trust": "ca_file" if self.ca_file else "system trust store",
-            "cert_file": self.cert_file,
-            "key_file": self.key_file,  # the path only, never the content
-            "session_reuse": self.session_reuse,
-            "alpn": list(self.alpn),
-            "min_version": self.min_version,
-            "insecure_skip_verify": self.insecure_skip_verify,
-            "handshake_timeout": self.handshake_timeout,
-            "handshakes": {"resumed": self.handshakes[True], "full": self.handshakes[False]},
-            "resumption_ratio": self.resumption_ratio(),
-            "cached_sessions": self.cached_sessions(),
-            "reloads": self.reloads,
-            "reload_errors": self.reload_errors,
-        }
-        if self.insecure_skip_verify:
-            view["warning"] = INSECURE_WARNING
-        return view
 
     def __repr__(self) -> str:
         return (
@@ -467,6 +458,8 @@ class TlsOrigin:
         context.current = self._current
         context.newest = {}
         context.captured_at = {}
+        context.clock = self.clock
+        context.offer = SessionOffer(self.native_sessions)
         return context
 
 
