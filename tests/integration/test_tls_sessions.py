@@ -166,3 +166,36 @@ def test_the_recapture_interval_reads_the_clock_seam(pki: Pki) -> None:
     assert not context.wants_session(SNI)
     clock.advance(0.5)
     assert context.wants_session(SNI)
+
+
+def test_peercert_extra_is_decoded_when_read(run: Run[Any], pki: Pki, tmp_path: Path) -> None:
+    """The `peercert` extra both loops fill at handshake end is decoded only when read, and
+    reads as the very dict `getpeercert()` always gave."""
+
+    async def scenario(origin: TlsOrigin, port: int) -> tuple[Any, Any, bytes]:
+        loop = asyncio.get_running_loop()
+        transport, proto = await asyncio.wait_for(
+            loop.create_connection(
+                _Get, "127.0.0.1", port, ssl=origin.context_for_connect(),
+                server_hostname=origin.server_hostname,
+            ),
+            WAIT,
+        )
+        peercert, sslobj = transport.get_extra_info("peercert"), transport.get_extra_info(
+            "ssl_object"
+        )
+        await asyncio.wait_for(proto.done, WAIT)
+        transport.close()
+        return peercert, sslobj, bytes(proto.data)
+
+    with NginxTlsUpstream(tmp_path / "nginx", pki.server, version="TLSv1.3") as nginx:
+        verified = TlsOrigin(sni=SNI, ca_file=pki.ca_file)
+        peercert, sslobj, data = run(scenario(verified, nginx.ports[0]))
+        insecure = TlsOrigin(sni=SNI, insecure_skip_verify=True)
+        unverified, _, _ = run(scenario(insecure, nginx.ports[0]))
+    assert data.startswith(b"HTTP/1.1 200")
+    expected = sslobj._sslobj.getpeercert()  # the C decoder, as ssl.SSLObject calls it
+    assert expected and dict(peercert) == expected
+    assert peercert["subjectAltName"] == expected["subjectAltName"]
+    assert sslobj.getpeercert(binary_form=True) == sslobj._sslobj.getpeercert(True)
+    assert unverified == {}
