@@ -40,6 +40,8 @@ from bench.procs import (  # noqa: E402
     BenchError,
     Proc,
     Procs,
+    core_busy_pct,
+    core_times,
     free_port,
     http_request,
     set_child_priority,
@@ -159,7 +161,9 @@ def _log_counts(log: Path, offset: int) -> tuple[int, int, int]:
 
 
 def measure(target: targets.Target, version: str, server: dict, args: argparse.Namespace,
-            load: frozenset[int], work: Path) -> dict[str, Any]:
+            cores: tuple[frozenset[int], frozenset[int]], origin: Proc, work: Path
+            ) -> dict[str, Any]:
+    proxy, load = cores
     row: dict[str, Any] = {"target": target.name, "version": version}
     script = lua_script(work, f"{target.name}-{version}", None, None)
     url = target.url(PATH, version)
@@ -169,10 +173,11 @@ def measure(target: targets.Target, version: str, server: dict, args: argparse.N
     offset = log.stat().st_size if log.exists() else 0
     proc: Proc | None = target.proc
     assert proc is not None
-    cpu0 = proc.cpu_seconds()
+    cpu0, origin0, jiffies0 = proc.cpu_seconds(), origin.cpu_seconds(), core_times()
     figures = run_wrk(url, connections=args.conns, duration=args.duration, script=script,
                       cores=load)
-    cpu = proc.cpu_seconds() - cpu0
+    cpu, jiffies = proc.cpu_seconds() - cpu0, core_times()
+    origin_cpu = origin.cpu_seconds() - origin0
     time.sleep(0.2)  # nginx writes its log line after the response: let the last ones land
     _, handshakes, resumed = _log_counts(log, offset)
     memory = proc.memory_kib()
@@ -183,6 +188,10 @@ def measure(target: targets.Target, version: str, server: dict, args: argparse.N
         resumed_share=round(resumed / handshakes, 4) if handshakes else None,
         cpu_us_per_handshake=round(1e6 * cpu / handshakes, 1) if handshakes else None,
         cpu_share=round(cpu / args.duration, 3),
+        # What bounds a case where the proxy is not busy: nginx's TLS work, on the load core.
+        origin_cpu_share=round(origin_cpu / args.duration, 3),
+        proxy_core_busy_pct=core_busy_pct(jiffies0, jiffies, min(proxy)),
+        load_core_busy_pct=core_busy_pct(jiffies0, jiffies, min(load)),
         rss_mib=round(memory["rss_kib"] / 1024, 1), peak_rss_mib=round(memory["hwm_kib"] / 1024, 1),
     )
     failed = figures["non_2xx"] + sum(figures["errors"].values())
@@ -197,8 +206,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"keep-alive) to the proxy; nginx closes after every response; {meta['duration']} s per "
         f"case, median of {meta['rounds']} rounds; each proxy on one core.",
         "",
-        "| TLS | proxy | handshakes/s | vs Envoy | resumed | CPU/handshake | RSS | peak RSS |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| TLS | proxy | handshakes/s | vs Envoy | resumed | CPU/handshake | proxy CPU "
+        "| nginx CPU | load core busy | RSS | peak RSS |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for version in VERSIONS:
         envoy = next((r for r in rows if r["version"] == version and r["target"] == "envoy"), None)
@@ -206,12 +216,14 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             ratio = (f"{row['rps'] / envoy['rps']:.2f} x" if envoy and envoy["rps"] else "")
             share = row["resumed_share"]
             if row.get("error"):
-                lines.append(f"| {version} | {row['target']} | error: {row['error']} |||||||")
+                lines.append(f"| {version} | {row['target']} | error: {row['error']} ||||||||||")
                 continue
             lines.append(
                 f"| {version} | {row['target']} | {row['rps']:,.0f} | {ratio} | "
                 f"{'' if share is None else f'{100 * share:.1f} %'} | "
-                f"{row['cpu_us_per_handshake'] or ''} µs | {row['rss_mib']} MiB | "
+                f"{row['cpu_us_per_handshake'] or ''} µs | {100 * row['cpu_share']:.0f} % | "
+                f"{100 * row['origin_cpu_share']:.0f} % | {row['load_core_busy_pct']} % | "
+                f"{row['rss_mib']} MiB | "
                 f"{row['peak_rss_mib']} MiB |")
     return "\n".join(lines)
 
@@ -246,7 +258,8 @@ def main() -> None:
             for n in range(args.rounds):
                 for version in VERSIONS:
                     for name in (wanted if n % 2 == 0 else wanted[::-1]):
-                        row = measure(running[name], version, servers[version], args, load, work)
+                        row = measure(running[name], version, servers[version], args,
+                                      (proxy, load), nginx.proc, work)
                         print(json.dumps(row), flush=True)
                         rounds.setdefault((version, name), []).append(row)
         finally:
