@@ -75,11 +75,20 @@ INSECURE_WARNING: Final = (
 _Fingerprint = tuple[tuple[object, ...], ...]
 
 
+_SNI_KEYS: Final[dict[str | bytes, str]] = {}  # server name as given -> its cache key
+_SNI_KEYS_MAX: Final = 1024
+
+
 def _sni_key(name: str | bytes) -> str:
-    """The form `SSLObject.server_hostname` reports (IDNA A-label): lookups and captures agree."""
-    if isinstance(name, str):
-        name = name.encode("idna")
-    return name.decode("ascii").lower()
+    """The form `SSLObject.server_hostname` reports (IDNA A-label): lookups and captures agree.
+    Remembered per name: the IDNA codec is a Python-level codec, read on every connect."""
+    key = _SNI_KEYS.get(name)
+    if key is None:
+        key = (name.encode("idna") if isinstance(name, str) else name).decode("ascii").lower()
+        if len(_SNI_KEYS) >= _SNI_KEYS_MAX:
+            _SNI_KEYS.clear()
+        _SNI_KEYS[name] = key
+    return key
 
 
 def _still_valid(session: ssl.SSLSession) -> bool:

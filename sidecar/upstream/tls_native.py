@@ -104,11 +104,16 @@ AVAILABLE: Final = _LIB is not None
 class SessionOffer:
     """`offer(sslobj, session)`: `SSL_set_session` by reference, or False (use the pure path)."""
 
-    __slots__ = ("enabled", "_checked")
+    __slots__ = ("enabled", "_checked", "_session", "_pointer", "_owner")
 
     def __init__(self, enabled: bool = AVAILABLE) -> None:
         self.enabled = enabled and _LIB is not None
         self._checked = False
+        # The last session offered and its two pointers: a name's cached session changes about
+        # once per _RECAPTURE, so they are read from it once, not per connection.
+        self._session: ssl.SSLSession | None = None
+        self._pointer = 0
+        self._owner = 0
 
     def offer(self, sslobj: ssl.SSLObject, session: ssl.SSLSession) -> bool | None:
         """Offer `session` on the not yet started `sslobj` (made by the context the session
@@ -122,9 +127,13 @@ class SessionOffer:
                 self.enabled = False
                 return None
             self._checked = True
-        if _field(session, _SESSION_CTX) != id(sslobj.context):
+        if session is not self._session:
+            self._session = session
+            self._pointer = _field(session, _SESSION_PTR)
+            self._owner = _field(session, _SESSION_CTX)
+        if self._owner != id(sslobj.context):
             return None  # another context's session: the pure path refuses it (ValueError)
-        pointer = _field(session, _SESSION_PTR)
+        pointer = self._pointer
         if not lib.is_resumable(pointer):
             return False
         sock = sslobj._sslobj  # type: ignore[attr-defined]
