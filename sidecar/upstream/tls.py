@@ -23,7 +23,11 @@
 # opening a resumed connection per request (resumption was slower than full handshakes). So a
 # name's cache is refreshed only when it holds nothing captured in the last _RECAPTURE seconds,
 # or when an offered session was not resumed (the server no longer takes it): the session read
-# happens about once per name per _RECAPTURE, not per connection.
+# happens about once per name per _RECAPTURE, not per connection. Offering the session costs the
+# same copy the other way (`wrap_bio(session=)` copies before SSL_set_session), once per
+# connection: tls_native.py hands OpenSSL the cached session itself, by reference, and falls back
+# to `session=` where it cannot prove the objects' layout. And the certificate both loops decode
+# into the `peercert` extra at every handshake end is decoded only when read (`_PeerCert`).
 #
 # Scope. Sessions are cached per SNI name, not per endpoint: every endpoint of a cluster serves
 # the same name (and, in practice, shares ticket keys or a session cache), so a new connection to
