@@ -248,7 +248,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "its TLS 1.3 handshakes are full ones.",
     ]
     if meta.get("before"):
-        lines.append(f"`sidecar-before`: the same sidecar config run from `{meta['before']}`.")
+        lines.append(f"`sidecar-before`: the same config and build kind, run from {meta['before']}.")
     return "\n".join(lines)
 
 
@@ -261,6 +261,7 @@ def main() -> None:
     parser.add_argument("--only", default="sidecar,envoy")
     parser.add_argument("--before", type=Path,
                         help="also run the sidecar of this checkout, as `sidecar-before`")
+    parser.add_argument("--before-label", help="what --before is, for the table (e.g. a commit)")
     parser.add_argument("--priority", type=int, default=0,
                         help="nice value of every process started (-10 as root: see bench/README)")
     parser.add_argument("--workdir", type=Path, help="keep logs and configs here")
@@ -302,7 +303,7 @@ def main() -> None:
         row["rounds_rps"] = [r["rps"] for r in group]
         rows.append(row)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "build": sidecar_build(),
-            "before": str(args.before) if args.before else None,
+            "before": (args.before_label or str(args.before)) if args.before else None,
             "conns": args.conns, "duration": args.duration, "rounds": args.rounds,
             "priority": args.priority, "notes": notes}
     table = markdown(rows, meta)
