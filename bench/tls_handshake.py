@@ -248,7 +248,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "its TLS 1.3 handshakes are full ones.",
     ]
     if meta.get("before"):
-        lines.append(f"`sidecar-before`: the same config and build kind, run from {meta['before']}.")
+        lines.append(
+            f"`sidecar-before`: the same config and build kind, run from {meta['before']}."
+        )
     return "\n".join(lines)
 
 
