@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import ssl
+import weakref
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -20,15 +22,21 @@ import pytest
 import uvloop
 
 from sidecar.clock import FakeClock
+from sidecar.observe.stats import Stats
+from sidecar.timers import Wheel
+from sidecar.upstream import tls as tls_module
 from sidecar.upstream import tls_native
+from sidecar.upstream.pool import Pool, PoolSettings
 from sidecar.upstream.tls import _RECAPTURE, TlsOrigin, _ResumingContext
 from tests.harness import LOOPS
 from tests.integration.tls_servers import NginxTlsUpstream, Pki
+from tests.unit.test_pool import connect, eventually, request
 
 T = TypeVar("T")
 Run = Callable[[Coroutine[Any, Any, T]], T]
 SNI = "upstream.test"
 CONNECTIONS = 40
+CLOSED_CONNECTIONS = 5
 WAIT = 10.0
 
 
@@ -199,3 +207,47 @@ def test_peercert_extra_is_decoded_when_read(run: Run[Any], pki: Pki, tmp_path: 
     assert peercert["subjectAltName"] == expected["subjectAltName"]
     assert sslobj.getpeercert(binary_form=True) == sslobj._sslobj.getpeercert(True)
     assert unverified == {}
+
+
+@pytest.mark.parametrize("version", ["TLSv1.3", "TLSv1.2"])
+def test_a_closed_tls_connection_frees_its_tls_state_at_once(
+    run: Run[Any], pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, version: str
+) -> None:
+    """A closed upstream connection must not wait for the cyclic collector to free its TLS
+    transport: uvloop's SSLProtocol holds a 256 KiB read buffer (plus OpenSSL's SSL and BIOs),
+    and under an origin closing every connection the garbage waiting for a collection kept
+    ~100 MiB of heap (sidecar RSS 79 -> 105 MiB in 30 s; with the transport released at
+    connection_lost, 58 MiB flat). The collector is off here: what is freed is freed by
+    reference counting. The context keeps the newest connection's SSLObject by design."""
+    alive: weakref.WeakSet[ssl.SSLObject] = weakref.WeakSet()
+
+    class Tracked(tls_module._SSLObject):
+        @classmethod
+        def _create(cls, *args: Any, **kwargs: Any) -> Tracked:
+            obj: Tracked = super()._create(*args, **kwargs)  # type: ignore[misc]
+            alive.add(obj)
+            return obj
+
+    monkeypatch.setattr(_ResumingContext, "sslobject_class", Tracked)
+
+    async def scenario(port: int) -> int:
+        loop = asyncio.get_running_loop()
+        origin = TlsOrigin(sni=SNI, ca_file=pki.ca_file)
+        pool = Pool("c", "127.0.0.1", port, PoolSettings(), Stats().cluster("c"), loop,
+                    Wheel(loop), origin)
+        for _ in range(CLOSED_CONNECTIONS):
+            conn = await connect(pool)
+            head = await request(pool, conn)  # nginx answers Connection: close
+            assert head.status == 200
+        # Bounded poll: uvloop frees a closed handle on a later loop iteration.
+        await eventually(lambda: not pool.total and len(alive) <= 1, WAIT)
+        return len(alive)
+
+    gc.collect()
+    gc.disable()
+    try:
+        with NginxTlsUpstream(tmp_path / "nginx", pki.server, version=version) as nginx:
+            left = run(scenario(nginx.ports[0]))
+    finally:
+        gc.enable()
+    assert left <= 1
