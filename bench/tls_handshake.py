@@ -213,6 +213,19 @@ def measure(target: targets.Target, version: str, server: dict, args: argparse.N
     return row
 
 
+def _bound(row: dict[str, Any]) -> str:
+    """What limited the case: the proxy's core (its CPU), else the load core (wrk and nginx,
+    or other work on the machine), else latency. A rate ratio means something only between
+    rows bound by the proxy; CPU/handshake compares in every case."""
+    if row["cpu_share"] >= 0.9:
+        return "proxy CPU"
+    if (row.get("load_core_busy_pct") or 0) >= 90:
+        return "load core"
+    if (row.get("proxy_core_busy_pct") or 0) >= 90:
+        return "proxy core (shared)"
+    return "latency"
+
+
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         f"{meta['date']}; sidecar {meta['build']}; {meta['conns']} app connections (HTTP/1.1 "
@@ -220,8 +233,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"case, median of {meta['rounds']} rounds; each proxy on one core.",
         "",
         "| TLS | proxy | handshakes/s | vs Envoy | resumed | CPU/handshake | proxy CPU "
-        "| nginx CPU | load core busy | RSS | peak RSS |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| nginx CPU | load core busy | bound by | RSS | peak RSS |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for version in VERSIONS:
         envoy = next((r for r in rows if r["version"] == version and r["target"] == "envoy"), None)
@@ -229,13 +242,14 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             ratio = (f"{row['rps'] / envoy['rps']:.2f} x" if envoy and envoy["rps"] else "")
             share = row["resumed_share"]
             if row.get("error"):
-                lines.append(f"| {version} | {row['target']} | error: {row['error']} ||||||||||")
+                lines.append(f"| {version} | {row['target']} | error: {row['error']} |||||||||||")
                 continue
             lines.append(
                 f"| {version} | {row['target']} | {row['rps']:,.0f} | {ratio} | "
                 f"{'' if share is None else f'{100 * share:.1f} %'} | "
                 f"{row['cpu_us_per_handshake'] or ''} µs | {100 * row['cpu_share']:.0f} % | "
                 f"{100 * row['origin_cpu_share']:.0f} % | {row['load_core_busy_pct']} % | "
+                f"{_bound(row)} | "
                 f"{row['rss_mib']} MiB | "
                 f"{row['peak_rss_mib']} MiB |")
     lines += [
@@ -243,7 +257,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "Handshakes/s = requests/s (every request opens an upstream connection); resumed: "
         "nginx's `$ssl_session_reused`; CPU/handshake: the proxy's CPU time over the case / "
         "handshakes; proxy CPU: its share of its core; nginx CPU and load core busy: what bounds "
-        "a case where the proxy's share is well under 100 %. Envoy (BoringSSL) uses a TLS 1.3 "
+        "a case where the proxy's share is well under 100 % (then the rate ratio says little and "
+        "CPU/handshake is the comparison). Envoy (BoringSSL) uses a TLS 1.3 "
         "ticket once and keeps one session per cluster, so with 16 connections at once most of "
         "its TLS 1.3 handshakes are full ones.",
     ]
