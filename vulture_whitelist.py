@@ -52,6 +52,7 @@ _.build_registry  # observe/metrics.py: the reference registry the scrape is com
 # (test_scrape.py), and the admin tests' /metrics (test_admin.py, test_metrics_names.py)
 _.in_progress  # http/parser.py ResponseParser: a response begun, not ended (test_http_parser.py)
 _.connecting_count  # upstream/pool.py: refills in flight (test_min_idle, test_terminating_endpoint)
+_.resumption_ratio  # upstream/tls.py TlsOrigin: its own count, compared with the client's (test_tls.py)
 
 # --- hooks for the HTTP/2 helpers (issue 15): the data path calls them once h2app/h2up land;
 # tests/unit/test_grpc_metrics.py uses them now. Delete these entries at merge. ---------------
@@ -65,8 +66,6 @@ _.is_idle  # upstream/connection.py
 _.is_closed  # upstream/connection.py
 _.has_expired  # upstream/connection.py
 _.tls_resumed  # upstream/connection.py:175, upstream/pool.py:389: written, never read
-_.on_closing  # upstream/pool.py:110 and upstream/tls.py:339 (TlsHooks.on_closing)
-_.redacted_view  # upstream/tls.py
 
 # --- the HTTP/2 engine's API (sidecar/http/h2engine.py), called by the app-side and
 # endpoint-side HTTP/2 protocols (h2app/h2up); tests/unit/test_h2engine.py drives it now.
