@@ -96,7 +96,7 @@ def build(policies: bool) -> tuple[DownstreamProtocol, UpstreamConnection, Any]:
     now = loop.time()
     conn = UpstreamConnection(pool, pool.key, now, now + 1e9)
     conn.connection_made(MemoryTransport())
-    conn.state = State.IDLE
+    conn.connected(now)
     pool._park(conn)  # noqa: SLF001 (a bench: the pool normally gets it from a connect)
 
     class Clusters:

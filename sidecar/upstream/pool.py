@@ -46,8 +46,9 @@ from sidecar.errors import (
     local_shortage,
 )
 from sidecar.observe.stats import ClusterStats
+from sidecar.streams import Carrier, CarrierOwner, EndpointStream, EndpointUser, StreamWaiter
 from sidecar.timers import Timed, Wheel
-from sidecar.upstream.connection import State, UpstreamConnection
+from sidecar.upstream.connection import UpstreamConnection
 
 log = logging.getLogger("sidecar.pool")
 
@@ -92,10 +93,11 @@ class PoolSettings:
         )
 
 
-class Waiter(Protocol):
-    """A request waiting for a connection (the exchange)."""
+class TunnelWaiter(Protocol):
+    """A `protocol: tcp` listener's app connection waiting for its dedicated upstream socket
+    (`Pool.open_dedicated`). A Protocol: one call per TCP connection, off the request path."""
 
-    def on_pool_connection(self, conn: UpstreamConnection) -> None: ...
+    def on_pool_tunnel(self, transport: asyncio.Transport) -> None: ...
     def on_pool_error(self, exc: SidecarError) -> None: ...
 
 
@@ -115,10 +117,13 @@ class TlsHooks(Protocol):
 class _Pending(Timed):
     """A queued waiter with its pending_timeout deadline (a Timed for the wheel)."""
 
-    __slots__ = ("waiter", "deadline", "filed_bucket", "since", "pool", "done")
+    __slots__ = ("waiter", "user", "method", "deadline", "filed_bucket", "since", "pool", "done")
 
-    def __init__(self, waiter: Waiter, since: float, deadline: float, pool: Pool) -> None:
+    def __init__(self, waiter: StreamWaiter, user: EndpointUser, method: bytes, since: float,
+                 deadline: float, pool: Pool) -> None:
         self.waiter = waiter
+        self.user = user
+        self.method = method
         self.since = since
         self.deadline = deadline
         self.filed_bucket = 0
@@ -130,7 +135,7 @@ class _Pending(Timed):
             self.pool._expire_waiter(self)
 
 
-class Pool(Timed):
+class Pool(Timed, CarrierOwner):
     __slots__ = (
         "cluster",
         "ip",
@@ -151,7 +156,7 @@ class Pool(Timed):
         "learned_idle_timeout",
         "closing",
         "on_connection_closed",
-        "inflight",
+        "_tunnels",
         "watch_closes",
         "early_closes",
         "no_reuse_until",
@@ -179,8 +184,8 @@ class Pool(Timed):
         self.tls = tls
         self._loop = loop
         self._wheel = wheel
-        self._idle: list[UpstreamConnection] = []  # a stack: the freshest is last
-        self._active: set[UpstreamConnection] = set()
+        self._idle: list[Carrier] = []  # a stack: the freshest is last
+        self._active: set[Carrier] = set()  # carrying a request's stream
         self._connecting = 0
         self._waiters: deque[_Pending] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -188,7 +193,7 @@ class Pool(Timed):
         self.filed_bucket = 0
         self.learned_idle_timeout = math.inf
         self.closing = False
-        self.inflight = 0  # requests using this endpoint now (least-request balancing)
+        self._tunnels = 0  # dedicated connections (TCP listeners) not yet closed
         self.watch_closes = False  # the endpoint closes idle connections: look before reuse
         self.early_closes = 0  # closes right after a response, in a row
         self.no_reuse_until = 0.0  # loop time until which connections are not reused
@@ -202,6 +207,13 @@ class Pool(Timed):
     # --- introspection ---------------------------------------------------------------------------
     def now(self) -> float:
         return self._loop.time()
+
+    @property
+    def inflight(self) -> int:
+        """Requests using this endpoint now (least-request balancing): waiting for a stream,
+        carried by one, or a TCP listener's tunnel. Counted here alone, from what the pool
+        holds, so it cannot drift (the drain and the balancer read it)."""
+        return len(self._active) + len(self._waiters) + self._tunnels
 
     @property
     def idle_count(self) -> int:
@@ -234,7 +246,7 @@ class Pool(Timed):
         return min(self.settings.idle_timeout, self.learned_idle_timeout)
 
     # --- acquiring ------------------------------------------------------------------------------
-    def take_idle(self) -> UpstreamConnection | None:
+    def take_idle(self) -> Carrier | None:
         """A fresh idle connection, synchronously, or None. Expired ones found on the way are
         closed (that is the second line of defence; the expiry timer is the first)."""
         idle = self._idle
@@ -244,36 +256,31 @@ class Pool(Timed):
         idle_timeout = self._idle_timeout()
         while idle:
             conn = idle.pop()
-            # `reusable` too: between the EOF of an upstream closing an idle connection and its
-            # connection_lost (a loop iteration later) the state is still IDLE.
-            if (
-                conn.state is State.IDLE
-                and conn.reusable
-                and now < conn.idle_expiry(idle_timeout)
-                and not (self.watch_closes and conn.peer_gone())
-            ):
+            if conn.usable(now, idle_timeout) and not (self.watch_closes and conn.peer_gone()):
                 self._active.add(conn)
-                conn.taken_at = now
                 if len(idle) < self.settings.min_idle:
                     self.prewarm()  # refill now: the next burst finds warm connections
                 return conn
             self._retire(conn, now)
         return None
 
-    def acquire(self, waiter: Waiter, fresh: bool = False) -> UpstreamConnection | None:
-        """A connection now, or None after queueing `waiter` (it is then called back exactly
-        once with `on_pool_connection` or `on_pool_error`). Raises PoolTimeout when the queue
-        is full. `fresh`: skip idle connections and open a new one (after a stale one)."""
+    def acquire(
+        self, waiter: StreamWaiter, user: EndpointUser, method: bytes, fresh: bool = False
+    ) -> EndpointStream | None:
+        """A stream bound to `user` now (`method`: the request's, for the response parser),
+        or None after queueing `waiter` (it is then called back exactly once with
+        `on_pool_stream` or `on_pool_error`, unless it cancels). Raises PoolTimeout when the
+        queue is full. `fresh`: skip idle connections and open a new one (after a stale one)."""
         if not fresh:
             conn = self.take_idle()
             if conn is not None:
-                return conn
+                return conn.open_stream(user, method, self._loop.time())
         if self.closing:
             raise ConnectFailed(f"{self.key}: endpoint is being removed", self.cluster)
         if len(self._waiters) >= self.settings.max_pending:
             raise PoolTimeout(f"{self.key}: max_pending ({self.settings.max_pending}) reached")
         now = self._loop.time()
-        pending = _Pending(waiter, now, now + self.settings.pending_timeout, self)
+        pending = _Pending(waiter, user, method, now, now + self.settings.pending_timeout, self)
         self._waiters.append(pending)
         self._wheel.schedule(pending)
         # Open a connection for every waiter not already covered by a connect in flight.
@@ -288,7 +295,7 @@ class Pool(Timed):
         # be down, and refills per request would multiply the connects it refuses.
         return None
 
-    def cancel(self, waiter: Waiter) -> None:
+    def cancel(self, waiter: StreamWaiter) -> None:
         """The waiter went away (the app disconnected, or its deadline passed)."""
         for pending in self._waiters:
             if pending.waiter is waiter:
@@ -324,13 +331,15 @@ class Pool(Timed):
                 return pending
         return None
 
-    def _hand_over(self, conn: UpstreamConnection) -> bool:
-        """Give `conn` (already counted active) to the oldest waiter. False when none."""
+    def _hand_over(self, conn: Carrier) -> bool:
+        """Open a stream on `conn` (already counted active) for the oldest waiter. False when
+        there is none."""
         pending = self._next_waiter()
         if pending is None:
             return False
-        self.stats.pool_wait.observe(self._loop.time() - pending.since)
-        pending.waiter.on_pool_connection(conn)
+        now = self._loop.time()
+        self.stats.pool_wait.observe(now - pending.since)
+        pending.waiter.on_pool_stream(conn.open_stream(pending.user, pending.method, now))
         return True
 
     # --- connecting -----------------------------------------------------------------------------
@@ -383,10 +392,8 @@ class Pool(Timed):
         tls = self.tls
         if tls is not None and conn.transport is not None:
             tls.on_connected(conn.transport)
-            ssl_object = conn.transport.get_extra_info("ssl_object")
-            if ssl_object is not None:
-                resumed = bool(ssl_object.session_reused)
-                conn.tls_resumed = resumed
+            resumed = conn.tls_handshake()
+            if resumed is not None:
                 self.stats.tls_handshakes[resumed] += 1
 
     def _connect_error(self, exc: BaseException) -> SidecarError:
@@ -417,54 +424,68 @@ class Pool(Timed):
             return
         self._connecting -= 1
         self._connected(conn, started)
-        if conn.state is State.CLOSED:
+        if conn.is_closed():
             return  # lost between connect and now
         if self.closing:
             conn.close("endpoint_removed")
             return
-        conn.state = State.IDLE
-        conn.idle_since = loop.time()
+        conn.connected(loop.time())
         self._active.add(conn)
         if not self._hand_over(conn):
             self._active.discard(conn)
             self._park(conn)
 
     # --- dedicated connections (TCP listeners' tunnels) --------------------------------------
-    def open_dedicated(self, waiter: Waiter) -> None:
+    def open_dedicated(self, waiter: TunnelWaiter) -> None:
         """Open a connection of its own for `waiter` (a `protocol: tcp` listener's tunnel) and
         call it back exactly once. Outside `max_connections`, `max_pending` and
         `pending_timeout`: those bound pooled HTTP requests, and a burst of tunnels must not
         take their places (1,500 simultaneous TCP connections once left 1,077 of them closed
         without data and an HTTP request to the same cluster with 503 pool_timeout). What
         bounds tunnels is their listener's `max_connections` and the kernel backlog; only
-        `connect_timeout` applies here. Raises ConnectFailed when the endpoint is going."""
+        `connect_timeout` applies here. Raises ConnectFailed when the endpoint is going.
+
+        Counted in `inflight` from here until `tunnel_closed` (or `on_pool_error`, which is
+        called after the count is given back)."""
         if self.closing:
             raise ConnectFailed(f"{self.key}: endpoint is being removed", self.cluster)
+        self._tunnels += 1
         task = self._loop.create_task(self._connect_dedicated(waiter))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _connect_dedicated(self, waiter: Waiter) -> None:
+    async def _connect_dedicated(self, waiter: TunnelWaiter) -> None:
         loop = self._loop
         started = loop.time()
         conn = UpstreamConnection(self, self.key, started, math.inf)
         try:
             await self._open(conn)
         except asyncio.CancelledError:
+            self._tunnels -= 1
             conn.abort("drain")
             raise
         except Exception as exc:
+            self._tunnels -= 1
             waiter.on_pool_error(self._connect_error(exc))
             return
         self._connected(conn, started)
-        if conn.state is State.CLOSED:
+        transport = None
+        if not conn.is_closed():
+            conn.connected(loop.time())
+            self._active.add(conn)
+            # The one tunnel hand-off, as for CONNECT: a stream whose socket is detached.
+            transport = conn.open_stream(_TUNNEL_USER, b"", loop.time()).detach()
+        if transport is None:
+            self._tunnels -= 1
             waiter.on_pool_error(
                 ConnectFailed(f"{self.key}: closed right after connecting", self.cluster)
             )
             return
-        conn.state = State.IDLE
-        self._active.add(conn)  # the waiter binds it and takes it out with discard()
-        waiter.on_pool_connection(conn)
+        waiter.on_pool_tunnel(transport)
+
+    def tunnel_closed(self) -> None:
+        """A tunnel `open_dedicated` gave out has ended: it no longer counts in `inflight`."""
+        self._tunnels -= 1
 
     def _describe(self, exc: BaseException) -> str:
         if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
@@ -488,41 +509,51 @@ class Pool(Timed):
             self._start_connect()
 
     # --- returning ------------------------------------------------------------------------------
-    def release(self, conn: UpstreamConnection, now: float = 0.0) -> None:
-        """The exchange is done with `conn`; keep it if it is reusable, else close it. `now`:
-        the loop time, when the caller has just read it."""
+    def release(self, stream: EndpointStream, now: float = 0.0) -> None:
+        """The request is done with `stream` (its response ended): as `stream.release`."""
+        stream.release(now or self._loop.time(), True)
+
+    # --- CarrierOwner: a connection tells the pool about itself ----------------------------------
+    def stream_released(self, conn: Carrier, now: float, reusable: bool) -> None:
         self._active.discard(conn)
-        if conn.state is State.CLOSED:
+        if conn.is_closed():
             return
-        conn.unbind()
-        if not conn.tls_captured and self.tls is not None and conn.transport is not None:
-            # TLS 1.3 tickets arrive after the handshake: by the end of a response they are in.
-            conn.tls_captured = True
-            self.tls.capture_session(conn.transport)
-        if not now:
-            now = self._loop.time()
-        if not conn.reusable or now < self.no_reuse_until:
+        if self.tls is not None:
+            transport = conn.tls_session_due()
+            if transport is not None:
+                self.tls.capture_session(transport)
+        if not conn.is_reusable() or now < self.no_reuse_until:
             conn.close("not_reusable")
             self.stats.closed("not_reusable")
             self._maybe_connect_for_waiters()
             return
-        if self.early_closes and conn.requests > 1:
+        if self.early_closes and conn.streams_opened() > 1:
             self.early_closes = 0  # a reused connection got its response: not every close
-        if now >= conn.expires_at:
+        if conn.past_lifetime(now):
             conn.close("max_lifetime")
             self.stats.closed("max_lifetime")
             self._maybe_connect_for_waiters()
             return
-        conn.idle_since = now
+        conn.parked(now)
         if self._waiters:
             self._active.add(conn)
-            conn.taken_at = now
             if self._hand_over(conn):
-                return  # the waiter has bound it
+                return  # the waiter has its stream
             self._active.discard(conn)
         self._park(conn)
 
-    def _park(self, conn: UpstreamConnection) -> None:
+    def stream_reset(self, conn: Carrier, reason: str) -> None:
+        self._active.discard(conn)
+        if conn.is_closed():
+            return  # carrier_closed already counted why
+        self.stats.closed(reason)
+        if reason != "tunnel":
+            self._maybe_connect_for_waiters()
+
+    def tls_error(self, exc: BaseException) -> str | None:
+        return self.tls.describe_error(exc) if self.tls is not None else None
+
+    def _park(self, conn: Carrier) -> None:
         if self.closing:
             conn.close("drain")
             self.stats.closed("drain")
@@ -538,29 +569,20 @@ class Pool(Timed):
             # max_idle, every release closes a connection the next request reopens (seen: half
             # the throughput at 64 app connections with the default max_idle of 20). The excess
             # is trimmed instead, oldest first, once it has stayed idle EXCESS_IDLE seconds.
-            expiry = idle[0].idle_since + EXCESS_IDLE
+            expiry = idle[0].idle_since() + EXCESS_IDLE
         else:
-            expiry = conn.idle_expiry(self._idle_timeout())
+            expiry = conn.expiry(self._idle_timeout())
         if expiry < self.deadline:
             self.deadline = expiry
             self._wheel.schedule(self)
 
-    def discard(self, conn: UpstreamConnection, reason: str, abort: bool = False) -> None:
-        """Take `conn` out for good (error, timeout, tunnel): never back in the pool."""
-        if conn.state is State.CLOSED:
-            self._active.discard(conn)  # on_closed already counted why
-            return
-        self._active.discard(conn)
-        if conn.state is State.TUNNEL:
-            conn.state = State.CLOSED  # the tunnel owns the socket now
-            self.stats.closed(reason)
-            return
+    def discard(self, conn: Carrier, reason: str, abort: bool = False) -> None:
+        """Take `conn` out for good (error, timeout): never back in the pool."""
+        self.stream_reset(conn, reason)
         if abort:
             conn.abort(reason)
         else:
             conn.close(reason)
-        self.stats.closed(reason)
-        self._maybe_connect_for_waiters()
 
     def _maybe_connect_for_waiters(self) -> None:
         if (
@@ -571,7 +593,7 @@ class Pool(Timed):
         ):
             self._start_connect()
 
-    def on_closed(self, conn: UpstreamConnection, was_idle: bool) -> None:
+    def carrier_closed(self, conn: Carrier, was_idle: bool) -> None:
         """Called by a connection whose socket closed (by us or by the upstream)."""
         if was_idle:
             try:
@@ -580,8 +602,8 @@ class Pool(Timed):
                 pass
             else:
                 now = self._loop.time()
-                idle_for = now - conn.idle_since
-                if conn.close_reason == "remote_closed":
+                idle_for = conn.idle_for(now)
+                if conn.closed_by_peer():
                     self.stats.closed("remote_closed")
                     self.watch_closes = True
                     # The upstream closes idle connections sooner than we would: learn it, so
@@ -594,18 +616,18 @@ class Pool(Timed):
                         self.prewarm()  # not after our own closes (drain, rotation, expiry)
         elif conn in self._active:
             self._active.discard(conn)
-            if conn.close_reason == "remote_closed":
+            if conn.closed_by_peer():
                 self.stats.closed("remote_closed")
         if self.on_connection_closed is not None:
             self.on_connection_closed(self)
         self._maybe_connect_for_waiters()
 
-    def note_race(self, conn: UpstreamConnection, now: float) -> None:
+    def race_lost(self, conn: Carrier, idle_before: float, now: float) -> None:
         """A request on `conn`, reused, lost the keep-alive race (the exchange saw it). The
         endpoint closes idle connections; if `conn` had been idle only a moment, it closed it
         right after its last response."""
         self.watch_closes = True
-        if conn.taken_at - conn.idle_since <= EARLY_CLOSE:
+        if idle_before <= EARLY_CLOSE:
             self.note_early_close(now)
 
     def note_early_close(self, now: float) -> None:
@@ -621,30 +643,29 @@ class Pool(Timed):
                          "them for %gs", self.cluster, self.key, REUSE_HOLD)
             self.no_reuse_until = now + REUSE_HOLD
 
-    def _retire(self, conn: UpstreamConnection, now: float) -> None:
-        if conn.state is State.CLOSED:
+    def _retire(self, conn: Carrier, now: float) -> None:
+        if conn.is_closed():
             return
-        if not conn.reusable:
+        if not conn.is_reusable():
             reason = "remote_closed"
-            if now - conn.idle_since <= EARLY_CLOSE:
+            if conn.idle_for(now) <= EARLY_CLOSE:
                 self.note_early_close(now)  # closed right after its response
-        elif now >= conn.expires_at:
+        elif conn.past_lifetime(now):
             reason = "max_lifetime"
         else:
             reason = "idle_timeout"
-        conn.state = State.IDLE
         conn.close(reason)
         self.stats.closed(reason)
 
     # --- the pool's one timer ---------------------------------------------------------------------
     def on_deadline(self, now: float) -> None:
         idle_timeout = self._idle_timeout()
-        keep: list[UpstreamConnection] = []
+        keep: list[Carrier] = []
         nxt = math.inf
         for conn in self._idle:
-            if conn.state is not State.IDLE:
+            if not conn.is_idle():
                 continue
-            expiry = conn.idle_expiry(idle_timeout)
+            expiry = conn.expiry(idle_timeout)
             if expiry <= now:
                 self._retire(conn, now)
             else:
@@ -653,13 +674,13 @@ class Pool(Timed):
         # Trim idle connections beyond max_idle that stayed unused EXCESS_IDLE seconds. The list
         # is a stack (freshest last), so the longest idle are at the front.
         excess = len(keep) - self.settings.max_idle
-        while excess > 0 and keep[0].idle_since + EXCESS_IDLE <= now:
+        while excess > 0 and keep[0].idle_since() + EXCESS_IDLE <= now:
             conn = keep.pop(0)
             conn.close("pool_full")
             self.stats.closed("pool_full")
             excess -= 1
         if excess > 0:
-            nxt = min(nxt, keep[0].idle_since + EXCESS_IDLE)
+            nxt = min(nxt, keep[0].idle_since() + EXCESS_IDLE)
         self._idle = keep
         self.deadline = nxt
         self._wheel.schedule(self)
@@ -682,7 +703,7 @@ class Pool(Timed):
         connections to other (newer) endpoints. Returns how many were closed."""
         if count <= 0 or not self._idle:
             return 0
-        victims = sorted(self._idle, key=lambda c: c.created_at)[:count]
+        victims = sorted(self._idle, key=lambda c: c.opened_at())[:count]
         for conn in victims:
             self._idle.remove(conn)
             conn.close("rotated")
@@ -725,3 +746,13 @@ class Pool(Timed):
     @property
     def empty(self) -> bool:
         return not self._active and not self._idle and not self._connecting
+
+
+class _TunnelUser(EndpointUser):
+    """Bound for the instant between a dedicated connection's stream opening and its socket
+    being detached to a tunnel (`_connect_dedicated`); nothing reaches it."""
+
+    __slots__ = ()
+
+
+_TUNNEL_USER: Final = _TunnelUser()

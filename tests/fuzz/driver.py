@@ -365,7 +365,7 @@ class Origin:
         """Called from the sidecar's write: parse only; answers come from the driver."""
         conn = self.conn
         if self.tunnel or not isinstance(conn, UpstreamConnection) \
-                or conn.state is State.TUNNEL:
+                or conn.state in (State.TUNNEL, State.CLOSED):
             self.tunnel = True  # a CONNECT tunnel: raw bytes, no HTTP
             self.raw += data
             return
@@ -520,12 +520,13 @@ def _warm(settings: Any) -> Any:
 def _held(proto: DownstreamProtocol) -> int:
     """Bytes the protocol holds for later: pipelined events, a body's replay copy, output."""
     held = sum(len(p) for p in proto._out)  # noqa: SLF001 (a property of the fuzz harness)
+    held += len(proto._upgrade_rest)  # noqa: SLF001
     for kind, value in proto.queue or ():
         if kind in ("body", "upgrade"):
             held += len(value)
     ex = proto.exchange
     if ex is not None:
-        held += len(ex.upgrade_rest) + sum(len(p) for p in ex.body or ())
+        held += sum(len(p) for p in ex.body or ())
     return held
 
 
