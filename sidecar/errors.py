@@ -120,11 +120,10 @@ def local_shortage(exc: BaseException | None) -> bool:
 
 # --- the upstream leg ------------------------------------------------------------------------
 class UpstreamError(SidecarError):
-    """Something went wrong talking to the upstream. `before_response` is True when no response
-    byte had arrived: the only case in which a retry can be invisible to the app."""
+    """Something went wrong talking to the upstream (whether a retry could be invisible to the
+    app is the exchange's to judge: it knows whether a response byte reached the app)."""
 
     status = 502
-    before_response = True
 
 
 class ConnectFailed(UpstreamError):

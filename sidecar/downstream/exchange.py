@@ -32,6 +32,7 @@ from sidecar.errors import (
 from sidecar.flow_control import PEER_WRITE_FULL, WAITING_UPSTREAM
 from sidecar.http.headers import Headers
 from sidecar.http.parser import RequestHead, ResponseHead
+from sidecar.policy.resilience import Attempt
 from sidecar.policy.retry import STALE, failed_try, is_keepalive_race
 from sidecar.streams import (
     AppExchange,
@@ -70,7 +71,7 @@ _PHASES: Final[dict[Phase, frozenset[Phase]]] = {
 }
 
 
-class Exchange(AppExchange, EndpointUser, StreamWaiter):
+class Exchange(AppExchange, EndpointUser, StreamWaiter, Attempt):
     """No `__slots__`: the many per-request fields start as class attributes, and __init__
     sets only the few that depend on the request (one exchange per request, so it counts)."""
 
@@ -82,6 +83,7 @@ class Exchange(AppExchange, EndpointUser, StreamWaiter):
     try_deadline: float = math.inf
     attempt: int = 0
     max_attempts: int = 1
+    replayable: bool = False  # may be sent again (idempotent, or keyed, and small enough)
     request_done: bool = False  # the app sent the whole request
     # The request body held here: until a stream is attached (pending), and for replay
     # while the request is replayable and small enough. None: nothing is kept (yet).
@@ -108,6 +110,10 @@ class Exchange(AppExchange, EndpointUser, StreamWaiter):
         self.sent_at = now
         self.replayable = head.method in IDEMPOTENT or head.idempotency_key
         self.keep_alive = head.keep_alive
+
+    def endpoint_key(self) -> str | None:
+        pool = self.pool
+        return pool.key if pool is not None else None
 
     def _phase(self, new: Phase) -> None:
         if new not in _PHASES[self.phase]:

@@ -749,7 +749,9 @@ def _check_sent(world: World) -> None:
             origin.broken = True
             continue
         ex = conn.user
-        if ex is None or not getattr(ex, "request_sent", False) or ex.head.method == b"CONNECT":
+        # Wholly sent: the exchange has the request's end and this connection's stream.
+        if (ex is None or not getattr(ex, "request_done", False) or ex.stream is not conn
+                or ex.head.method == b"CONNECT"):
             continue
         cur = origin.current
         if cur is None or cur.owner is not ex or not cur.complete:
