@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
+from sidecar.clock import Clock
 from sidecar.errors import (
     ConnectFailed,
     LocalResourcesExhausted,
@@ -144,6 +145,7 @@ class Pool(Timed, CarrierOwner):
         "settings",
         "stats",
         "_loop",
+        "_now",
         "_wheel",
         "_idle",
         "_active",
@@ -174,6 +176,7 @@ class Pool(Timed, CarrierOwner):
         loop: asyncio.AbstractEventLoop,
         wheel: Wheel,
         tls: TlsHooks | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.cluster = cluster
         self.ip = ip
@@ -183,6 +186,9 @@ class Pool(Timed, CarrierOwner):
         self.stats = stats
         self.tls = tls
         self._loop = loop
+        # The one clock the pool reads (sidecar/clock.py): the loop's, unless a test gives a
+        # fake one. A bound method, called without a lookup by name.
+        self._now: Callable[[], float] = clock.now if clock is not None else loop.time
         self._wheel = wheel
         self._idle: list[Carrier] = []  # a stack: the freshest is last
         self._active: set[Carrier] = set()  # carrying a request's stream
@@ -206,7 +212,7 @@ class Pool(Timed, CarrierOwner):
 
     # --- introspection ---------------------------------------------------------------------------
     def now(self) -> float:
-        return self._loop.time()
+        return self._now()
 
     @property
     def inflight(self) -> int:
@@ -246,13 +252,15 @@ class Pool(Timed, CarrierOwner):
         return min(self.settings.idle_timeout, self.learned_idle_timeout)
 
     # --- acquiring ------------------------------------------------------------------------------
-    def take_idle(self) -> Carrier | None:
+    def take_idle(self, now: float = 0.0) -> Carrier | None:
         """A fresh idle connection, synchronously, or None. Expired ones found on the way are
-        closed (that is the second line of defence; the expiry timer is the first)."""
+        closed (that is the second line of defence; the expiry timer is the first). `now`:
+        the clock, if the caller has just read it."""
         idle = self._idle
         if not idle:
             return None
-        now = self._loop.time()
+        if not now:
+            now = self._now()
         idle_timeout = self._idle_timeout()
         while idle:
             conn = idle.pop()
@@ -271,15 +279,15 @@ class Pool(Timed, CarrierOwner):
         or None after queueing `waiter` (it is then called back exactly once with
         `on_pool_stream` or `on_pool_error`, unless it cancels). Raises PoolTimeout when the
         queue is full. `fresh`: skip idle connections and open a new one (after a stale one)."""
+        now = self._now()
         if not fresh:
-            conn = self.take_idle()
+            conn = self.take_idle(now)
             if conn is not None:
-                return conn.open_stream(user, method, self._loop.time())
+                return conn.open_stream(user, method, now)
         if self.closing:
             raise ConnectFailed(f"{self.key}: endpoint is being removed", self.cluster)
         if len(self._waiters) >= self.settings.max_pending:
             raise PoolTimeout(f"{self.key}: max_pending ({self.settings.max_pending}) reached")
-        now = self._loop.time()
         pending = _Pending(waiter, user, method, now, now + self.settings.pending_timeout, self)
         self._waiters.append(pending)
         self._wheel.schedule(pending)
@@ -315,7 +323,7 @@ class Pool(Timed, CarrierOwner):
             self._waiters.remove(pending)
         except ValueError:
             return
-        self.stats.pool_wait.observe(self._loop.time() - pending.since)
+        self.stats.pool_wait.observe(self._now() - pending.since)
         pending.waiter.on_pool_error(
             PoolTimeout(
                 f"no connection to {self.key} within {self.settings.pending_timeout:g}s",
@@ -337,7 +345,7 @@ class Pool(Timed, CarrierOwner):
         pending = self._next_waiter()
         if pending is None:
             return False
-        now = self._loop.time()
+        now = self._now()
         self.stats.pool_wait.observe(now - pending.since)
         pending.waiter.on_pool_stream(conn.open_stream(pending.user, pending.method, now))
         return True
@@ -388,7 +396,7 @@ class Pool(Timed, CarrierOwner):
         """A connect succeeded: count it, its duration and its TLS handshake (resumed or not),
         and hand the TLS session to the cache."""
         self.stats.connections_opened += 1
-        self.stats.connect_duration.observe(self._loop.time() - started)
+        self.stats.connect_duration.observe(self._now() - started)
         tls = self.tls
         if tls is not None and conn.transport is not None:
             tls.on_connected(conn.transport)
@@ -405,9 +413,8 @@ class Pool(Timed, CarrierOwner):
         return ConnectFailed(self._describe(exc), self.cluster)
 
     async def _connect(self) -> None:
-        loop = self._loop
         settings = self.settings
-        started = loop.time()
+        started = self._now()
         # Jitter max_lifetime by up to -20 % so connections opened together do not all
         # expire (and reconnect) together.
         lifetime = settings.max_lifetime * (1.0 - 0.2 * random.random())
@@ -429,7 +436,7 @@ class Pool(Timed, CarrierOwner):
         if self.closing:
             conn.close("endpoint_removed")
             return
-        conn.connected(loop.time())
+        conn.connected(self._now())
         self._active.add(conn)
         if not self._hand_over(conn):
             self._active.discard(conn)
@@ -455,8 +462,7 @@ class Pool(Timed, CarrierOwner):
         task.add_done_callback(self._tasks.discard)
 
     async def _connect_dedicated(self, waiter: TunnelWaiter) -> None:
-        loop = self._loop
-        started = loop.time()
+        started = self._now()
         conn = UpstreamConnection(self, self.key, started, math.inf)
         try:
             await self._open(conn)
@@ -471,10 +477,10 @@ class Pool(Timed, CarrierOwner):
         self._connected(conn, started)
         transport = None
         if not conn.is_closed():
-            conn.connected(loop.time())
+            conn.connected(self._now())
             self._active.add(conn)
             # The one tunnel hand-off, as for CONNECT: a stream whose socket is detached.
-            transport = conn.open_stream(_TUNNEL_USER, b"", loop.time()).detach()
+            transport = conn.open_stream(_TUNNEL_USER, b"", self._now()).detach()
         if transport is None:
             self._tunnels -= 1
             waiter.on_pool_error(
@@ -502,7 +508,7 @@ class Pool(Timed, CarrierOwner):
     def _connect_failed(self, exc: SidecarError) -> None:
         pending = self._next_waiter()
         if pending is not None:
-            self.stats.pool_wait.observe(self._loop.time() - pending.since)
+            self.stats.pool_wait.observe(self._now() - pending.since)
             pending.waiter.on_pool_error(exc)
         # Waiters beyond those covered by connects in flight get a connect of their own.
         if self._connecting < len(self._waiters) and self.total < self.settings.max_connections:
@@ -511,7 +517,7 @@ class Pool(Timed, CarrierOwner):
     # --- returning ------------------------------------------------------------------------------
     def release(self, stream: EndpointStream, now: float = 0.0) -> None:
         """The request is done with `stream` (its response ended): as `stream.release`."""
-        stream.release(now or self._loop.time(), True)
+        stream.release(now or self._now(), True)
 
     # --- CarrierOwner: a connection tells the pool about itself ----------------------------------
     def stream_released(self, conn: Carrier, now: float, reusable: bool) -> None:
@@ -601,7 +607,7 @@ class Pool(Timed, CarrierOwner):
             except ValueError:
                 pass
             else:
-                now = self._loop.time()
+                now = self._now()
                 idle_for = conn.idle_for(now)
                 if conn.closed_by_peer():
                     self.stats.closed("remote_closed")

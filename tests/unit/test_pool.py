@@ -11,6 +11,7 @@ from typing import Any, cast
 import pytest
 import uvloop
 
+from sidecar.clock import FakeClock
 from sidecar.config import ClusterConfig
 from sidecar.discovery.endpoints import Endpoint, Reset
 from sidecar.errors import ConnectFailed, PoolTimeout, SidecarError, UpstreamError
@@ -188,12 +189,21 @@ async def request(pool: Pool, conn: UpstreamConnection) -> ResponseHead:
     return head
 
 
-def make_pool(port: int, wheel: Wheel | None = None, **settings: Any) -> Pool:
+def make_pool(port: int, wheel: Wheel | None = None, clock: FakeClock | None = None,
+              **settings: Any) -> Pool:
     loop = asyncio.get_running_loop()
     stats = Stats().cluster("c")
     if wheel is None:  # (not `wheel or ...`: an empty Wheel is falsy, it has a __len__)
         wheel = Wheel(loop)
-    return Pool("c", "127.0.0.1", port, PoolSettings(**settings), stats, loop, wheel)
+    return Pool("c", "127.0.0.1", port, PoolSettings(**settings), stats, loop, wheel,
+                clock=clock)
+
+
+def loop_clock() -> FakeClock:
+    """A clock the test moves by hand, starting at the loop's time (the pool's timer, on the
+    wheel, still runs on the loop's: a test that advances this one past an expiry asks the
+    pool before that timer could fire)."""
+    return FakeClock(asyncio.get_running_loop().time())
 
 
 async def connect(pool: Pool) -> UpstreamConnection:
@@ -377,12 +387,13 @@ def test_keep_alive_timeout_counts_from_the_end_of_the_response(loop: str) -> No
     async def main() -> None:
         head = b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=0.5\r\nContent-Length: 4\r\n\r\n"
         async with Server(head) as server:
-            pool = make_pool(server.port)
+            clock = loop_clock()
+            pool = make_pool(server.port, clock=clock)
             conn = await connect(pool)
             user = User()
             send_get(conn, user)
             await eventually(lambda: user.head is not None)
-            await asyncio.sleep(0.6)  # a slow body: longer than the keep-alive timeout
+            clock.advance(0.6)  # a slow body: longer than the keep-alive timeout
             server.conns[0].transport.write(b"body")  # type: ignore[union-attr]
             await asyncio.wait_for(user.done, BOUND)
             pool.release(conn)
@@ -401,11 +412,12 @@ def test_idle_timeout_and_max_lifetime(loop: str) -> None:
             await eventually(lambda: conn.is_closed(), within=2.0)
             assert closed(pool, "idle_timeout") == 1
 
-            pool = make_pool(server.port, max_lifetime=0.3, idle_timeout=60)
+            clock = loop_clock()
+            pool = make_pool(server.port, clock=clock, max_lifetime=0.3, idle_timeout=60)
             conn = await connect(pool)
             await request(pool, conn)
             assert conn.expires_at - conn.created_at <= 0.3  # jittered down, never up
-            await asyncio.sleep(0.35)
+            clock.advance(0.35)
             # Past its lifetime: not handed out; closed when used (or by the timer).
             got = Waiter().take(pool)
             assert got is not conn
@@ -413,12 +425,13 @@ def test_idle_timeout_and_max_lifetime(loop: str) -> None:
             assert closed(pool, "max_lifetime") == 1
             pool.abort_all("drain")
 
-            pool = make_pool(server.port, max_lifetime=0.2, idle_timeout=60)
+            clock = loop_clock()
+            pool = make_pool(server.port, clock=clock, max_lifetime=0.2, idle_timeout=60)
             conn = await connect(pool)
             user = User()
             send_get(conn, user)
             await asyncio.wait_for(user.done, BOUND)
-            await asyncio.sleep(0.25)
+            clock.advance(0.25)
             pool.release(conn)  # returned after its lifetime: closed, not parked
             assert pool.idle_count == 0 and closed(pool, "max_lifetime") == 1
 
