@@ -249,7 +249,9 @@ class Pool(Timed, CarrierOwner):
         )
 
     def _idle_timeout(self) -> float:
-        return min(self.settings.idle_timeout, self.learned_idle_timeout)
+        configured = self.settings.idle_timeout  # not min(): a generic call, compiled
+        learned = self.learned_idle_timeout
+        return learned if learned < configured else configured
 
     # --- acquiring ------------------------------------------------------------------------------
     def take_idle(self, now: float = 0.0) -> Carrier | None:
