@@ -96,7 +96,7 @@ class Exchange(AppExchange, EndpointUser, StreamWaiter, Attempt):
     response_done: bool = False
     status: int = 0
     last_error: SidecarError | None = None
-    backoff_handle: Cancellable | None = None
+    backoff_handle: Cancellable | None  # set in __init__: mypyc drops a class default here
     policy_token: int | None = None  # see policy/resilience.py
     stale_retried: bool = False
     waited: bool = False  # app reading is paused (WAITING_UPSTREAM) until a stream comes
@@ -108,6 +108,7 @@ class Exchange(AppExchange, EndpointUser, StreamWaiter, Attempt):
         self.phase = Phase.ROUTED
         self.started = now
         self.sent_at = now
+        self.backoff_handle = None
         self.replayable = head.method in IDEMPOTENT or head.idempotency_key
         self.keep_alive = head.keep_alive
 
