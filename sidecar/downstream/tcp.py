@@ -130,8 +130,6 @@ class TcpProxyProtocol(asyncio.Protocol):
             "tcp_connect", logging.WARNING, "tcp connect failed",
             listener=self.ctx.name, cluster=self.cluster_name, error=exc.code, detail=exc.detail,
         )
-        # The pool gave its count back before calling: `_end` must not do it again.
-        self.pool = None
         if self.closed:
             return  # the app left while we connected: already counted out
         if self.transport is not None:

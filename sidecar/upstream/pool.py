@@ -454,8 +454,8 @@ class Pool(Timed, CarrierOwner):
         bounds tunnels is their listener's `max_connections` and the kernel backlog; only
         `connect_timeout` applies here. Raises ConnectFailed when the endpoint is going.
 
-        Counted in `inflight` from here until `tunnel_closed` (or `on_pool_error`, which is
-        called after the count is given back)."""
+        Counted in `inflight` from here until the waiter calls `tunnel_closed`, once, however
+        its connection ends (its tunnel closed, the connect failed, the app left first)."""
         if self.closing:
             raise ConnectFailed(f"{self.key}: endpoint is being removed", self.cluster)
         self._tunnels += 1
@@ -469,11 +469,9 @@ class Pool(Timed, CarrierOwner):
         try:
             await self._open(conn)
         except asyncio.CancelledError:
-            self._tunnels -= 1
             conn.abort("drain")
             raise
         except Exception as exc:
-            self._tunnels -= 1
             waiter.on_pool_error(self._connect_error(exc))
             return
         self._connected(conn, started)
@@ -484,7 +482,6 @@ class Pool(Timed, CarrierOwner):
             # The one tunnel hand-off, as for CONNECT: a stream whose socket is detached.
             transport = conn.open_stream(_TUNNEL_USER, b"", self._now()).detach()
         if transport is None:
-            self._tunnels -= 1
             waiter.on_pool_error(
                 ConnectFailed(f"{self.key}: closed right after connecting", self.cluster)
             )
