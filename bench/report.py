@@ -25,6 +25,7 @@ RATIOS = (
 # (section title, result file glob) of the benchmarks with scripts of their own.
 OTHER_BENCHMARKS = (
     ("Discovery at scale (bench/discovery_scale.py)", "discovery-*.json"),
+    ("Upstream TLS handshakes (bench/tls_handshake.py)", "tls-handshake-*.json"),
     ("HTTP/2: h2load through the sidecar and Envoy (bench/h2load.py)", "h2load-*.json"),
     ("Memory: at rest, per connection, per pool entry (bench/memory.py)", "memory-*.json"),
 )
