@@ -97,6 +97,7 @@ def test_h2_only_origin_many_app_connections_share_few(loop: str) -> None:
                      for _ in range(16)]
             until(lambda: len(origin.received) == 16)
             assert sc.clusters()["up"]["endpoints"][0]["streams"] == 16
+            assert sc.metric("sidecar_upstream_streams", cluster="up") == 16
             origin.release_held()
             results = [c.result(20) for c in calls]
         assert all(status == 200 for status, _, _ in results)
@@ -245,6 +246,7 @@ def test_grpc_timeout_carries_the_deadline_left(loop: str) -> None:
                                      {**GRPC_HEADERS, "x-sidecar-timeout-ms": "3000"})
         assert status == 200 and body == frame(b"t")
         assert 2.0 < seen[0] <= 3.0
+        assert sc.metric("sidecar_grpc_responses_total", cluster="up", status="ok") == 1
 
 
 def test_grpc_on_retries_trailers_only_unavailable(loop: str) -> None:
@@ -260,6 +262,10 @@ def test_grpc_on_retries_trailers_only_unavailable(loop: str) -> None:
                                          GRPC_HEADERS)
             assert status == 200 and body == frame(b"%d" % i), (headers, body)
         assert len(seen_b) == 4 and len(seen_a) >= 1
+        # only the answers the app got are counted; the retried UNAVAILABLEs are not
+        assert sc.metric("sidecar_grpc_responses_total", cluster="up", status="ok") == 4
+        assert sc.metric("sidecar_grpc_responses_total", cluster="up",
+                         status="unavailable") == 0
 
 
 def test_slow_app_holds_the_endpoint_to_about_a_window(loop: str) -> None:
