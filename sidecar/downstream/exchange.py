@@ -315,9 +315,9 @@ class Exchange(AppExchange, EndpointUser, StreamWaiter, Attempt):
             self.app.send_interim(head)
             return
         policies = self.cluster.policies if self.cluster is not None else None
-        if policies is not None and (status >= 500 or head.grpc_status > 0) and (
-            self.attempt < self.max_attempts
-        ):
+        if policies is not None and (
+            status >= 500 or (head.grpc_status > 0 and self._grpc_replay_safe())
+        ) and self.attempt < self.max_attempts:
             delay = policies.status_retry_delay(self, head)
             if delay is not None:
                 # Drop this response; its connection cannot be reused mid-body.
@@ -358,6 +358,24 @@ class Exchange(AppExchange, EndpointUser, StreamWaiter, Attempt):
             # must not send the rest into a connection that will take another request.
             self.keep_alive = False
         self._finish()
+
+    def _grpc_replay_safe(self) -> bool:
+        """Whether a gRPC call answered Trailers-Only may go again (SPEC section 11): its body
+        is still held, and it is not a streaming call that had sent a message in full. A
+        complete request of at most one message is a unary (or server-streaming) call: the
+        server said its status without a response message; a streaming upload that had
+        delivered a whole message may have had it processed. Read only then (rarely)."""
+        body = self.body
+        if not self.keep_body or (body is None and self.body_len):
+            return False
+        data = b"".join(body) if body else b""
+        messages = 0
+        at = 0
+        while at + 5 <= len(data):
+            at += 5 + int.from_bytes(data[at + 1:at + 5], "big")
+            if at <= len(data):
+                messages += 1
+        return messages <= 1 if self.request_done else messages == 0
 
     def _grpc_outcome(self, trailers: Headers) -> None:
         """A gRPC answer from the endpoint (its trailers carry `grpc-status`): counted by

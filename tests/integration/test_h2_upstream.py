@@ -189,8 +189,17 @@ def grpc_server(seen: list[float], creds: grpc.ServerCredentials | None = None,
             ctx.abort(grpc.StatusCode.UNAVAILABLE, "go elsewhere")
         return req
 
+    def count(reqs: Iterator[bytes], ctx: grpc.ServicerContext) -> bytes:
+        n = sum(1 for _ in reqs)
+        seen.append(float(n))
+        if aborts[0] > 0:
+            aborts[0] -= 1
+            ctx.abort(grpc.StatusCode.UNAVAILABLE, "go elsewhere")
+        return b"n=%d" % n
+
     handler = grpc.method_handlers_generic_handler("svc", {
-        "M": grpc.unary_unary_rpc_method_handler(echo)})
+        "M": grpc.unary_unary_rpc_method_handler(echo),
+        "Count": grpc.stream_unary_rpc_method_handler(count)})
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     server.add_generic_rpc_handlers((handler,))
     address = f"127.0.0.1:{free_port()}"
@@ -266,6 +275,34 @@ def test_grpc_on_retries_trailers_only_unavailable(loop: str) -> None:
         assert sc.metric("sidecar_grpc_responses_total", cluster="up", status="ok") == 4
         assert sc.metric("sidecar_grpc_responses_total", cluster="up",
                          status="unavailable") == 0
+
+
+def test_grpc_on_spares_a_streaming_call_that_sent_a_message(loop: str) -> None:
+    """SPEC 11: a streaming call is not sent again once a message of it went upstream whole
+    (the endpoint may have processed it), even on a grpc_on status; a single-message call is.
+    Endpoint A always answers UNAVAILABLE (Trailers-Only), B counts the messages it got."""
+    seen_a: list[float] = []
+    seen_b: list[float] = []
+    with grpc_server(seen_a, abort_first=100) as pa, grpc_server(seen_b) as pb, Sidecar(config(
+            [f"127.0.0.1:{pa}", f"127.0.0.1:{pb}"], load_balancer="round_robin"),
+            loop=loop) as sc:
+        app = http.client.HTTPConnection("127.0.0.1", sc.port("app"), timeout=15)
+        hit_a = {1: 0, 2: 0}
+        for messages in (2, 2, 2, 1, 1, 1):  # round robin: some of each reach A
+            a_before, b_before = len(seen_a), len(seen_b)
+            status, _, body = call(0, "POST", "/svc/Count", frame(b"a") * messages,
+                                   GRPC_HEADERS, app)
+            assert status == 200
+            if len(seen_a) > a_before:
+                hit_a[messages] += 1
+                if messages == 2:  # not sent again: the app has A's UNAVAILABLE (trailers)
+                    assert body == b"" and len(seen_b) == b_before
+                else:  # sent again, to B
+                    assert body == frame(b"n=1") and seen_b[b_before:] == [1.0]
+            else:
+                assert body == frame(b"n=%d" % messages)
+        app.close()
+        assert hit_a[1] >= 1 and hit_a[2] >= 1
 
 
 def test_slow_app_holds_the_endpoint_to_about_a_window(loop: str) -> None:
