@@ -105,6 +105,12 @@ class _Conn(asyncio.Protocol):
                     self.request_done(rec3)
             elif isinstance(ev, h2.events.WindowUpdated):
                 self.push_big()
+            elif isinstance(ev, h2.events.ConnectionTerminated):
+                # The client's GOAWAY: the `h2` library then refuses to send anything, where
+                # RFC 9113 (and every real server) lets the open streams finish. Keep serving.
+                self.h2.state_machine.state = h2.connection.ConnectionState.SERVER_OPEN
+                with origin.lock:
+                    origin.goaways += 1
             elif isinstance(ev, h2.events.StreamReset):
                 self.big.pop(ev.stream_id, None)
                 with origin.lock:
@@ -186,6 +192,7 @@ class H2Origin:
         self.live: list[_Conn] = []
         self.received: list[Received] = []
         self.resets: list[int] = []
+        self.goaways = 0  # GOAWAY frames received from clients
         self.sent: dict[int, int] = {}
         self.port = free_port()
         self.loop = asyncio.new_event_loop()

@@ -108,6 +108,43 @@ def test_h2_only_origin_many_app_connections_share_few(loop: str) -> None:
         assert b"host" not in fields and b"connection" not in fields
 
 
+def test_beyond_max_connections_streams_wait_in_the_pending_queue(loop: str) -> None:
+    """One connection allowed, 2 streams on it (the origin's limit): a third request waits in
+    the pending queue and gets pool_timeout after pending_timeout; the two finish."""
+    with h2_origin(max_concurrent_streams=2) as origin, Sidecar(config(
+            [f"127.0.0.1:{origin.port}"],
+            pool={"max_connections": 1, "pending_timeout": "500ms"}), loop=loop) as sc:
+        with futures.ThreadPoolExecutor(3) as pool:
+            held = [pool.submit(call, sc.port("app"), "GET", "/hold") for _ in range(2)]
+            until(lambda: len(origin.received) == 2)
+            status, headers, _ = call(sc.port("app"), "GET", "/third")
+            assert status == 503 and headers["x-sidecar-error"] == "pool_timeout"
+            origin.release_held()
+            assert [h.result(20)[0] for h in held] == [200, 200]
+        assert origin.connections == 1 and len(origin.received) == 2
+
+
+def test_max_lifetime_retires_a_connection_its_streams_finish(loop: str) -> None:
+    """Past max_lifetime a connection takes no new stream (a new one opens) while the stream
+    it carries finishes; then it closes."""
+    with h2_origin() as origin, Sidecar(config(
+            [f"127.0.0.1:{origin.port}"], pool={"max_lifetime": "1s"}), loop=loop) as sc:
+        with futures.ThreadPoolExecutor(1) as pool:
+            held = pool.submit(call, sc.port("app"), "GET", "/hold")
+            until(lambda: len(origin.received) == 1)
+            time.sleep(1.1)  # past the (jittered, at most 1 s) lifetime
+            status, _, body = call(sc.port("app"), "GET", "/after")
+            assert status == 200 and body == b"origin o /after"
+            assert origin.connections == 2
+            assert [r.conn for r in origin.received] == [1, 2]
+            assert origin.goaways == 1  # the retired connection said so to the endpoint
+            origin.release_held()
+            assert held.result(20)[0] == 200
+        until(lambda: len(origin.live) == 1)  # the retired one closed after its stream
+        assert sc.metric("sidecar_upstream_connections_closed_total",
+                         reason="max_lifetime") == 1
+
+
 def test_goaway_streams_retried_on_another_endpoint(loop: str) -> None:
     """Endpoint A sends GOAWAY with a last-stream-id below a stream in flight: that POST was
     never processed and goes to endpoint B, body and all; the stream below finishes on A."""
