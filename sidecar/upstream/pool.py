@@ -601,20 +601,25 @@ class Pool(Timed, CarrierOwner):
         lifetime = settings.max_lifetime * (1.0 - 0.2 * random.random())
         probe: _AlpnProbe | None = None
         proto: asyncio.Protocol
-        if mux:
-            proto = _h2_connection(self, started, started + lifetime)
-        elif self.tls is not None and self.protocol == "auto" and self.alpn_h2 is None:
+        if self.tls is not None and (mux or (self.protocol == "auto" and self.alpn_h2 is None)):
+            # The handshake's ALPN decides which carrier gets the socket: nothing is sent
+            # before it (an endpoint that did not choose h2 never sees the HTTP/2 preface).
             proto = probe = _AlpnProbe(self, started, started + lifetime)
+        elif mux:
+            proto = _h2_connection(self, started, started + lifetime)
         else:
             proto = UpstreamConnection(self, self.key, started, started + lifetime)
         try:
             await self._open(proto)
             if probe is not None:
                 proto = probe.chosen()
-                self.alpn_h2 = not isinstance(proto, UpstreamConnection)
-            elif mux and self.tls is not None:
-                _require_h2(cast("H2Connection", proto))
-            if mux or self.alpn_h2:
+                spoken = not isinstance(proto, UpstreamConnection)
+                if mux and not spoken:
+                    raise ConnectionError(
+                        f"TLS ALPN: the endpoint chose {probe.alpn or 'no protocol'}, not h2")
+                if self.protocol == "auto":
+                    self.alpn_h2 = spoken
+            if not isinstance(proto, UpstreamConnection):
                 await self._first_settings(cast("H2Connection", proto), started)
         except asyncio.CancelledError:
             self._connect_done(mux)
@@ -1015,19 +1020,21 @@ class Pool(Timed, CarrierOwner):
 
 
 class _AlpnProbe(asyncio.Protocol):
-    """The protocol of a TLS connection whose application protocol the endpoint chooses
-    (`protocol: auto`): once the handshake is done it hands the transport to the carrier
-    that speaks what ALPN selected, before any byte is read."""
+    """The protocol of a TLS connection whose application protocol the handshake decides
+    (`auto`, and `http2`, which requires h2): once the handshake is done it hands the transport
+    to the carrier that speaks what ALPN selected, before any byte is read or written."""
+
 
     def __init__(self, pool: Pool, now: float, expires_at: float) -> None:
         self.pool = pool
         self.now = now
         self.expires_at = expires_at
         self.carrier: UpstreamConnection | H2Connection | None = None
+        self.alpn: str | None = None  # what the endpoint chose
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         ssl_object = transport.get_extra_info("ssl_object")
-        alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
+        alpn = self.alpn = ssl_object.selected_alpn_protocol() if ssl_object else None
         pool = self.pool
         carrier: UpstreamConnection | H2Connection
         if alpn == "h2":
@@ -1053,15 +1060,6 @@ def _h2_connection(pool: Pool, now: float, expires_at: float) -> H2Connection:
     from sidecar.upstream.http2 import H2Connection
 
     return H2Connection(pool, pool.key, now, expires_at, pool.h2)
-
-
-def _require_h2(conn: H2Connection) -> None:
-    """`protocol: http2` over TLS: the endpoint must have chosen h2 by ALPN."""
-    transport = conn.transport
-    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-    alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
-    if alpn != "h2":
-        raise ConnectionError(f"TLS ALPN: the endpoint chose {alpn or 'no protocol'}, not h2")
 
 
 def _abort(proto: asyncio.Protocol, reason: str) -> None:

@@ -277,6 +277,24 @@ def test_tls_alpn_h2_to_grpcio(loop: str, tmp_path: Path) -> None:
         assert sc.clusters()["up"]["endpoints"][0]["protocol"] == "http2"
 
 
+def test_http2_cluster_refuses_an_endpoint_that_does_not_choose_h2(loop: str,
+                                                                    tmp_path: Path) -> None:
+    """protocol http2 with TLS: ALPN h2 is required; an endpoint that speaks only HTTP/1.1
+    is a failure to connect, said so, and never gets HTTP/2 bytes."""
+    from tests.integration.test_upstream_alpn import AlpnUpstream
+    from tests.integration.tls_servers import server_context
+
+    pki = Pki(tmp_path / "pki")
+    with AlpnUpstream(server_context(pki.server), ["http/1.1"]) as upstream, Sidecar(config(
+            [f"127.0.0.1:{upstream.port}"], "http2",
+            tls={"enabled": True, "ca_file": str(pki.ca_file), "sni": "upstream.test"}),
+            loop=loop) as sc:
+        status, headers, body = call(sc.port("app"), "GET", "/")
+        assert status == 502 and headers["x-sidecar-error"] == "connect_failed"
+        assert b"ALPN" in body and b"not h2" in body
+        assert upstream.heads == [b""] * len(upstream.heads)  # nothing sent after the handshake
+
+
 def test_http1_cluster_refuses_grpc(loop: str) -> None:
     with h2_origin() as origin, Sidecar(config([f"127.0.0.1:{origin.port}"], "http1"),
                                         loop=loop) as sc:
