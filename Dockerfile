@@ -10,11 +10,12 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
-# A C compiler for mypyc (setup.py compiles the request path); this stage only. Unpinned:
+# A C compiler for mypyc (setup.py compiles the request path) and libnghttp2's headers for
+# the compiled HTTP/2 binding (sidecar/http/_nghttp2_api); this stage only. Unpinned:
 # it builds one wheel against the base image's own Python and libc, and is discarded.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && apt-get install -y --no-install-recommends gcc libc6-dev libnghttp2-dev \
     && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/sidecar
 COPY pyproject.toml setup.py README.md ./
@@ -27,7 +28,12 @@ RUN /opt/sidecar/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
     && /opt/sidecar/bin/pip install --no-cache-dir /wheels/*.whl \
     && /opt/sidecar/bin/python -m compileall -q /opt/sidecar \
     && /opt/sidecar/bin/sidecar --help > /dev/null \
-    && /opt/sidecar/bin/python -I -c "from sidecar._build import compiled; assert compiled()"
+    && /opt/sidecar/bin/python -I -c "from sidecar._build import compiled; assert compiled()" \
+    && /opt/sidecar/bin/python -I -c "from sidecar.http import _nghttp2; assert _nghttp2.MODE == 'api'"
+# libnghttp2 itself (the HTTP/2 engine's C library) travels inside the venv, so the runtime
+# stage needs no package manager; LD_LIBRARY_PATH below points the loader at it.
+RUN mkdir -p /opt/sidecar/lib \
+    && cp -L /usr/lib/*-linux-gnu/libnghttp2.so.14 /opt/sidecar/lib/
 
 # --- runtime: the venv only; no pip cache, no sources, no build tools ---
 FROM ${PYTHON_IMAGE}
@@ -45,6 +51,7 @@ RUN groupadd --system --gid 10001 sidecar \
        --home-dir /nonexistent --shell /usr/sbin/nologin sidecar
 COPY --from=builder /opt/sidecar /opt/sidecar
 ENV PATH=/opt/sidecar/bin:$PATH \
+    LD_LIBRARY_PATH=/opt/sidecar/lib \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 # A numeric user, so that Kubernetes' runAsNonRoot can verify it without /etc/passwd.

@@ -21,12 +21,13 @@ again (sidecar/_build.py).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -59,6 +60,14 @@ COMPILED = [
 ]
 
 
+# The HTTP/2 engine's binding of libnghttp2 (sidecar/http/_nghttp2.py), compiled with cffi in
+# API mode where a compiler and libnghttp2-dev exist; without them the engine loads
+# libnghttp2.so.14 at run time (ABI mode). Its declarations' file is stamped with the mypyc
+# sources: a tree whose binding was built from other declarations runs its sources.
+NGHTTP2_CDEF = "sidecar/http/_nghttp2_cdef.py"
+NGHTTP2_MODULE = "sidecar.http._nghttp2_api"  # MODULE there
+NGHTTP2_C = "build/cffi/_nghttp2_api.c"
+
 # The build environment (pip's isolation, a container's builder stage) has mypy but not the
 # runtime dependencies: their types are Any there, which strict mode reports as errors
 # (returning Any, unused ignores) and mypyc would refuse to build on. Those checks are for
@@ -78,7 +87,7 @@ def stamps() -> dict[str, list[int]]:
     them. Taken before mypyc reads the sources: a file edited during the build then differs
     from its record, and the tree runs the sources rather than a build of an older text."""
     out = {}
-    for relative in COMPILED:
+    for relative in [*COMPILED, NGHTTP2_CDEF]:
         st = (ROOT / relative).stat()
         out[relative] = [st.st_size, st.st_mtime_ns]
     return out
@@ -94,8 +103,9 @@ class RecordingBuildExt(build_ext):
     def run(self) -> None:
         super().run()
         if self.inplace:  # also set by pip install -e (setuptools editable_mode)
-            built = self.extensions and all(
-                os.path.exists(self.get_ext_fullpath(ext.name)) for ext in self.extensions
+            mypyc = [ext for ext in self.extensions if ext.name != NGHTTP2_MODULE]
+            built = mypyc and all(
+                os.path.exists(self.get_ext_fullpath(ext.name)) for ext in mypyc
             )
             if built:
                 MANIFEST.write_text(json.dumps({"sources": _STAMPS}, indent=1) + "\n")
@@ -103,10 +113,33 @@ class RecordingBuildExt(build_ext):
                 MANIFEST.unlink(missing_ok=True)
 
 
+def nghttp2_extension() -> list[object]:
+    """The compiled binding, optional: without cffi, a compiler or nghttp2.h the install still
+    succeeds and the engine runs in ABI mode (scripts/check installs libnghttp2-dev)."""
+    try:
+        # By path: the package's __init__ must not run at build time.
+        spec = importlib.util.spec_from_file_location("_nghttp2_cdef", ROOT / NGHTTP2_CDEF)
+        assert spec is not None and spec.loader is not None
+        cdef = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(cdef)
+        (ROOT / NGHTTP2_C).parent.mkdir(parents=True, exist_ok=True)
+        cdef.builder().emit_c_code(str(ROOT / NGHTTP2_C))
+    except Exception as exc:  # noqa: BLE001 (no cffi in the build environment: ABI mode)
+        print(f"setup.py: no compiled nghttp2 binding, ABI mode at run time: {exc!r}",
+              file=sys.stderr)
+        return []
+    return [Extension(NGHTTP2_MODULE, [NGHTTP2_C], libraries=["nghttp2"],
+                      extra_compile_args=list(cdef.COMPILE_ARGS), optional=True)]
+
+
 def ext_modules() -> list[object]:
     if os.environ.get("SIDECAR_COMPILE", "1") == "0":
         MANIFEST.unlink(missing_ok=True)  # asked for pure Python: old .so files stay unused
         return []
+    return mypyc_extensions() + nghttp2_extension()
+
+
+def mypyc_extensions() -> list[object]:
     try:
         from mypyc.build import mypycify
     except ImportError:  # a build without build isolation and without mypy: pure Python

@@ -120,11 +120,9 @@ def local_shortage(exc: BaseException | None) -> bool:
 
 # --- the upstream leg ------------------------------------------------------------------------
 class UpstreamError(SidecarError):
-    """Something went wrong talking to the upstream. `before_response` is True when no response
-    byte had arrived: the only case in which a retry can be invisible to the app."""
+    """Something went wrong talking to the upstream."""
 
     status = 502
-    before_response = True
 
 
 class ConnectFailed(UpstreamError):

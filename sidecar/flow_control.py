@@ -13,7 +13,6 @@ from typing import Final
 PEER_WRITE_FULL: Final = 1  # the other leg's write buffer is above its high-water mark
 WAITING_UPSTREAM: Final = 2  # the request has no upstream connection yet
 PIPELINED: Final = 4  # a further request arrived while one is in progress
-DRAINING_BODY: Final = 8  # reserved: the exchange does not want more body for now
 
 
 class ReadGate:
@@ -22,10 +21,6 @@ class ReadGate:
     def __init__(self, transport: asyncio.Transport) -> None:
         self._transport = transport
         self._reasons = 0
-
-    @property
-    def paused(self) -> bool:
-        return self._reasons != 0
 
     def pause(self, reason: int) -> None:
         if not self._reasons:

@@ -22,13 +22,14 @@ import asyncio
 import json
 import os
 import ssl
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+
+from sidecar.clock import MONOTONIC
 
 # A watch line is one object: a slice holds at most 1,000 endpoints (about 300 KB of JSON).
 _MAX_LINE = 16 * 1024 * 1024
@@ -86,7 +87,7 @@ class TokenFile:
         except OSError:
             return self._value  # keep the token we have; a 401 will say if it is no good
         stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-        now = time.monotonic()
+        now = MONOTONIC.now()
         if stamp == self._stamp and now - self._read_at < _TOKEN_REREAD_SECONDS:
             return self._value
         try:

@@ -81,14 +81,3 @@ def parse_keep_alive_timeout(value: bytes) -> float | None:
             return float(whole + dot + fraction)
     return None
 
-
-def end_to_end(headers: Headers, connection_named: frozenset[bytes] | set[bytes]) -> Headers:
-    """The fields of `headers` that are forwarded: hop-by-hop ones and any field the
-    `Connection` header named are dropped (RFC 9110 7.6.1)."""
-    if connection_named:
-        return [
-            (n, v)
-            for n, v in headers
-            if (low := n.lower()) not in HOP_BY_HOP and low not in connection_named
-        ]
-    return [(n, v) for n, v in headers if n.lower() not in HOP_BY_HOP]

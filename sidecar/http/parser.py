@@ -165,7 +165,6 @@ class RequestHead:
     authority: bytes = b""  # host[:port] from the absolute-form target, CONNECT target, or Host
     absolute: bool = False  # True when the app used absolute-form (forward-proxy style)
     connection: frozenset[bytes] = _NO_TOKENS  # lowercased tokens of the Connection field
-    expect_continue: bool = False
     host: bytes | None = None  # the Host value (None if absent)
     # End-to-end fields to send upstream (no hop-by-hop, no Host, no x-sidecar-*); always set.
     forward: Headers
@@ -176,13 +175,6 @@ class RequestHead:
     @property
     def has_body(self) -> bool:
         return self.chunked or bool(self.content_length)
-
-    def header(self, lowercase_name: bytes) -> bytes | None:
-        """The first value of a field, by lowercase name (a scan: for rare fields only)."""
-        for name, value in self.headers:
-            if name.lower() == lowercase_name:
-                return value
-        return None
 
     def __repr__(self) -> str:
         return f"<RequestHead {self.method.decode()} {self.target.decode('latin-1')}>"
@@ -447,8 +439,7 @@ class RequestParser:
                 upgrade = head.upgrade
                 head.upgrade = value if upgrade is None else upgrade + b", " + value
             elif kind == _EXPECT:
-                head.expect_continue = value.strip().lower() == b"100-continue"
-                forward.append(field)
+                forward.append(field)  # a kind of its own only to keep it out of trailers
             elif kind == _IDEMPOTENCY_KEY:
                 head.idempotency_key = True
                 forward.append(field)

@@ -151,10 +151,6 @@ class CircuitBreaker:
         self._inflight += 1
         return None
 
-    def try_acquire(self) -> bool:
-        """`admit()` as a bool, for callers that do not care why."""
-        return self.admit() is None
-
     def record(self, success: bool) -> None:
         """The verdict of an admitted request; releases its concurrency slot."""
         if self._inflight > 0:

@@ -12,7 +12,7 @@ Decisions:
   case-sensitive), or any method carrying `Idempotency-Key`, when `idempotent_only`; and only
   when the body can be replayed: a declared length over `max_body_bytes` is refused up front,
   an unknown length (chunked) is admitted and the exchange must stop retrying once it has
-  buffered more than `body_fits()` allows.
+  buffered more than `max_body_bytes`.
 * Which tries may go again (`failed_try`, SPEC section 5), for a try that failed before any
   response byte reached the app:
   - `unsent`: the failure is of a kind that happens before the request is written (the error's
@@ -248,28 +248,6 @@ class RetryPolicy:
             return False
         return body_len is None or body_len <= self.max_body_bytes
 
-    def body_fits(self, buffered: int) -> bool:
-        """While buffering a body of unknown length for replay: still replayable?"""
-        return buffered <= self.max_body_bytes
-
-    def attempts_for(self, header: bytes | None) -> int:
-        """Total tries for one request: `x-sidecar-retry-attempts` clamped to [1, 10]."""
-        if header is None:
-            return self.attempts
-        value = header.strip(b" \t")
-        if not value.isdigit():
-            return self.attempts
-        if len(value) > 3:  # also keeps int() away from absurdly long digit strings
-            return MAX_ATTEMPTS
-        return min(max(int(value), MIN_ATTEMPTS), MAX_ATTEMPTS)
-
-    def try_timeout(self, remaining_deadline: float | None) -> float | None:
-        """The timeout of one try: `per_try_timeout`, never beyond the request's deadline."""
-        per_try = self.per_try_timeout
-        if remaining_deadline is None:
-            return per_try
-        return remaining_deadline if per_try is None else min(per_try, remaining_deadline)
-
     # --- after a failed try -------------------------------------------------------------------
     def classify(self, outcome: int | str | BaseException) -> str | None:
         """The retry reason of a failure if `on` covers it, else None.
@@ -300,7 +278,7 @@ class RetryPolicy:
         """Seconds to wait before the next try, or None: do not retry.
 
         `attempt` is the number of the try that just failed (1 for the first); `attempts` the
-        per-request total from `attempts_for()` (default: the configured one).
+        per-request total (`x-sidecar-retry-attempts`; default: the configured one).
         """
         state = tenacity.RetryCallState(self._retrying, None, (), {})
         state.attempt_number = attempt

@@ -15,10 +15,6 @@ class Loaded(Protocol):
 T = TypeVar("T", bound=Loaded)
 
 
-class Balancer(Protocol[T]):
-    def pick(self, candidates: Sequence[T], avoid: T | None = None) -> T: ...
-
-
 class RoundRobin:
     __slots__ = ("_next",)
 

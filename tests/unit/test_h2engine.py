@@ -1,0 +1,562 @@
+"""sidecar/http/h2engine.py in memory: a client session and a server session (both the real
+engine over libnghttp2) exchanging bytes, and raw attackers built with the `h2` library or
+frame by frame for the abuse cases of SPEC section 11."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sidecar.http.h2engine import ENHANCE_YOUR_CALM, H2ProtocolError, H2Session, H2Sink
+
+REQ = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/svc/M"),
+       (b":authority", b"127.0.0.1"), (b"content-type", b"application/grpc"),
+       (b"te", b"trailers")]
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+class Rec(H2Sink):
+    """Records every callback as a tuple; consumes data at once unless told not to."""
+
+    def __init__(self, auto_consume: bool = True) -> None:
+        self.events: list[tuple[object, ...]] = []
+        self.session: H2Session | None = None
+        self.auto_consume = auto_consume
+        self.data: dict[int, bytearray] = {}
+
+    def on_h2_headers(self, stream_id: int, headers: list[tuple[bytes, bytes]],
+                      end_stream: bool) -> None:
+        self.events.append(("headers", stream_id, headers, end_stream))
+
+    def on_h2_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+        self.data.setdefault(stream_id, bytearray()).extend(data)
+        if end_stream:
+            self.events.append(("end", stream_id))
+        if data and self.auto_consume:
+            assert self.session is not None
+            self.session.consume(stream_id, len(data))
+
+    def on_h2_trailers(self, stream_id: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.events.append(("trailers", stream_id, headers))
+
+    def on_h2_reset(self, stream_id: int, error_code: int) -> None:
+        self.events.append(("reset", stream_id, error_code))
+
+    def on_h2_window_open(self, stream_id: int) -> None:
+        self.events.append(("window", stream_id))
+
+    def on_h2_goaway(self, last_stream_id: int, error_code: int) -> None:
+        self.events.append(("goaway", last_stream_id, error_code))
+
+    def on_h2_ping_ack(self) -> None:
+        self.events.append(("ping_ack",))
+
+    def on_h2_settings(self, peer_max_concurrent_streams: int) -> None:
+        self.events.append(("settings", peer_max_concurrent_streams))
+
+    def on_h2_abuse(self, kind: str) -> None:
+        self.events.append(("abuse", kind))
+
+    def kinds(self, kind: str) -> list[tuple[object, ...]]:
+        return [e for e in self.events if e[0] == kind]
+
+
+def make(client: bool, sink: Rec | None = None, **kw: int) -> tuple[H2Session, Rec]:
+    rec = sink or Rec()
+    s = H2Session(rec, client, **kw)
+    rec.session = s
+    s.initiate()
+    return s, rec
+
+
+def pump(a: H2Session, b: H2Session) -> None:
+    """Exchange bytes until both sides are quiet (bounded)."""
+    for _ in range(100):
+        x = a.data_to_send()
+        if x:
+            b.receive(x)
+        y = b.data_to_send()
+        if y:
+            a.receive(y)
+        if not x and not y:
+            return
+    raise AssertionError("no quiet after 100 rounds")
+
+
+def pair(**kw: int) -> tuple[H2Session, Rec, H2Session, Rec]:
+    c, cr = make(True, **kw)
+    s, sr = make(False, **kw)
+    pump(c, s)
+    return c, cr, s, sr
+
+
+def request(c: H2Session, body: bytes = b"x" * 100, end: bool = True) -> int:
+    sid = c.new_stream_id()
+    c.send_headers(sid, REQ, False)
+    assert c.send_data(sid, body, end) == len(body)
+    return sid
+
+
+def test_unary_request_with_trailers() -> None:
+    c, cr, s, sr = pair()
+    assert ("settings", 1000) in cr.events and ("settings", 1000) in sr.events
+    sid = request(c)
+    pump(c, s)
+    assert sr.events[-2] == ("headers", sid, REQ, False)
+    assert sr.events[-1] == ("end", sid) and bytes(sr.data[sid]) == b"x" * 100
+    s.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc")], False)
+    assert s.send_data(sid, b"y" * 100, False) == 100
+    s.send_trailers(sid, [(b"grpc-status", b"0"), (b"grpc-message", b"")])
+    pump(c, s)
+    assert cr.kinds("headers") == [
+        ("headers", sid, [(b":status", b"200"), (b"content-type", b"application/grpc")], False)]
+    assert bytes(cr.data[sid]) == b"y" * 100
+    assert cr.kinds("trailers") == [("trailers", sid, [(b"grpc-status", b"0"),
+                                                       (b"grpc-message", b"")])]
+    assert c.open_streams == 0 and s.open_streams == 0
+    assert not cr.kinds("reset") and not sr.kinds("reset")
+    assert "client open [Streams: 0 open]" in repr(c)
+
+
+def test_trailers_only_and_many_streams() -> None:
+    c, cr, s, sr = pair()
+    sids = [request(c) for _ in range(50)]
+    pump(c, s)
+    assert s.open_streams == 50
+    for sid in sids:  # Trailers-Only: one HEADERS with END_STREAM
+        s.send_headers(sid, [(b":status", b"200"), (b"grpc-status", b"14")], True)
+    pump(c, s)
+    assert [e[1] for e in cr.kinds("headers")] == sids
+    assert all(e[3] is True for e in cr.kinds("headers"))
+    assert c.open_streams == 0 and s.open_streams == 0
+
+
+def test_informational_then_final_response_then_trailers() -> None:
+    c, cr, s, sr = pair()
+    sid = request(c)
+    pump(c, s)
+    s.send_headers(sid, [(b":status", b"103"), (b"link", b"</a>")], False)
+    s.send_headers(sid, [(b":status", b"200")], False)
+    s.send_data(sid, b"ok", False)
+    s.send_trailers(sid, [(b"x-t", b"1")])
+    pump(c, s)
+    assert [e[2][0] for e in cr.kinds("headers")] == [(b":status", b"103"), (b":status", b"200")]
+    assert cr.kinds("trailers") == [("trailers", sid, [(b"x-t", b"1")])]
+
+
+def test_request_trailers_and_no_body() -> None:
+    c, cr, s, sr = pair()
+    sid = c.new_stream_id()
+    c.send_headers(sid, REQ, False)
+    c.send_trailers(sid, [(b"x-end", b"yes")])
+    pump(c, s)
+    assert sr.kinds("trailers") == [("trailers", sid, [(b"x-end", b"yes")])]
+    sid2 = c.new_stream_id()
+    c.send_headers(sid2, [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),
+                          (b":authority", b"a")], True)
+    pump(c, s)
+    assert sr.events[-1] == ("headers", sid2, [(b":method", b"GET"), (b":scheme", b"http"),
+                                               (b":path", b"/"), (b":authority", b"a")], True)
+
+
+def test_new_stream_id_must_be_used_in_order() -> None:
+    c, cr, s, sr = pair()
+    sid = c.new_stream_id()
+    with pytest.raises(ValueError):
+        c.send_headers(sid + 2, REQ, True)
+
+
+def test_flow_control_windows_open_only_as_the_consumer_reads() -> None:
+    # 64 KiB stream windows: the server can queue one window; the client consuming opens more.
+    c, cr, s, sr = pair(initial_window=65535)
+    cr.auto_consume = False
+    sid = request(c, b"", True)
+    pump(c, s)
+    s.send_headers(sid, [(b":status", b"200")], False)
+    body = bytes(range(256)) * 1024  # 256 KiB
+    assert s.send_window(sid) == 65535
+    sent = s.send_data(sid, body, False)
+    assert sent == 65535 and s.send_window(sid) == 0
+    pump(c, s)
+    assert len(cr.data[sid]) == 65535
+    assert s.send_data(sid, body[sent:], False) == 0  # still nothing: nobody consumed
+    pump(c, s)
+    assert not sr.kinds("window")
+    consumed = 0
+    for _ in range(20):  # the consumer reads: each consume opens the window by as much
+        got = len(cr.data[sid])
+        c.consume(sid, got - consumed)
+        consumed = got
+        pump(c, s)
+        if sr.kinds("window"):
+            sr.events = [e for e in sr.events if e[0] != "window"]
+            sent += s.send_data(sid, body[sent:], sent + s.send_window(sid) >= len(body))
+            pump(c, s)
+        if sent == len(body):
+            break
+    assert sent == len(body)
+    assert bytes(cr.data[sid]) == body and ("end", sid) in cr.events
+
+
+def test_unconsumed_bytes_of_a_closed_stream_return_to_the_connection_window() -> None:
+    c, cr, s, sr = pair(initial_window=65535, connection_window=65535)
+    cr.auto_consume = False
+    sid = request(c, b"", True)
+    pump(c, s)
+    s.send_headers(sid, [(b":status", b"200")], False)
+    assert s.send_data(sid, b"z" * 65535, True) == 65535
+    pump(c, s)
+    # Never consumed by the caller, but the stream is over: the engine gave the bytes back.
+    assert ("end", sid) in cr.events and s.send_window(0) == 65535
+    sid2 = request(c, b"", True)
+    pump(c, s)
+    s.send_headers(sid2, [(b":status", b"200")], False)
+    assert s.send_data(sid2, b"z" * 1000, True) == 1000
+
+
+def test_reset_both_ways() -> None:
+    c, cr, s, sr = pair()
+    sid = request(c, b"part", False)
+    pump(c, s)
+    c.reset(sid)
+    pump(c, s)
+    assert sr.kinds("reset") == [("reset", sid, 0x8)] and not cr.kinds("reset")
+    sid2 = request(c, b"part", False)
+    pump(c, s)
+    s.reset(sid2, 0x7)
+    pump(c, s)
+    assert cr.kinds("reset") == [("reset", sid2, 0x7)]
+    assert c.send_data(sid2, b"late", True) == 4  # gone: swallowed, the reset was reported
+    assert c.open_streams == 0 and s.open_streams == 0
+
+
+def test_goaway_refuses_streams_above_last_stream_id() -> None:
+    c, cr, s, sr = pair()
+    first = request(c, b"", False)
+    pump(c, s)
+    second = request(c, b"", False)  # queued at the client, not yet sent when GOAWAY lands
+    s.goaway(0)
+    c.receive(s.data_to_send())
+    c.data_to_send()
+    assert c.goaway_received and ("goaway", first, 0) in cr.events
+    assert ("reset", second, 0x7) in cr.events  # never processed: safe to retry elsewhere
+    pump(c, s)
+    c.send_data(first, b"done", True)
+    pump(c, s)
+    s.send_headers(first, [(b":status", b"200")], True)
+    pump(c, s)
+    assert ("headers", first, [(b":status", b"200")], True) in cr.events
+
+
+def test_ping_ack() -> None:
+    c, cr, s, sr = pair()
+    c.ping()
+    pump(c, s)
+    assert cr.kinds("ping_ack") == [("ping_ack",)]
+
+
+def test_sink_exception_propagates_from_receive() -> None:
+    class Boom(Rec):
+        def on_h2_headers(self, stream_id: int, headers: list[tuple[bytes, bytes]],
+                          end_stream: bool) -> None:
+            raise RuntimeError("sink bug")
+
+    c, _ = make(True)
+    s, _ = make(False, Boom())
+    pump(c, s)
+    request(c)
+    with pytest.raises(RuntimeError, match="sink bug"):
+        s.receive(c.data_to_send())
+
+
+def test_byte_at_a_time_gives_the_same_events() -> None:
+    c, cr = make(True)
+    request(c, b"abc" * 50, True)
+    wire = c.data_to_send()
+    s1, r1 = make(False)
+    s1.receive(wire)
+    s2, r2 = make(False)
+    for i in range(len(wire)):
+        s2.receive(wire[i:i + 1])
+    assert r1.events == r2.events and r1.data == r2.data
+
+
+def test_garbage_is_a_protocol_error_with_goaway() -> None:
+    s, sr = make(False)
+    s.data_to_send()
+    with pytest.raises(H2ProtocolError):
+        s.receive(PREFACE + b"\x00\x00\x04\x08\x00\x00\x00\x00\x00" + b"\x00" * 4)
+    out = s.data_to_send()
+    assert out[3:4] == b"\x07"  # GOAWAY
+
+
+# -- abuse (SPEC section 11) --------------------------------------------------------------------
+
+
+def attacker() -> h2.connection.H2Connection:
+    a = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
+                                                            header_encoding=None))
+    a.initiate_connection()
+    return a
+
+
+def goaway_code(out: bytes) -> int:
+    a = attacker()
+    a.data_to_send()
+    events = a.receive_data(out)
+    ended = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert ended, events
+    return int(ended[0].error_code)
+
+
+def frame(ftype: int, flags: int, sid: int, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload))[1:] + bytes([ftype, flags]) + struct.pack(
+        ">I", sid) + payload
+
+
+def test_rapid_reset_is_cut_off_with_enhance_your_calm() -> None:
+    s, sr = make(False)
+    s.data_to_send()
+    a = attacker()
+    wire = a.data_to_send()
+    for sid in range(1, 2 * 400, 2):
+        a.send_headers(sid, REQ)
+        a.reset_stream(sid)
+    wire += a.data_to_send()
+    with pytest.raises(H2ProtocolError, match="rapid_reset"):
+        s.receive(wire)
+    assert sr.kinds("abuse") == [("abuse", "rapid_reset")]
+    assert goaway_code(s.data_to_send()) == ENHANCE_YOUR_CALM
+
+
+def test_cancelling_some_calls_is_not_rapid_reset() -> None:
+    c, cr, s, sr = pair()
+    for i in range(600):  # one call in three cancelled, the rest answered
+        sid = request(c, b"q", False)
+        pump(c, s)
+        if i % 3 == 0:
+            c.reset(sid)
+        else:
+            c.send_data(sid, b"", True)
+            pump(c, s)
+            s.send_headers(sid, [(b":status", b"200")], True)
+        pump(c, s)
+    assert not sr.kinds("abuse") and s.open_streams == 0
+
+
+def test_resets_after_the_answer_are_not_rapid_reset() -> None:
+    # A client that drops the rest of its upload once the answer arrived: 400 such resets.
+    c, cr, s, sr = pair()
+    for _ in range(400):
+        sid = request(c, b"upload", False)
+        pump(c, s)
+        s.send_headers(sid, [(b":status", b"200")], True)
+        pump(c, s)
+        c.reset(sid)
+        pump(c, s)
+    assert not sr.kinds("abuse") and s.open_streams == 0
+
+
+def test_continuation_flood() -> None:
+    s, sr = make(False)
+    s.data_to_send()
+    a = attacker()
+    wire = a.data_to_send()
+    # HEADERS without END_HEADERS, then CONTINUATION frames each carrying one literal field.
+    block = b"\x82\x86\x84\x41\x01a"  # :method GET, :scheme http, :path /, :authority a
+    wire += frame(1, 0x1, 1, block)
+    field = b"\x40\x03x-a\x01b"  # literal with incremental indexing
+    wire += b"".join(frame(9, 0, 1, field) for _ in range(50))
+    with pytest.raises(H2ProtocolError):
+        s.receive(wire)
+    assert sr.kinds("abuse") == [("abuse", "continuation_flood")]
+    assert goaway_code(s.data_to_send()) == ENHANCE_YOUR_CALM
+
+
+def test_hpack_bomb_decoded_size_is_bounded() -> None:
+    s, sr = make(False, max_header_bytes=65536)
+    s.data_to_send()
+    a = attacker()
+    wire = a.data_to_send()
+    # One 4000-byte field into the dynamic table, then referenced by a one-byte index: 60
+    # bytes on the wire per 128 KiB decoded.
+    big = b"v" * 4000
+    literal = b"\x40\x03x-a\x7f" + _hpack_int(len(big) - 127) + big
+    block = b"\x82\x86\x84\x41\x01a" + literal + bytes([0x80 | 62]) * 40
+    wire += frame(1, 0x5, 1, block)
+    with pytest.raises(H2ProtocolError):
+        s.receive(wire)
+    assert sr.kinds("abuse") == [("abuse", "hpack_bomb")]
+    assert goaway_code(s.data_to_send()) == ENHANCE_YOUR_CALM
+
+
+def _hpack_int(n: int) -> bytes:
+    out = bytearray()
+    while n >= 128:
+        out.append((n % 128) | 0x80)
+        n //= 128
+    out.append(n)
+    return bytes(out)
+
+
+def test_too_many_header_fields_is_bounded() -> None:
+    s, sr = make(False, max_headers=100)
+    s.data_to_send()
+    a = attacker()
+    wire = a.data_to_send()
+    block = b"\x82\x86\x84\x41\x01a" + b"\x40\x03x-a\x01b" + bytes([0x80 | 62]) * 200
+    wire += frame(1, 0x5, 1, block)
+    with pytest.raises(H2ProtocolError):
+        s.receive(wire)
+    assert sr.kinds("abuse") == [("abuse", "hpack_bomb")]
+
+
+def test_a_big_but_allowed_header_block_passes() -> None:
+    c, cr, s, sr = pair()
+    sid = c.new_stream_id()
+    c.send_headers(sid, REQ + [(b"x-big", b"v" * 40000)], True)  # spans CONTINUATION frames
+    pump(c, s)
+    assert sr.kinds("headers")[0][2][-1] == (b"x-big", b"v" * 40000)
+    assert not sr.kinds("abuse")
+
+
+@pytest.mark.parametrize(("ftype", "kind"), [(6, "ping_flood"), (4, "settings_flood")])
+def test_ping_and_settings_floods(ftype: int, kind: str) -> None:
+    s, sr = make(False)
+    s.data_to_send()
+    a = attacker()
+    wire = a.data_to_send()
+    one = frame(6, 0, 0, b"12345678") if ftype == 6 else frame(4, 0, 0, b"")
+    # A peer that sends PINGs (SETTINGS) and never reads our ACKs: the ACKs owed pile up.
+    with pytest.raises(H2ProtocolError, match=kind):
+        s.receive(wire + one * 5000)
+    assert sr.kinds("abuse") == [("abuse", kind)]
+    assert goaway_code(s.data_to_send()) == ENHANCE_YOUR_CALM
+
+
+def test_settings_frame_with_too_many_entries() -> None:
+    s, sr = make(False)
+    s.data_to_send()
+    a = attacker()
+    wire = a.data_to_send() + frame(4, 0, 0, struct.pack(">HI", 3, 100) * 200)
+    with pytest.raises(H2ProtocolError):
+        s.receive(wire)
+    assert sr.kinds("abuse") == [("abuse", "settings_flood")]
+
+
+def test_pings_read_at_a_normal_pace_are_answered() -> None:
+    s, sr = make(False)
+    s.data_to_send()
+    a = attacker()
+    s.receive(a.data_to_send())
+    for _ in range(300):  # a peer that reads each answer: never a flood
+        s.receive(frame(6, 0, 0, b"12345678") * 3)
+        assert s.data_to_send()
+    assert not sr.kinds("abuse")
+
+
+def test_drain_race_a_stream_sent_after_goaway_is_refused_not_processed() -> None:
+    c, cr, s, sr = pair()
+    old = request(c, b"", False)
+    pump(c, s)
+    late = request(c)  # on the wire while the server's GOAWAY is on its way
+    wire_late = c.data_to_send()
+    s.goaway(0)  # last stream id: the last one processed (old)
+    goaway = s.data_to_send()
+    s.receive(wire_late)
+    assert [e for e in sr.kinds("headers") if e[1] == late] == []  # never reaches the caller
+    c.receive(goaway)
+    assert ("goaway", old, 0) in cr.events and ("reset", late, 0x7) in cr.events
+    c.send_data(old, b"", True)
+    pump(c, s)
+    s.send_headers(old, [(b":status", b"200")], True)  # the old one finishes
+    pump(c, s)
+    assert ("headers", old, [(b":status", b"200")], True) in cr.events
+
+
+def test_a_missing_libnghttp2_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sidecar.http import _nghttp2
+
+    monkeypatch.setattr(_nghttp2, "SONAME", "libnghttp2-nonexistent.so.99")
+    monkeypatch.setattr(_nghttp2, "_lib", None)
+    with pytest.raises(OSError, match="apt-get install libnghttp2-14"):
+        H2Session(H2Sink(), False)
+
+
+# -- the two builds of the binding (sidecar/http/_nghttp2.py) -----------------------------------
+
+
+def test_the_binding_is_the_one_the_build_promised() -> None:
+    from sidecar.http import _nghttp2
+
+    if os.environ.get("SIDECAR_PURE") == "1" or os.environ.get("SIDECAR_EXPECT_COMPILED") == "0":
+        assert _nghttp2.MODE == "abi"  # the sources only: libnghttp2.so.14 loaded at run time
+    elif os.environ.get("SIDECAR_EXPECT_COMPILED") == "1":
+        # scripts/check installs libnghttp2-dev: a build that silently fell back to ABI mode
+        # would make every HTTP/2 figure wrong
+        assert _nghttp2.MODE == "api"
+
+
+ROUND_TRIP = """
+from tests.unit.test_h2engine import pair, request, pump
+from sidecar.http import _nghttp2
+c, cr, s, sr = pair()
+sid = request(c)
+pump(c, s)
+s.send_headers(sid, [(b":status", b"200")], False)
+s.send_data(sid, b"ok", False)
+s.send_trailers(sid, [(b"grpc-status", b"0")])
+pump(c, s)
+assert cr.kinds("trailers") == [("trailers", sid, [(b"grpc-status", b"0")])], cr.events
+print(_nghttp2.MODE)
+"""
+
+
+def test_the_abi_fallback_runs_where_the_compiled_binding_is_absent() -> None:
+    # SIDECAR_PURE=1 hides every compiled module of the tree, the binding included: what a
+    # machine without a compiler or libnghttp2-dev runs. Whatever this run's build is.
+    env = {**os.environ, "SIDECAR_PURE": "1"}
+    out = subprocess.run([sys.executable, "-c", ROUND_TRIP], env=env, capture_output=True,
+                         text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "abi"
+
+
+def _client_wire() -> bytes:
+    c, _ = make(True)
+    for i in range(3):
+        sid = c.new_stream_id()
+        c.send_headers(sid, REQ + [(b"x-i", b"%d" % i), (b"x-big", b"v" * 300 * i)], False)
+        c.send_data(sid, b"d" * (1000 * i + 1), False)
+        c.send_trailers(sid, [(b"x-end", b"%d" % i)])
+    return c.data_to_send()
+
+
+_WIRE = _client_wire()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=200), min_size=1, max_size=60))
+def test_any_split_of_the_input_gives_the_same_events(cuts: list[int]) -> None:
+    whole, rw = make(False)
+    whole.receive(_WIRE)
+    split, rs = make(False)
+    i = 0
+    for n in cuts:
+        if i >= len(_WIRE):
+            break
+        split.receive(_WIRE[i:i + n])
+        i += n
+    if i < len(_WIRE):
+        split.receive(_WIRE[i:])
+    assert rs.events == rw.events and rs.data == rw.data
