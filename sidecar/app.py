@@ -23,7 +23,7 @@ from sidecar.discovery.static import StaticResolver
 from sidecar.discovery.stats import DiscoveryStats
 from sidecar.downstream.context import Limits, ListenerContext
 from sidecar.downstream.listener import Listener
-from sidecar.downstream.protocol import DownstreamProtocol
+from sidecar.downstream.sniff import SniffProtocol
 from sidecar.downstream.router import RouteTable
 from sidecar.downstream.tcp import TcpProxyProtocol
 from sidecar.lifecycle import Counts, Drain, DrainSettings, DrainState, linger_seconds
@@ -225,7 +225,8 @@ class App:
             clusters=self.clusters,
             stats=self.stats.listener(lc.name),
             limits=Limits(lim.max_connections, lim.header_timeout, lim.idle_timeout,
-                          lim.max_header_bytes, lim.max_headers),
+                          lim.max_header_bytes, lim.max_headers,
+                          getattr(lim, "max_concurrent_streams", 1000)),
             loop=self.loop,
             wheel=self.wheel,
             access_log=self.config.access_log,
@@ -241,7 +242,8 @@ class App:
             cluster_name = lc.cluster
             factory: Any = lambda: TcpProxyProtocol(ctx, cluster_name)  # noqa: E731
         else:
-            factory = functools.partial(DownstreamProtocol, ctx)
+            # HTTP/1.1 or HTTP/2 (h2c prior knowledge): the first bytes decide (SPEC 11).
+            factory = functools.partial(SniffProtocol, ctx)
         listener = Listener(
             lc.name, lc.host, lc.port, factory, ctx.stats, self.loop,
             max_connections=lc.limits.max_connections, allow_remote=lc.allow_remote,
