@@ -25,6 +25,7 @@ RATIOS = (
 # (section title, result file glob) of the benchmarks with scripts of their own.
 OTHER_BENCHMARKS = (
     ("Discovery at scale (bench/discovery_scale.py)", "discovery-*.json"),
+    ("HTTP/2: h2load through the sidecar and Envoy (bench/h2load.py)", "h2load-*.json"),
 )
 
 

@@ -32,7 +32,7 @@ from sidecar.observe.metrics import DiscoveryCollector, Scraper
 from sidecar.observe.stats import Stats
 from sidecar.policy.resilience import ClusterPolicies
 from sidecar.timers import Wheel
-from sidecar.upstream.cluster import Cluster
+from sidecar.upstream.cluster import UPSTREAM_ALPN, Cluster
 from sidecar.upstream.registry import ClusterSet
 from sidecar.upstream.tls import TlsOrigin
 
@@ -149,7 +149,7 @@ class App:
     def build_cluster(self, c: ClusterConfig, dynamic: bool = False) -> Cluster:
         stats = self.stats.cluster(c.name)
         try:
-            tls = TlsOrigin.from_config(c.tls, self._default_sni(c) or "")
+            tls = TlsOrigin.from_config(c.tls, self._default_sni(c) or "", speaks=UPSTREAM_ALPN)
         except ValueError as exc:  # a TLS file that does not load, a missing sni: a config error
             raise ValueError(f"cluster {c.name}: {exc}") from exc
         cluster = Cluster(c, self.loop, self.wheel, stats, tls)

@@ -10,9 +10,12 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Final
 
 from sidecar.errors import HostNotAllowed, NoRoute, ProtocolError, SidecarError
+
+if TYPE_CHECKING:
+    from sidecar.config import ListenerConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +63,9 @@ class RouteTable:
     )
 
     @classmethod
-    def from_config(cls, listener: Any, own_addresses: frozenset[tuple[str, int]]) -> RouteTable:
+    def from_config(
+        cls, listener: ListenerConfig, own_addresses: frozenset[tuple[str, int]]
+    ) -> RouteTable:
         routes = tuple(
             Route(
                 cluster=r.cluster,

@@ -126,7 +126,7 @@ class _Stream:
     """The engine's side of one stream: outbound buffer and inbound accounting."""
 
     __slots__ = ("out", "end", "trailers", "deferred", "unconsumed", "final", "local_reset",
-                 "reported", "trailers_sent")
+                 "reported")
 
     def __init__(self) -> None:
         self.out = bytearray()  # accepted, not yet framed by nghttp2
@@ -137,7 +137,6 @@ class _Stream:
         self.final = False  # client: a non-1xx response head arrived
         self.local_reset = False  # the caller reset it: no on_h2_reset back
         self.reported = False  # on_h2_reset already called
-        self.trailers_sent = False
 
 
 def _nva(headers: list[tuple[bytes, bytes]]) -> tuple[Any, Any]:
@@ -298,7 +297,9 @@ class H2Session:
                 kind = "settings_flood" if debug.startswith(b"SETTINGS") else "rapid_reset"
                 self._sink.on_h2_abuse(kind)
                 raise H2ProtocolError(kind)
-            raise H2ProtocolError(debug.decode("ascii", "replace") or "protocol error")
+            raise H2ProtocolError(
+                debug.decode("ascii", "replace") or self._error_msg or "protocol error"
+            )
 
     def data_to_send(self) -> bytes:
         """Every frame queued so far, b"" when none."""
@@ -493,6 +494,8 @@ class H2Session:
         self._dead = True
         last = self._lib.nghttp2_session_get_last_proc_stream_id(self._s)
         msg = ffi.string(self._lib.nghttp2_strerror(rv)).decode() if rv < 0 else kind
+        if self._error_msg:  # nghttp2 said why (error callback): more than the code's name
+            msg = f"{msg}: {self._error_msg}"
         if kind:
             self._tail = _goaway_frame(last, ENHANCE_YOUR_CALM)
             self._sink.on_h2_abuse(kind)
@@ -692,7 +695,6 @@ def _on_read(session: Any, stream_id: int, buf: Any, length: int, flags: Any, so
                 flags[0] = _DATA_FLAG_EOF | _DATA_FLAG_NO_END_STREAM
                 nva, keep = _nva(trailers)
                 st.trailers = None
-                st.trailers_sent = True
                 rv = self._lib.nghttp2_submit_trailer(session, stream_id, nva, len(trailers))
                 del keep
                 if rv < 0:

@@ -18,6 +18,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString as _untyped_go_float
 
+from sidecar.grpc_status import NAMES as GRPC_STATUS_NAMES
 from sidecar.observe.stats import ENDPOINT_STATES, ClusterGauges, Histogram, Stats
 
 _NO_GAUGES = ClusterGauges()  # what a cluster reports before it installed its callback
@@ -123,6 +124,9 @@ class StatsCollector(Collector):
       {event}`: the bound of SPEC section 5 on forward-proxy destinations at work.
     - `sidecar_endpoints{cluster,state}`: endpoints per cluster by health, `healthy`/`unhealthy`;
       one series per state, unlike the per-endpoint `sidecar_endpoint_healthy`.
+    - `sidecar_http2_abuse_total{listener,kind}`: the HTTP/2 attacks SPEC section 11 says are
+      counted (rapid reset, CONTINUATION flood, HPACK bomb, SETTINGS/PING flood, zero-window
+      stall), every kind from start.
     """
 
     def __init__(self, stats: Stats) -> None:
@@ -351,6 +355,25 @@ class StatsCollector(Collector):
                 local.add_metric([c.name, code], n)
         yield local
 
+        grpc = k.counter(
+            "sidecar_grpc_responses",
+            "gRPC answers given to the app, by grpc-status name (the sidecar's own included).",
+            labels=["cluster", "status"],
+        )
+        for c in clusters:
+            for status, n in zip(GRPC_STATUS_NAMES, c.grpc_responses, strict=True):
+                grpc.add_metric([c.name, status], n)
+        yield grpc
+
+        streams = k.gauge(
+            "sidecar_upstream_streams",
+            "Open HTTP/2 streams to the cluster's endpoints.",
+            labels=["cluster"],
+        )
+        for c in clusters:
+            streams.add_metric([c.name], gauges[c.name].streams)
+        yield streams
+
     def _listener_families(self, stats: Stats, k: Any) -> Iterator[Any]:
         listeners = list(stats.listeners.values())
         downstream = k.gauge(
@@ -375,15 +398,24 @@ class StatsCollector(Collector):
             "section 8).",
             labels=["listener"],
         )
+        abuse = k.counter(
+            "sidecar_http2_abuse",
+            "HTTP/2 attacks bounded on app connections, by kind (SPEC section 11; beyond "
+            "SPEC section 8).",
+            labels=["listener", "kind"],
+        )
         for lst in listeners:
             downstream.add_metric([lst.name], lst.downstream_connections)
             inflight.add_metric([lst.name], lst.inflight)
             shed.add_metric([lst.name], lst.shed_connections)
             internal.add_metric([lst.name], lst.internal_errors)
+            for kind, n in lst.http2_abuse.items():
+                abuse.add_metric([lst.name, kind], n)
         yield downstream
         yield inflight
         yield shed
         yield internal
+        yield abuse
 
     def _process_families(self, stats: Stats, k: Any) -> Iterator[Any]:
         p = stats.process

@@ -14,6 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
+from sidecar.grpc_status import NAMES as GRPC_NAMES
+from sidecar.grpc_status import UNKNOWN as GRPC_UNKNOWN
+
 CODE_CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
 # Why an upstream connection closed (label `reason` of connections_closed_total).
@@ -35,6 +38,18 @@ CLOSE_REASONS = (
 # 10 minutes, evicted at max_destinations, or unresolvable; a new one refused (all busy).
 FORWARD_EVENTS = ("created", "expired", "evicted", "unresolvable", "refused")
 
+# The HTTP/2 attacks of SPEC section 11 the app side bounds (label `kind` of
+# sidecar_http2_abuse_total): rapid reset (CVE-2023-44487), CONTINUATION flood, HPACK bomb,
+# SETTINGS flood, PING flood, zero-window stall.
+HTTP2_ABUSE_KINDS: Final = (
+    "rapid_reset",
+    "continuation_flood",
+    "hpack_bomb",
+    "settings_flood",
+    "ping_flood",
+    "zero_window_stall",
+)
+
 RETRY_REASONS = ("connect-failure", "reset", "stale", "timeout", "502", "503", "504", "5xx")
 HEALTH_RESULTS = ("success", "failure")
 
@@ -45,6 +60,8 @@ FAST_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5,
 )
+
+_GRPC_UNKNOWN: Final[int] = GRPC_UNKNOWN
 
 # Final: compiled, a static rather than a globals-dict lookup per observation.
 _bisect_left: Final = bisect.bisect_left
@@ -103,6 +120,7 @@ class ClusterGauges:
     idle: int = 0
     pending: int = 0
     breaker_state: int = 0  # 0 closed, 1 open, 2 half-open
+    streams: int = 0  # open HTTP/2 streams to the cluster's endpoints
     endpoints: list[EndpointGauge] = field(default_factory=list)
 
 
@@ -125,6 +143,7 @@ class ClusterStats:
         "outlier_ejections",
         "health_checks",
         "local_errors",
+        "grpc_responses",
         "gauges",
     )
 
@@ -148,6 +167,8 @@ class ClusterStats:
         self.outlier_ejections = 0
         self.health_checks: dict[str, int] = dict.fromkeys(HEALTH_RESULTS, 0)
         self.local_errors: dict[str, int] = dict.fromkeys(LOCAL_ERROR_CODES, 0)
+        # gRPC answers by grpc-status, indexed by the status number (grpc_status.NAMES order).
+        self.grpc_responses: list[int] = [0] * len(GRPC_NAMES)
         # Set by the cluster: returns its live gauges. None until the cluster exists.
         self.gauges: Callable[[], ClusterGauges] | None = None
 
@@ -177,6 +198,7 @@ class ClusterStats:
         copy.outlier_ejections = self.outlier_ejections
         copy.health_checks = dict(self.health_checks)
         copy.local_errors = dict(self.local_errors)
+        copy.grpc_responses = list(self.grpc_responses)
         gauges = self.gauges
         if gauges is not None:
             copy.gauges = _Fixed(gauges()).get
@@ -203,6 +225,12 @@ class ClusterStats:
     def retried(self, reason: str) -> None:
         self.retries[reason] = self.retries.get(reason, 0) + 1
 
+    def grpc_response(self, code: int) -> None:
+        """One gRPC answer given to the app, by its `grpc-status` number (a number outside
+        0-16 counts as `unknown`)."""
+        responses = self.grpc_responses
+        responses[code if 0 <= code < len(responses) else _GRPC_UNKNOWN] += 1
+
 
 class _Fixed:
     """Gauges read once, handed back on every call (a snapshot's `gauges`)."""
@@ -225,6 +253,7 @@ class ListenerStats:
         "inflight",
         "shed_connections",
         "internal_errors",
+        "http2_abuse",
     )
 
     def __init__(self, name: str) -> None:
@@ -233,6 +262,12 @@ class ListenerStats:
         self.inflight = 0
         self.shed_connections = 0  # accepted-then-closed because of EMFILE or max_connections
         self.internal_errors = 0  # unexpected exceptions caught at a seam and answered
+        # HTTP/2 attacks bounded on this listener's app connections, by HTTP2_ABUSE_KINDS.
+        self.http2_abuse: dict[str, int] = dict.fromkeys(HTTP2_ABUSE_KINDS, 0)
+
+    def abuse(self, kind: str) -> None:
+        """One HTTP/2 attack of `kind` (HTTP2_ABUSE_KINDS) met on an app connection."""
+        self.http2_abuse[kind] = self.http2_abuse.get(kind, 0) + 1
 
     def snapshot(self) -> ListenerStats:
         copy = ListenerStats(self.name)
@@ -240,6 +275,7 @@ class ListenerStats:
         copy.inflight = self.inflight
         copy.shed_connections = self.shed_connections
         copy.internal_errors = self.internal_errors
+        copy.http2_abuse = dict(self.http2_abuse)
         return copy
 
 

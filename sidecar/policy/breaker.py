@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Final
 
 from sidecar.clock import Clock
-from sidecar.policy._duck import seconds
+from sidecar.config import CircuitBreakerConfig
 from sidecar.policy.window import RollingCounts
 
 
@@ -113,19 +113,18 @@ class CircuitBreaker:
     @classmethod
     def from_config(
         cls,
-        cfg: Any,
+        cfg: CircuitBreakerConfig,
         clock: Clock,
         on_transition: Callable[[str], None] | None = None,
     ) -> CircuitBreaker:
-        """From an object shaped like SPEC's `circuit_breaker` section (durations: seconds or
-        timedelta)."""
+        """From a cluster's `circuit_breaker` section."""
         return cls(
-            failure_rate_threshold=float(cfg.failure_rate_threshold),
-            minimum_requests=int(cfg.minimum_requests),
-            window=seconds(cfg.window),
-            open_duration=seconds(cfg.open_duration),
-            half_open_max_requests=int(cfg.half_open_max_requests),
-            max_concurrent_requests=int(cfg.max_concurrent_requests),
+            failure_rate_threshold=cfg.failure_rate_threshold,
+            minimum_requests=cfg.minimum_requests,
+            window=cfg.window,
+            open_duration=cfg.open_duration,
+            half_open_max_requests=cfg.half_open_max_requests,
+            max_concurrent_requests=cfg.max_concurrent_requests,
             clock=clock,
             on_transition=on_transition,
         )

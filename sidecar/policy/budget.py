@@ -23,10 +23,10 @@ Arithmetic (Finagle's RetryBudget / tower's TpsBudget, the one Linkerd uses), ov
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Final
 
 from sidecar.clock import Clock
-from sidecar.policy._duck import seconds
+from sidecar.config import BudgetConfig
 from sidecar.policy.window import RollingCounts
 
 _SCALE: Final = 1000  # milli-retries: one retry costs 1000
@@ -57,15 +57,9 @@ class RetryBudget:
         self._counts = RollingCounts(window, buckets)  # a = requests, b = retries
 
     @classmethod
-    def from_config(cls, cfg: Any, clock: Clock) -> RetryBudget:
-        """From an object shaped like SPEC's `retry.budget` section."""
-        window = getattr(cfg, "window", None)
-        return cls(
-            float(cfg.ratio),
-            float(cfg.min_per_second),
-            clock,
-            window=10.0 if window is None else seconds(window),
-        )
+    def from_config(cls, cfg: BudgetConfig, clock: Clock) -> RetryBudget:
+        """From a cluster's `retry.budget` section (the window is not configurable)."""
+        return cls(cfg.ratio, cfg.min_per_second, clock)
 
     def record_request(self) -> None:
         """An original request (not a retry) was sent: deposit `ratio` of a retry."""

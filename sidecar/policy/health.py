@@ -34,12 +34,11 @@ import logging
 import random
 import ssl
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import aiohttp
 
+from sidecar.config import HealthCheckConfig
 from sidecar.errors import local_shortage
-from sidecar.policy._duck import seconds
 
 log = logging.getLogger(__name__)
 
@@ -198,22 +197,22 @@ class HealthChecker:
     def from_config(
         cls,
         cluster_name: str,
-        cfg: Any,
+        cfg: HealthCheckConfig,
         *,
         on_change: Callable[[str, bool], None] | None = None,
         stats: dict[str, int] | None = None,
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
     ) -> HealthChecker:
-        """From an object shaped like SPEC's `health_check` section (type http or tcp)."""
+        """From a cluster's `health_check` section (type http or tcp)."""
         return cls(
             cluster_name,
-            str(cfg.type),
-            path=str(getattr(cfg, "path", "/healthz")),
-            interval=seconds(cfg.interval),
-            timeout=seconds(cfg.timeout),
-            healthy_threshold=int(cfg.healthy_threshold),
-            unhealthy_threshold=int(cfg.unhealthy_threshold),
+            cfg.type,
+            path=cfg.path,
+            interval=cfg.interval,
+            timeout=cfg.timeout,
+            healthy_threshold=cfg.healthy_threshold,
+            unhealthy_threshold=cfg.unhealthy_threshold,
             on_change=on_change,
             stats=stats,
             ssl_context=ssl_context,

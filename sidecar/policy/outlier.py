@@ -27,10 +27,9 @@ keeps its count and is ejected by its next failure if room has freed up by then.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
 
 from sidecar.clock import Clock
-from sidecar.policy._duck import seconds
+from sidecar.config import OutlierConfig
 
 
 class _Host:
@@ -88,19 +87,16 @@ class OutlierDetector:
     @classmethod
     def from_config(
         cls,
-        cfg: Any,
+        cfg: OutlierConfig,
         clock: Clock,
         on_eject: Callable[[str], None] | None = None,
         in_service: Callable[[str], bool] | None = None,
     ) -> OutlierDetector:
-        """From an object shaped like SPEC's `outlier_detection` section."""
-        base = seconds(cfg.base_ejection_time)
-        max_time = getattr(cfg, "max_ejection_time", None)
+        """From a cluster's `outlier_detection` section."""
         return cls(
-            consecutive_failures=int(cfg.consecutive_failures),
-            base_ejection_time=base,
-            max_ejection_time=max(base, seconds(max_time)) if max_time is not None
-            else max(base, 300.0),
+            consecutive_failures=cfg.consecutive_failures,
+            base_ejection_time=cfg.base_ejection_time,
+            max_ejection_time=cfg.max_ejection_time,
             max_ejection_percent=float(cfg.max_ejection_percent),
             clock=clock,
             on_eject=on_eject,

@@ -52,11 +52,11 @@ import calendar
 import time
 from collections.abc import Iterable
 from email.utils import parsedate_tz
-from typing import Any, Final
+from typing import Final
 
 import tenacity
 
-from sidecar.policy._duck import seconds
+from sidecar.config import GRPC_STATUS_CODES, RetryConfig
 
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
@@ -155,6 +155,7 @@ class RetryPolicy:
         "backoff_base",
         "backoff_max",
         "max_body_bytes",
+        "grpc_on",
         "min_try_time",
         "max_retry_after",
         "_by_status",
@@ -174,6 +175,7 @@ class RetryPolicy:
         backoff_base: float = 0.025,
         backoff_max: float = 1.0,
         max_body_bytes: int = 64 * 1024,
+        grpc_on: Iterable[int] = (14,),
         min_try_time: float = 0.05,
         max_retry_after: float = 60.0,
     ) -> None:
@@ -194,6 +196,8 @@ class RetryPolicy:
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.max_body_bytes = max_body_bytes
+        # gRPC status codes retried from a Trailers-Only answer (SPEC section 11; 14: unavailable).
+        self.grpc_on = frozenset(grpc_on)
         self.min_try_time = min_try_time
         self.max_retry_after = max_retry_after
 
@@ -224,17 +228,17 @@ class RetryPolicy:
         self._retrying = tenacity.Retrying(stop=self._stops[attempts], wait=self._wait)
 
     @classmethod
-    def from_config(cls, cfg: Any) -> RetryPolicy:
-        """From an object shaped like SPEC's `retry` section (durations: seconds or timedelta)."""
-        per_try = getattr(cfg, "per_try_timeout", None)
+    def from_config(cls, cfg: RetryConfig) -> RetryPolicy:
+        """From a cluster's `retry` section."""
         return cls(
-            attempts=int(cfg.attempts),
-            on=[str(t) for t in cfg.on],
-            idempotent_only=bool(cfg.idempotent_only),
-            per_try_timeout=None if per_try is None else seconds(per_try),
-            backoff_base=seconds(cfg.backoff.base),
-            backoff_max=seconds(cfg.backoff.max),
-            max_body_bytes=int(cfg.max_body_bytes),
+            attempts=cfg.attempts,
+            on=cfg.on,
+            idempotent_only=cfg.idempotent_only,
+            per_try_timeout=cfg.per_try_timeout,
+            backoff_base=cfg.backoff.base,
+            backoff_max=cfg.backoff.max,
+            max_body_bytes=cfg.max_body_bytes,
+            grpc_on=[GRPC_STATUS_CODES[name] for name in cfg.grpc_on],
         )
 
     # --- before the first try -----------------------------------------------------------------

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar, assert_never
+
+if TYPE_CHECKING:
+    from sidecar.config import LoadBalancer
 
 
 class Loaded(Protocol):
@@ -69,9 +72,15 @@ class Random:
         return choice
 
 
-def make_balancer(kind: str) -> RoundRobin | LeastRequest | Random:
-    if kind == "round_robin":
-        return RoundRobin()
-    if kind == "random":
-        return Random()
-    return LeastRequest()
+def make_balancer(kind: LoadBalancer) -> RoundRobin | LeastRequest | Random:
+    """The balancer a cluster's `load_balancer` names. The config admits only these names, and
+    mypy checks that each has its case: a new one cannot fall through to a silent default."""
+    match kind:
+        case "round_robin":
+            return RoundRobin()
+        case "least_request":
+            return LeastRequest()
+        case "random":
+            return Random()
+        case _:
+            assert_never(kind)

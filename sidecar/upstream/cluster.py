@@ -14,7 +14,7 @@ import logging
 import math
 import random
 from collections.abc import Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from sidecar.discovery.endpoints import Add, Delta, Endpoint, Remove, apply_delta
 from sidecar.errors import ConnectFailed, NoHealthyEndpoints
@@ -24,10 +24,18 @@ from sidecar.timers import Wheel
 from sidecar.upstream.balancer import make_balancer
 from sidecar.upstream.pool import Pool, PoolSettings, TlsHooks
 
+if TYPE_CHECKING:
+    from sidecar.config import ClusterConfig, Http2Config, UpstreamProtocol
+
 log = logging.getLogger("sidecar.cluster")
 
 # Up to this many serving endpoints, rotation for new ones visits every pool (see _rotate_for).
 _ROTATE_SCAN: Final = 64
+
+# The application protocols (ALPN ids) the upstream leg speaks today. A TLS origin offers the
+# configured `tls.alpn` (which follows `protocol`) without the others, so that an endpoint cannot
+# choose a protocol nothing here speaks; the HTTP/2 upstream adds "h2".
+UPSTREAM_ALPN: Final = frozenset({"http/1.1"})
 
 
 class Cluster:
@@ -35,6 +43,8 @@ class Cluster:
         "name",
         "config",
         "settings",
+        "protocol",
+        "http2",
         "stats",
         "tls",
         "endpoints",
@@ -55,7 +65,7 @@ class Cluster:
 
     def __init__(
         self,
-        config: Any,
+        config: ClusterConfig,
         loop: asyncio.AbstractEventLoop,
         wheel: Wheel,
         stats: ClusterStats,
@@ -64,6 +74,9 @@ class Cluster:
         self.name: str = config.name
         self.config = config
         self.settings = PoolSettings.from_config(config.pool)
+        # SPEC section 11, for the HTTP/2 upstream: what to speak, and its pool settings.
+        self.protocol: UpstreamProtocol = config.protocol
+        self.http2: Http2Config = config.http2
         self.request_timeout: float = config.timeouts.request
         self.stats = stats
         self.tls = tls
@@ -288,6 +301,7 @@ class Cluster:
             g.active += pool.active_count
             g.idle += pool.idle_count
             g.pending += pool.pending_count
+            g.streams += pool.streams
         policies = self.policies
         if policies is not None:
             g.breaker_state = policies.breaker_state_code()

@@ -36,7 +36,7 @@ import ssl
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from sidecar.errors import (
     ConnectFailed,
@@ -48,6 +48,9 @@ from sidecar.errors import (
 from sidecar.observe.stats import ClusterStats
 from sidecar.timers import Timed, Wheel
 from sidecar.upstream.connection import State, UpstreamConnection
+
+if TYPE_CHECKING:
+    from sidecar.config import PoolConfig
 
 log = logging.getLogger("sidecar.pool")
 
@@ -79,7 +82,7 @@ class PoolSettings:
     pending_timeout: float = 1.0
 
     @classmethod
-    def from_config(cls, cfg: Any) -> PoolSettings:
+    def from_config(cls, cfg: PoolConfig) -> PoolSettings:
         return cls(
             max_connections=cfg.max_connections,
             min_idle=cfg.min_idle,
@@ -157,6 +160,7 @@ class Pool(Timed):
         "no_reuse_until",
         "warm",
         "terminating",
+        "streams",
     )
 
     def __init__(
@@ -189,6 +193,9 @@ class Pool(Timed):
         self.learned_idle_timeout = math.inf
         self.closing = False
         self.inflight = 0  # requests using this endpoint now (least-request balancing)
+        # Open HTTP/2 streams on this endpoint's connections, kept by the HTTP/2 endpoint side;
+        # read at scrape time as sidecar_upstream_streams. 0 while only HTTP/1.1 is spoken.
+        self.streams = 0
         self.watch_closes = False  # the endpoint closes idle connections: look before reuse
         self.early_closes = 0  # closes right after a response, in a row
         self.no_reuse_until = 0.0  # loop time until which connections are not reused

@@ -56,7 +56,10 @@ import re
 import ssl
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from sidecar.config import TlsConfig
 
 log = logging.getLogger("sidecar.tls")
 
@@ -253,26 +256,28 @@ class TlsOrigin:
 
     @classmethod
     def from_config(
-        cls, cfg: Any, default_sni: str, *, handshakes: dict[bool, int] | None = None
+        cls,
+        cfg: TlsConfig,
+        default_sni: str,
+        *,
+        speaks: frozenset[str] | None = None,
+        handshakes: dict[bool, int] | None = None,
     ) -> TlsOrigin | None:
-        """From a config object with the SPEC §4 `tls` attribute names; None when TLS is off."""
-        if cfg is None or not getattr(cfg, "enabled", True):
+        """From a cluster's `tls` section; None when TLS is off. `speaks`: the ALPN ids the
+        upstream leg can serve; the configured `alpn` is offered without the others, so that an
+        endpoint cannot choose what nothing here speaks (None: offer it as configured)."""
+        if not cfg.enabled:
             return None
-        timeout = getattr(cfg, "handshake_timeout", None)  # None: the pool's connect_timeout
-        if timeout is not None and hasattr(timeout, "total_seconds"):
-            timeout = timeout.total_seconds()
-        min_version = getattr(cfg, "min_version", None) or "TLSv1.2"
-        alpn = getattr(cfg, "alpn", None)
         return cls(
-            sni=getattr(cfg, "sni", None) or default_sni,
-            ca_file=getattr(cfg, "ca_file", None),
-            cert_file=getattr(cfg, "cert_file", None),
-            key_file=getattr(cfg, "key_file", None),
-            session_reuse=bool(getattr(cfg, "session_reuse", True)),
-            alpn=("http/1.1",) if alpn is None else list(alpn),
-            min_version=str(getattr(min_version, "value", min_version)),
-            insecure_skip_verify=bool(getattr(cfg, "insecure_skip_verify", False)),
-            handshake_timeout=None if timeout is None else float(timeout),
+            sni=cfg.sni or default_sni,
+            ca_file=cfg.ca_file,
+            cert_file=cfg.cert_file,
+            key_file=cfg.key_file,
+            session_reuse=cfg.session_reuse,
+            alpn=[p for p in cfg.alpn if speaks is None or p in speaks],
+            min_version=cfg.min_version,
+            insecure_skip_verify=cfg.insecure_skip_verify,
+            handshake_timeout=cfg.handshake_timeout,  # None: the pool's connect_timeout
             handshakes=handshakes,
         )
 

@@ -25,9 +25,15 @@ TARGET_LABELS = frozenset({"namespace", "pod"})
 LABEL_VALUES = {
     "code_class": {"1xx", "2xx", "3xx", "4xx", "5xx"},
     "resumed": {"true", "false"},
+    "status": {
+        "ok", "cancelled", "unknown", "invalid_argument", "deadline_exceeded", "not_found",
+        "already_exists", "permission_denied", "resource_exhausted", "failed_precondition",
+        "aborted", "out_of_range", "unimplemented", "internal", "unavailable", "data_loss",
+        "unauthenticated",
+    },
 }
 
-METRIC = re.compile(r"\bsidecar_[a-z_]+\b")
+METRIC = re.compile(r"\bsidecar_[a-z0-9_]+\b")  # http2: digits too
 MATCHER = re.compile(r'\b([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"([^"]*)"')
 BY = re.compile(r"\bby\s*\(([^)]*)\)")
 LEGEND = re.compile(r"\{\{\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*\}\}")
@@ -136,6 +142,11 @@ def test_spec_section_10_panels(dashboard: dict[str, Any]) -> None:
     assert has("sidecar_endpoint_healthy") and has("sidecar_outlier_ejections_total")
     assert has("histogram_quantile(0.99,", "sidecar_event_loop_lag_seconds_bucket")
     assert has("sidecar_downstream_connections") and has("sidecar_inflight_requests")
+    # Issue 15: gRPC status rate by status per cluster, open upstream streams, HTTP/2 abuse.
+    assert has("sidecar_grpc_responses_total", "by (cluster, status)")
+    assert has("sidecar_grpc_responses_total", 'status!="ok"', "\n/\n")
+    assert has("sidecar_upstream_streams{", "by (cluster)")
+    assert has("sidecar_http2_abuse_total", "by (listener, kind)")
     timelines = {
         p["title"]: p for p in dashboard["panels"] if p["type"] == "state-timeline"
     }  # breaker and drain state over time, with their states named

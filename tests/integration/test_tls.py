@@ -11,12 +11,12 @@ import ssl
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, TypeVar, cast
 
 import pytest
 import uvloop
 
+from sidecar.config import TlsConfig
 from sidecar.upstream.tls import (
     TlsFileError,
     TlsOrigin,
@@ -561,7 +561,7 @@ def test_insecure_skip_verify(run: Run[Any], pki: Pki, caplog: pytest.LogCapture
 
 def test_redacted_view_and_from_config(pki: Pki, tmp_path: Path) -> None:
     client = pki.issue("client-a", "client-a")
-    cfg = SimpleNamespace(
+    cfg = TlsConfig(
         enabled=True,
         sni=None,
         ca_file=str(pki.ca_file),
@@ -571,7 +571,7 @@ def test_redacted_view_and_from_config(pki: Pki, tmp_path: Path) -> None:
         alpn=["http/1.1"],
         min_version="TLSv1.3",
         insecure_skip_verify=False,
-        handshake_timeout=datetime.timedelta(seconds=3),
+        handshake_timeout="3s",
     )
     stats: dict[bool, int] = {True: 0, False: 0}
     origin = TlsOrigin.from_config(cfg, "payments.shop.svc", handshakes=stats)
@@ -588,8 +588,7 @@ def test_redacted_view_and_from_config(pki: Pki, tmp_path: Path) -> None:
     assert view["sni"] == "payments.shop.svc"
     assert view["resumption_ratio"] is None
     assert "warning" not in view
-    assert TlsOrigin.from_config(SimpleNamespace(enabled=False), "x") is None
-    assert TlsOrigin.from_config(None, "x") is None
+    assert TlsOrigin.from_config(TlsConfig(enabled=False), "x") is None
 
 
 def test_bad_settings_fail_at_construction(pki: Pki, tmp_path: Path) -> None:

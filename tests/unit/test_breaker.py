@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
-from types import SimpleNamespace
-
 import pytest
 
 from sidecar.clock import FakeClock
+from sidecar.config import CircuitBreakerConfig
 from sidecar.policy.breaker import (
     CLOSED,
     HALF_OPEN,
@@ -271,13 +269,13 @@ def test_partial_roll_drops_only_expired_buckets() -> None:
     assert b.state is OPEN
 
 
-def test_from_config_duck_typed_with_timedeltas() -> None:
+def test_from_config_takes_the_config_model() -> None:
     clock = FakeClock()
-    cfg = SimpleNamespace(
+    cfg = CircuitBreakerConfig(
         failure_rate_threshold=0.5,
         minimum_requests=2,
-        window=timedelta(seconds=10),
-        open_duration=timedelta(seconds=1),
+        window="10s",
+        open_duration="1s",
         half_open_max_requests=1,
         max_concurrent_requests=5,
     )

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
 from sidecar.clock import FakeClock
+from sidecar.config import BudgetConfig
 from sidecar.policy.budget import RetryBudget
 
 
@@ -114,7 +113,7 @@ def test_long_idle_clears_everything() -> None:
 
 
 def test_from_config_and_validation() -> None:
-    b = RetryBudget.from_config(SimpleNamespace(ratio=0.2, min_per_second=10), FakeClock())
+    b = RetryBudget.from_config(BudgetConfig(ratio=0.2, min_per_second=10), FakeClock())
     assert b.available == 100
     with pytest.raises(ValueError):
         RetryBudget(-0.1, 10, FakeClock())

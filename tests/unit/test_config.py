@@ -148,7 +148,8 @@ def test_cluster_defaults() -> None:
     cluster = parse(ONE_CLUSTER).clusters[0]
     assert cluster.load_balancer == "least_request"
     assert not cluster.tls.enabled and cluster.tls.handshake_timeout is None
-    assert cluster.tls.alpn == ["http/1.1"] and cluster.tls.min_version == "TLSv1.2"
+    # SPEC section 11: protocol auto offers h2 and http/1.1 (the endpoint chooses).
+    assert cluster.tls.alpn == ["h2", "http/1.1"] and cluster.tls.min_version == "TLSv1.2"
     pool = cluster.pool
     assert (pool.max_connections, pool.min_idle, pool.max_idle) == (100, 0, 20)
     assert (pool.idle_timeout, pool.max_lifetime, pool.connect_timeout) == (60.0, 600.0, 2.0)

@@ -1,4 +1,4 @@
-"""docs/configuration.md is what scripts/gen_config_docs.py writes from sidecar/config.py: every
+"""docs/configuration.md is what scripts/gen_config_docs.py writes from sidecar/config/: every
 key documented, none stale, and its examples accepted by the sidecar's own loader."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def test_every_key_has_a_description(gen: ModuleType) -> None:
     missing = gen.undocumented()
     assert not missing, (
         f"config keys without a meaning: {', '.join(missing)}; add Field(description=...) in "
-        "sidecar/config.py, then run `python scripts/gen_config_docs.py`"
+        "sidecar/config/, then run `python scripts/gen_config_docs.py`"
     )
 
 

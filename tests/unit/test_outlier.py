@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
-from types import SimpleNamespace
-
 import pytest
 
 from sidecar.clock import FakeClock
+from sidecar.config import OutlierConfig
 from sidecar.policy.outlier import OutlierDetector
 
 
@@ -188,8 +186,7 @@ def test_unknown_key_is_tracked_on_first_verdict() -> None:
 
 def test_from_config_defaults_max_ejection_time() -> None:
     clock = FakeClock()
-    cfg = SimpleNamespace(consecutive_failures=1, base_ejection_time=timedelta(seconds=200),
-                          max_ejection_percent=50)
+    cfg = OutlierConfig(consecutive_failures=1, base_ejection_time="200s", max_ejection_percent=50)
     d = OutlierDetector.from_config(cfg, clock)
     d.set_endpoints(KEYS[:2])
     d.record(KEYS[0], False)  # 200 s

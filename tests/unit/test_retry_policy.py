@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import calendar
 import random
-from datetime import timedelta
-from types import SimpleNamespace
 
 import pytest
 import tenacity
 
+from sidecar.config import BackoffConfig, RetryConfig
 from sidecar.errors import BadUpstreamResponse, ConnectFailed, UpstreamReset, UpstreamTimeout
 from sidecar.policy.retry import RetryPolicy, parse_retry_after
 
@@ -196,16 +195,17 @@ def test_success_path_builds_no_tenacity_state(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_from_config() -> None:
-    cfg = SimpleNamespace(
+    cfg = RetryConfig(
         attempts=4,
         on=["connect-failure", 503],
         idempotent_only=True,
-        per_try_timeout=timedelta(seconds=2),
-        backoff=SimpleNamespace(base=timedelta(milliseconds=25), max=1),
+        per_try_timeout="2s",
+        backoff=BackoffConfig(base="25ms", max=1),
         max_body_bytes=65536,
     )
     p = RetryPolicy.from_config(cfg)
     assert p.attempts == 4
+    assert p.grpc_on == frozenset({14})  # retry.grpc_on's default: [unavailable]
     assert p.classify(503) == "503"
     assert p.per_try_timeout == 2.0
     assert p.backoff_base == 0.025
