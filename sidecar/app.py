@@ -226,7 +226,7 @@ class App:
             stats=self.stats.listener(lc.name),
             limits=Limits(lim.max_connections, lim.header_timeout, lim.idle_timeout,
                           lim.max_header_bytes, lim.max_headers,
-                          getattr(lim, "max_concurrent_streams", 1000)),
+                          lim.max_concurrent_streams),
             loop=self.loop,
             wheel=self.wheel,
             access_log=self.config.access_log,

@@ -223,20 +223,12 @@ def _done(ex: Exchange) -> bool:
     return ex.phase is Phase.DONE
 
 
-def _count_abuse(ctx: ListenerContext, kind: str) -> None:
-    """`sidecar_http2_abuse_total{listener,kind}` (observe/stats.py's `ListenerStats.abuse`)."""
-    count: Any = getattr(ctx.stats, "abuse", None)
-    if count is not None:
-        count(kind)
-
-
 def _count_grpc(ex: Exchange | None, code: int) -> None:
-    """`sidecar_grpc_responses_total{cluster,status}` for a gRPC answer the sidecar made."""
+    """`sidecar_grpc_responses_total{cluster,status}` for a gRPC answer the sidecar made (the
+    endpoint side counts the endpoints' answers)."""
     cluster = ex.cluster if ex is not None else None
     if cluster is not None:
-        count: Any = getattr(cluster.stats, "grpc_response", None)
-        if count is not None:
-            count(code)
+        cluster.stats.grpc_response(code)
 
 
 class H2AppStream(AppStreamBase):
@@ -420,7 +412,7 @@ class H2AppStream(AppStreamBase):
 
     def stalled(self) -> None:
         """No byte could be sent for `idle_timeout`: reset the stream (SPEC 11)."""
-        _count_abuse(self.conn.ctx, "zero_window_stall")
+        self.conn.ctx.stats.abuse("zero_window_stall")
         self.conn.session.reset(self.sid, CANCEL)
         self.peer_reset()
         self.conn.forget(self)
@@ -488,13 +480,18 @@ class H2AppStream(AppStreamBase):
         sid = self.sid
         fields = self.head_pending
         if fields is not None:
+            # No body was sent: one HEADERS frame with END_STREAM; for gRPC the trailers are
+            # folded in (a Trailers-Only answer stays one, which tells the app's library that
+            # no message came).
             self.head_pending = None
             self.head_sent = True
-            if trailers:
+            if trailers and not self.grpc:
                 session.send_headers(sid, fields, False)
                 session.send_trailers(sid, _trailer_fields(trailers))
             else:
-                session.send_headers(sid, fields, True)  # bodyless: one HEADERS frame
+                if trailers:
+                    fields = fields + _trailer_fields(trailers)
+                session.send_headers(sid, fields, True)
         elif trailers:
             session.send_trailers(sid, _trailer_fields(trailers))
         else:
@@ -831,7 +828,7 @@ class H2AppConnection(H2Sink, asyncio.Protocol):
         self.closing = True  # the app closes: finish what is open, then close
 
     def on_h2_abuse(self, kind: str) -> None:
-        _count_abuse(self.ctx, kind)
+        self.ctx.stats.abuse(kind)
         _ABUSE_LOG.log(kind, logging.WARNING, "HTTP/2 abuse: connection closed", None,
                        listener=self.ctx.name, kind=kind)
 
@@ -856,16 +853,18 @@ class H2AppConnection(H2Sink, asyncio.Protocol):
         self.session.reset(st.sid, REFUSED_STREAM)
         st.local_done = st.remote_done = True
         self.forget(st)
-        self.goaway()
+        # Its GOAWAY names the stream before it as the last one processed: the refused one
+        # and any the app sent after it were not.
+        self.goaway(st.sid - 2 if st.sid > 2 else 0)
 
-    def goaway(self) -> None:
-        """No new streams from here on (GOAWAY NO_ERROR, last stream: the last one
-        processed); the open ones finish, then the connection closes."""
+    def goaway(self, last_stream_id: int | None = None) -> None:
+        """No new streams from here on (GOAWAY NO_ERROR; last stream: `last_stream_id`, by
+        default the last one processed); the open ones finish, then the connection closes."""
         if self.closing or self.closed:
             return
         self.closing = True
         try:
-            self.session.goaway(NO_ERROR)
+            self.session.goaway(NO_ERROR, last_stream_id)
         except H2ProtocolError:
             pass
         self.wrote()
@@ -909,7 +908,7 @@ class H2AppConnection(H2Sink, asyncio.Protocol):
             self.batch -= 1
         if self.write_paused:
             if now - self.paused_since >= idle_timeout:
-                _count_abuse(self.ctx, "zero_window_stall")
+                self.ctx.stats.abuse("zero_window_stall")
                 self.abort()
                 return
             nxt = min(nxt, self.paused_since + idle_timeout)
