@@ -23,8 +23,8 @@ from sidecar.discovery.static import StaticResolver
 from sidecar.discovery.stats import DiscoveryStats
 from sidecar.downstream.context import Limits, ListenerContext
 from sidecar.downstream.listener import Listener
-from sidecar.downstream.sniff import SniffProtocol
 from sidecar.downstream.router import RouteTable
+from sidecar.downstream.sniff import SniffProtocol
 from sidecar.downstream.tcp import TcpProxyProtocol
 from sidecar.lifecycle import Counts, Drain, DrainSettings, DrainState, linger_seconds
 from sidecar.observe.loop_lag import watch_loop_lag

@@ -236,7 +236,7 @@ class H2AppStream(AppStreamBase):
 
     __slots__ = (
         "conn", "sid", "exchange", "grpc", "paused", "unconsumed", "pending", "end_pending",
-        "trailers_pending", "head_pending", "head_sent", "local_done", "remote_done", "over",
+        "trailers_pending", "head_pending", "head_sent", "local_done", "over",
         "deadline", "told_paused", "blocked_since", "batching", "counted",
     )
 
@@ -253,7 +253,6 @@ class H2AppStream(AppStreamBase):
         self.head_pending: list[tuple[bytes, bytes]] | None = None
         self.head_sent = False
         self.local_done = False  # our end (END_STREAM) handed to the engine
-        self.remote_done = False  # the app's END_STREAM (or trailers) received
         self.over = False  # the exchange ended (counted out of in-flight)
         self.deadline = math.inf
         self.told_paused = False  # the exchange was told app_write_paused
@@ -268,7 +267,6 @@ class H2AppStream(AppStreamBase):
     def begin(self, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
         conn = self.conn
         ctx = conn.ctx
-        self.remote_done = end_stream
         try:
             head, grpc, grpc_timeout = request_head(headers, end_stream)
         except ProtocolError as exc:
@@ -344,19 +342,15 @@ class H2AppStream(AppStreamBase):
                 self.unconsumed += n  # given back once the exchange resumes the request
             elif n:
                 self.conn.session.consume(self.sid, n)
-            if end:
-                self.remote_done = True
-                if not _done(ex):
-                    ex.request_end(None)
+            if end and not _done(ex):
+                ex.request_end(None)
         else:
             if n:
                 self.conn.session.consume(self.sid, n)  # nobody wants it: keep the app going
             if end:
-                self.remote_done = True
                 self._maybe_gone()
 
     def request_trailers(self, trailers: Headers) -> None:
-        self.remote_done = True
         ex = self.exchange
         if ex is not None and ex.phase is not Phase.DONE:
             ex.request_end(trailers)
@@ -366,7 +360,7 @@ class H2AppStream(AppStreamBase):
     def peer_reset(self) -> None:
         """RST_STREAM from the app (or the engine closed the stream): the app is gone."""
         self.pending = []
-        self.local_done = self.remote_done = True
+        self.local_done = True
         ex = self.exchange
         if ex is not None and not self.over:
             if ex.phase is not Phase.DONE:
@@ -554,7 +548,7 @@ class H2AppStream(AppStreamBase):
         self.end_pending = False
         self.head_pending = None
         self.conn.session.reset(self.sid, INTERNAL_ERROR)
-        self.local_done = self.remote_done = True
+        self.local_done = True
         self._exchange_over()
         self.conn.forget(self)
         self.conn.wrote()
@@ -635,6 +629,7 @@ class H2AppStream(AppStreamBase):
         self, exchange: AppExchange, endpoint: asyncio.Transport, to_app: bytes,
         established: bool,
     ) -> bool:
+        del exchange, to_app, established
         endpoint.close()  # no tunnels over HTTP/2 streams (CONNECT is refused before this)
         return False
 
@@ -851,7 +846,7 @@ class H2AppConnection(H2Sink, asyncio.Protocol):
     def refuse(self, st: H2AppStream) -> None:
         """The drain refuses `st`: REFUSED_STREAM, and GOAWAY for the connection."""
         self.session.reset(st.sid, REFUSED_STREAM)
-        st.local_done = st.remote_done = True
+        st.local_done = True
         self.forget(st)
         # Its GOAWAY names the stream before it as the last one processed: the refused one
         # and any the app sent after it were not.

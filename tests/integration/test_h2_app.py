@@ -34,7 +34,7 @@ import httpx
 import pytest
 from aiohttp import web
 
-from tests.harness import LOOPS, SilentListener, Sidecar, ThreadedServer, http_get, nginx
+from tests.harness import LOOPS, Sidecar, SilentListener, ThreadedServer, http_get, nginx
 
 TIMEOUT = 10.0
 MIB = 1 << 20
@@ -150,9 +150,10 @@ class TrailerOrigin:
                 head, sep, rest = buf.partition(b"\r\n\r\n")
                 if not sep:
                     continue
-                if b"transfer-encoding: chunked" in head.lower():
-                    if b"\r\n0\r\n" not in b"\r\n" + rest or not rest.endswith(b"\r\n\r\n"):
-                        continue  # until the last chunk and its trailer section
+                chunked = b"transfer-encoding: chunked" in head.lower()
+                if chunked and (b"\r\n0\r\n" not in b"\r\n" + rest
+                                or not rest.endswith(b"\r\n\r\n")):
+                    continue  # until the last chunk and its trailer section
                 self.requests.append(buf)
                 buf = b""
                 conn.sendall(
@@ -409,7 +410,7 @@ REQUEST_BLOCK = hpack.Encoder().encode(
     [(":method", "GET"), (":scheme", "http"), (":authority", "up"), (":path", "/")])
 
 
-# --- the sidecar under test -------------------------------------------------------------------------
+# --- the sidecar under test -----------------------------------------------------------------------
 class Env:
     def __init__(self, sc: Sidecar, origins: dict[str, Origin], trailer: TrailerOrigin,
                  nginx_port: int) -> None:
@@ -473,7 +474,7 @@ def env(request: pytest.FixtureRequest) -> Iterator[Env]:
         silent.close()
 
 
-# --- the same port, both protocols -----------------------------------------------------------------
+# --- the same port, both protocols ----------------------------------------------------------------
 def test_curl_prior_knowledge_and_http11_on_the_same_port(env: Env) -> None:
     url = env.sc.url("fixed", "/x?y=1")
     for args, version in ((["--http2-prior-knowledge"], "2"), ([], "1.1")):
@@ -551,7 +552,7 @@ def test_max_concurrent_streams_is_advertised(env: Env) -> None:
         c.close()
 
 
-# --- flow control -------------------------------------------------------------------------------------
+# --- flow control ---------------------------------------------------------------------------------
 def test_slow_h2_reader_keeps_the_sidecar_bounded(env: Env) -> None:
     """A 64 MiB answer to an app that opens no window: the sidecar sends one window and stops
     reading the origin, so what the origin managed to write stays far below the body (the
@@ -634,7 +635,7 @@ def test_upload_faster_than_the_endpoint_reads_is_bounded(env: Env) -> None:
         c.close()
 
 
-# --- balancing per request -------------------------------------------------------------------------
+# --- balancing per request ------------------------------------------------------------------------
 def test_one_h2_connection_spreads_over_three_endpoints(env: Env) -> None:
     before = {n: o.hits for n, o in env.origins.items()}
     seen: dict[str, int] = {}
@@ -752,7 +753,7 @@ def test_grpc_end_to_end_through_the_sidecar(env: Env) -> None:  # pragma: no co
         server.stop(0)
 
 
-# --- abuse ------------------------------------------------------------------------------------------
+# --- abuse ----------------------------------------------------------------------------------------
 def served(env: Env) -> bool:
     """Another app still gets answers."""
     return http_get(env.sc.url("fixed", "/ok"))[0] == 200
@@ -827,7 +828,7 @@ def test_a_prefix_of_the_preface_then_http11_is_http11(env: Env) -> None:
         assert data.startswith(b"HTTP/1.1 200")
 
 
-# --- drain -------------------------------------------------------------------------------------------
+# --- drain ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("loop", LOOPS)
 def test_drain_finishes_open_streams_and_refuses_new_ones(loop: str) -> None:
     origin = Origin("d")
