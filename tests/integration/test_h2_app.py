@@ -69,7 +69,7 @@ class Origin:
         self.name = name
         self.hits = 0
         self.written = 0  # bytes of /big bodies handed to the socket so far
-        app = web.Application()
+        app = web.Application(client_max_size=64 * MIB)
         app.router.add_route("*", "/big", self.big)
         app.router.add_route("*", "/slow", self.slow)
         app.router.add_route("*", "/{tail:.*}", self.echo)
@@ -599,6 +599,18 @@ def test_zero_window_stall_resets_the_stream(env: Env) -> None:
     finally:
         c.close()
     wait_until(lambda: env.abuse("zero_window_stall") == before + 1, what="stall counted")
+
+
+def test_large_h2_upload_arrives_whole(env: Env) -> None:
+    """16 MiB through the windows the sidecar opens as the origin reads (many pauses)."""
+    payload = bytes(range(256)) * (16 * MIB // 256)
+    with httpx.Client(http1=False, http2=True, trust_env=False, timeout=30) as client:
+        r = client.post(env.sc.url("fixed", "/up"), content=iter(
+            [payload[i:i + 100_000] for i in range(0, len(payload), 100_000)]))
+    assert r.http_version == "HTTP/2" and r.status_code == 200
+    got = r.json()
+    assert got["body_len"] == len(payload)
+    assert got["sha"] == hashlib.sha256(payload).hexdigest()
 
 
 def test_upload_faster_than_the_endpoint_reads_is_bounded(env: Env) -> None:
