@@ -848,7 +848,8 @@ def test_drain_finishes_open_streams_and_refuses_new_ones(loop: str) -> None:
         cfg = {"listeners": [{"name": "fixed", "protocol": "http", "cluster": "up"}],
                "clusters": [cluster("up", origin.server.port)],
                "drain": {"accept_period": "300ms", "grace": "10s",
-                         "exit_on_zero_connections": False}}
+                         "exit_on_zero_connections": False},
+               "access_log": True}
         with Sidecar(cfg, loop=loop) as sc:
             a = FrameClient(sc.port("fixed"))
             try:
@@ -877,3 +878,8 @@ def test_drain_finishes_open_streams_and_refuses_new_ones(loop: str) -> None:
                 a.pump(lambda: a.eof, within=5)
             finally:
                 a.close()
+            # The stream's access log line, like an HTTP/1.1 request's.
+            lines = [json.loads(line) for line in sc.logs().splitlines()
+                     if '"access"' in line and "/slow" in line]
+            assert lines and lines[0]["protocol"] == "h2" and lines[0]["status"] == 200
+            assert lines[0]["cluster"] == "up" and lines[0]["listener"] == "fixed"
