@@ -505,7 +505,7 @@ class H2AppStream(AppStreamBase):
         conn = self.conn
         conn.batch -= 1
         if not conn.batch:
-            conn.flush()
+            conn.flush_soon()
 
     # --- AppStream: endings -------------------------------------------------------------------
     def done(self, keep_alive: bool) -> None:
@@ -658,6 +658,7 @@ class H2AppConnection(H2Sink, asyncio.Protocol):
         self.idle_since = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
+        self._flush_due = False
 
     def __repr__(self) -> str:
         return f"<H2AppConnection {self.ctx.name} streams={len(self.streams)}>"
@@ -733,6 +734,18 @@ class H2AppConnection(H2Sink, asyncio.Protocol):
         """Frames were queued: out now unless a read is being processed (corking)."""
         if not self.batch:
             self.flush()
+
+    def flush_soon(self) -> None:
+        """Flush once the loop has run the callbacks of this round: the answers of every
+        endpoint read in one round (streams of this connection on different endpoint
+        connections) leave in one write."""
+        if not self._flush_due:
+            self._flush_due = True
+            self.loop.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_due = False
+        self.flush()
 
     def flush(self) -> None:
         transport = self.transport
