@@ -17,12 +17,14 @@ Flow control is tied to the consumer, both ways:
   window again (`on_h2_window_open`) or the socket drains (`resume_writing`). A stream that
   cannot send anything for `limits.idle_timeout` is reset (a zero-window stall, counted).
 
-Writes are corked: frames queued while one read (from the app, or from an endpoint: the
-exchange's `batch_begin`/`batch_end`) is processed leave in one `transport.write`.
+Writes are corked: frames queued while one read of the app's is processed leave in one
+`transport.write` at its end; frames queued from anywhere else (endpoint reads, timers, pool
+callbacks) leave in one write at the end of the loop round (`flush_soon`), so the answers of
+every endpoint read in one round share a write.
 
-A response head is held until its first body byte, its end, or the end of the read that
-brought it, so that a bodyless answer (a gRPC Trailers-Only error from an endpoint) leaves as
-one HEADERS frame with END_STREAM, which gRPC clients require.
+A response head is held until its first body byte, its end, or that flush, so that a bodyless
+answer whose end follows at once (a gRPC Trailers-Only answer from an endpoint) leaves as one
+HEADERS frame with END_STREAM, which tells the app's gRPC library that no message came.
 
 gRPC (content-type `application/grpc...`): `grpc-timeout` sets the request deadline (the
 smallest of it, `x-sidecar-timeout-ms` and the cluster's `timeouts.request`; the endpoint side
@@ -237,7 +239,7 @@ class H2AppStream(AppStreamBase):
     __slots__ = (
         "conn", "sid", "exchange", "grpc", "paused", "unconsumed", "pending", "end_pending",
         "trailers_pending", "head_pending", "head_sent", "local_done", "over",
-        "deadline", "told_paused", "blocked_since", "batching", "counted",
+        "deadline", "told_paused", "blocked_since", "counted",
     )
 
     def __init__(self, conn: H2AppConnection, sid: int) -> None:
@@ -257,7 +259,6 @@ class H2AppStream(AppStreamBase):
         self.deadline = math.inf
         self.told_paused = False  # the exchange was told app_write_paused
         self.blocked_since = math.inf  # when `pending` last stopped moving
-        self.batching = 0
         self.counted = False
 
     def __repr__(self) -> str:
@@ -433,12 +434,14 @@ class H2AppStream(AppStreamBase):
         fields = _response_fields(head.status, head.forward)
         if head.content_length is not None and head.status != 204:
             fields.append((b"content-length", b"%d" % head.content_length))
+        # Held until the body's first byte, the end, or the connection's next flush: an
+        # answer whose end follows in the same loop round (a gRPC Trailers-Only one) leaves
+        # as one HEADERS frame.
         self.head_pending = fields
-        if not self.batching:
-            self._send_head()
+        self.conn.head_due(self)
         return keep_alive
 
-    def _send_head(self) -> None:
+    def send_head_due(self) -> None:
         fields = self.head_pending
         if fields is not None:
             self.head_pending = None
@@ -448,7 +451,7 @@ class H2AppStream(AppStreamBase):
 
     def send_response_body(self, data: bytes) -> None:
         if self.head_pending is not None:
-            self._send_head()
+            self.send_head_due()
         if not data:
             return
         if self.pending:
@@ -495,13 +498,9 @@ class H2AppStream(AppStreamBase):
         self._maybe_gone()
 
     def batch_begin(self) -> None:
-        self.batching += 1
         self.conn.batch += 1
 
     def batch_end(self) -> None:
-        self.batching -= 1
-        if not self.batching and self.head_pending is not None:
-            self._send_head()  # a head without body or end in this read goes out now
         conn = self.conn
         conn.batch -= 1
         if not conn.batch:
@@ -659,6 +658,7 @@ class H2AppConnection(H2Sink, asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
         self._flush_due = False
+        self._heads: list[H2AppStream] = []  # streams holding a response head
 
     def __repr__(self) -> str:
         return f"<H2AppConnection {self.ctx.name} streams={len(self.streams)}>"
@@ -731,9 +731,14 @@ class H2AppConnection(H2Sink, asyncio.Protocol):
 
     # --- writing --------------------------------------------------------------------------------
     def wrote(self) -> None:
-        """Frames were queued: out now unless a read is being processed (corking)."""
+        """Frames were queued: out at the end of this loop round, unless a read of the app's
+        is being processed (its end flushes)."""
         if not self.batch:
-            self.flush()
+            self.flush_soon()
+
+    def head_due(self, st: H2AppStream) -> None:
+        self._heads.append(st)
+        self.wrote()
 
     def flush_soon(self) -> None:
         """Flush once the loop has run the callbacks of this round: the answers of every
@@ -751,6 +756,11 @@ class H2AppConnection(H2Sink, asyncio.Protocol):
         transport = self.transport
         if transport is None or self.closed:
             return
+        heads = self._heads
+        if heads:
+            self._heads = []
+            for st in heads:
+                st.send_head_due()
         try:
             out = self.session.data_to_send()
         except H2ProtocolError as exc:

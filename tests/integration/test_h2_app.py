@@ -156,6 +156,12 @@ class TrailerOrigin:
                     continue  # until the last chunk and its trailer section
                 self.requests.append(buf)
                 buf = b""
+                if b" /grpc-empty " in head:  # a gRPC-style answer: no message, status only
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/grpc\r\n"
+                        b"Transfer-Encoding: chunked\r\n\r\n"
+                        b"0\r\ngrpc-status: 14\r\ngrpc-message: down\r\n\r\n")
+                    continue
                 conn.sendall(
                     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-checksum\r\n"
                     b"Content-Type: text/plain\r\n\r\n"
@@ -541,6 +547,23 @@ def test_trailers_both_ways(env: Env) -> None:
     head, _, body = raw.partition(b"\r\n\r\n")
     assert b"transfer-encoding: chunked" in head.lower()  # no content-length from the app
     assert body == b"3\r\nabc\r\n0\r\nx-req-trailer: r1\r\n\r\n"
+
+
+def test_a_status_only_grpc_answer_stays_trailers_only(env: Env) -> None:
+    """An answer with no body whose trailers follow at once reaches a gRPC app as one HEADERS
+    frame with END_STREAM (Trailers-Only), which gRPC libraries read as "no message"."""
+    c = H2Client(env.sc.port("routed"))
+    try:
+        sid = c.request("POST", "/grpc-empty", authority="trailers",
+                        headers=[("content-type", "application/grpc"), ("te", "trailers")],
+                        body=b"\x00\x00\x00\x00\x00")
+        c.pump(lambda: c.done(sid))
+        head = dict(c.heads[sid])
+        assert head[b":status"] == b"200" and head[b"grpc-status"] == b"14"
+        assert head[b"grpc-message"] == b"down"
+        assert sid in c.ended and sid not in c.trailers and sid not in c.bodies
+    finally:
+        c.close()
 
 
 def test_max_concurrent_streams_is_advertised(env: Env) -> None:
