@@ -40,6 +40,7 @@ MANIFEST = ROOT / "sidecar" / "_compiled.json"
 COMPILED = [
     "sidecar/clock.py",
     "sidecar/flow_control.py",
+    "sidecar/streams.py",
     "sidecar/timers.py",
     "sidecar/http/headers.py",
     "sidecar/http/parser.py",

@@ -52,6 +52,7 @@ _.build_registry  # observe/metrics.py: the reference registry the scrape is com
 # (test_scrape.py), and the admin tests' /metrics (test_admin.py, test_metrics_names.py)
 _.in_progress  # http/parser.py ResponseParser: a response begun, not ended (test_http_parser.py)
 _.connecting_count  # upstream/pool.py: refills in flight (test_min_idle, test_terminating_endpoint)
+_.resumption_ratio  # upstream/tls.py TlsOrigin: its count against the client's (test_tls.py)
 
 # --- hooks for the HTTP/2 helpers (issue 15): the data path calls them once h2app/h2up land;
 # tests/unit/test_grpc_metrics.py uses them now. Delete these entries at merge. ---------------
@@ -66,8 +67,6 @@ _.is_idle  # upstream/connection.py
 _.is_closed  # upstream/connection.py
 _.has_expired  # upstream/connection.py
 _.tls_resumed  # upstream/connection.py:175, upstream/pool.py:389: written, never read
-_.on_closing  # upstream/pool.py:110 and upstream/tls.py:339 (TlsHooks.on_closing)
-_.redacted_view  # upstream/tls.py
 
 # --- the HTTP/2 engine's API (sidecar/http/h2engine.py), called by the app-side and
 # endpoint-side HTTP/2 protocols (h2app/h2up); tests/unit/test_h2engine.py drives it now.
@@ -89,3 +88,19 @@ _.keepalive_interval  # config/clusters.py Http2Config: read by the HTTP/2 pool 
 _.read_callback  # h2engine.py: a cffi struct field (nghttp2_data_provider), read by C
 _.MODE  # http/_nghttp2.py: which binding loaded (api/abi); the Dockerfile and tests assert it
 _.builder  # http/_nghttp2_cdef.py: the cffi FFI builder, loaded by path from setup.py
+
+# --- the contract of sidecar/streams.py: the *Base classes are what interpreted code (the
+# exchange tests' fake legs, HTTP/2 legs while they are not compiled) subclasses, since mypyc
+# refuses interpreted subclasses of a compiled trait; the trait methods' parameters are the
+# contract's names.
+_.AppExchangeBase
+_.AppStreamBase
+_.EndpointStreamBase
+_.EndpointUserBase
+_.StreamWaiterBase
+_.CarrierOwnerBase
+_.CarrierBase
+_.AttemptBase  # policy/resilience.py, the same for the policies' view of an attempt
+_.carrier
+_.capacity  # Carrier: what the HTTP/2 pool asks a multiplexed carrier (h2up)
+_.stream_step  # streams.py: a step checked against STREAM_TRANSITIONS (the HTTP/2 legs)

@@ -118,6 +118,7 @@ class Runner:
         self.profile_out = BENCH / "results" / "profile.svg"
         self.tls_error: str | None = None
         self.spinner: Proc | None = None  # --keep-awake
+        self.idle_memory: dict[str, dict[str, int]] = {}  # target -> memory after start
 
     # -- small helpers ------------------------------------------------------------------
 
@@ -202,6 +203,9 @@ class Runner:
         for name in self.plan.targets:
             self._start(name, starters[name])
             target = self.targets[name]
+            if isinstance(target, Target) and target.proc is not None:
+                # Idle RSS after start, before any request (issue 17: per-pod cost).
+                self.idle_memory[name] = settled_memory(target.proc)
             if isinstance(target, Target):
                 try:
                     targets.check_bodies(target)
@@ -526,6 +530,22 @@ def _sidecar_handshakes(target: Target, cluster: str) -> tuple[float, float] | N
     return (resumed, full) if found else None
 
 
+def settled_memory(proc: Proc, within: float = 10.0) -> dict[str, int]:
+    """`proc.memory_kib()` once VmRSS has moved less than 64 KiB for a second (a process that
+    has just said it is ready may still be finishing its start), or after `within` seconds."""
+    deadline = time.monotonic() + within
+    last = proc.memory_kib()
+    since = time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = proc.memory_kib()
+        if abs(now["rss_kib"] - last["rss_kib"]) > 64:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= 1.0:
+            return now
+    return proc.memory_kib()
+
+
 def _sidecar_local_errors(target: Target) -> dict[str, float] | None:
     """sidecar_local_errors_total by code, all clusters summed (None: not a sidecar)."""
     if not target.name.startswith("sidecar"):
@@ -779,8 +799,9 @@ def main(argv: list[str] | None = None) -> int:
         },
         "rows": runner.rows,
     }
+    result["memory"] = report.memory_rows(runner.rows, runner.idle_memory)
     result["ratios"] = report.compute_ratios(runner.rows)
-    result["goals"] = report.goal_checks(runner.rows)
+    result["goals"] = report.goal_checks(runner.rows, result["memory"])
     written = write_results(result, args.results_dir, started)
     print(report.terminal(result))
     print(f"\nresults: {written}")

@@ -28,9 +28,10 @@ from sidecar.downstream.protocol import DownstreamProtocol
 from sidecar.downstream.router import RouteTable
 from sidecar.observe.stats import Stats
 from sidecar.policy.resilience import ClusterPolicies
+from sidecar.streams import CarrierState as State
 from sidecar.timers import Wheel
 from sidecar.upstream.cluster import Cluster
-from sidecar.upstream.connection import State, UpstreamConnection
+from sidecar.upstream.connection import UpstreamConnection
 
 REQUEST = b"GET /bench HTTP/1.1\r\nHost: up\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n"
 
@@ -96,7 +97,7 @@ def build(policies: bool) -> tuple[DownstreamProtocol, UpstreamConnection, Any]:
     now = loop.time()
     conn = UpstreamConnection(pool, pool.key, now, now + 1e9)
     conn.connection_made(MemoryTransport())
-    conn.state = State.IDLE
+    conn.connected(now)
     pool._park(conn)  # noqa: SLF001 (a bench: the pool normally gets it from a connect)
 
     class Clusters:

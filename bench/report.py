@@ -25,7 +25,9 @@ RATIOS = (
 # (section title, result file glob) of the benchmarks with scripts of their own.
 OTHER_BENCHMARKS = (
     ("Discovery at scale (bench/discovery_scale.py)", "discovery-*.json"),
+    ("Upstream TLS handshakes (bench/tls_handshake.py)", "tls-handshake-*.json"),
     ("HTTP/2: h2load through the sidecar and Envoy (bench/h2load.py)", "h2load-*.json"),
+    ("Memory: at rest, per connection, per pool entry (bench/memory.py)", "memory-*.json"),
 )
 
 
@@ -69,8 +71,10 @@ def _get(rows: list[Row], kind: str, case: str, target: str, field: str) -> floa
     return None if value is None else float(value)
 
 
-def goal_checks(rows: list[Row]) -> list[dict[str, Any]]:
-    """The targets stated in issues 2 and 4, checked against this run (None: not measured)."""
+def goal_checks(rows: list[Row], memory: list[dict[str, Any]] | None = None
+                ) -> list[dict[str, Any]]:
+    """The targets stated in issues 2, 4 and 17, checked against this run (None: not
+    measured). `memory`: the run's per-target memory (`memory_rows`)."""
 
     def ratio(kind: str, case: str, a: str, b: str) -> float | None:
         x, y = _get(rows, kind, case, a, "rps"), _get(rows, kind, case, b, "rps")
@@ -78,6 +82,9 @@ def goal_checks(rows: list[Row]) -> list[dict[str, Any]]:
 
     sidecar_hwm = [r["proxy"]["hwm_kib"] / 1024 for r in rows
                    if r["target"] == "sidecar" and r.get("proxy") and not r.get("error")]
+    # The forward-proxy target has the embedded default's shape: one listener, no cluster.
+    idle = [m["idle_rss_kib"] / 1024 for m in memory or []
+            if m["target"] == "sidecar-fwd" and m.get("idle_rss_kib")]
     checks = [
         ("sidecar rps / Envoy rps, 64 conns, 100 B", ratio("throughput", "c64-100B", "sidecar",
                                                            "envoy"), ">=", 1.5, "x"),
@@ -87,8 +94,9 @@ def goal_checks(rows: list[Row]) -> list[dict[str, Any]]:
                                                   "added_p50_ms"), "<=", 0.3, "ms"),
         ("sidecar added p99 at 2 000 req/s", _get(rows, "fixed_rate", "rate2000-100B", "sidecar",
                                                   "added_p99_ms"), "<=", 1.0, "ms"),
-        ("sidecar peak RSS under load", max(sidecar_hwm) if sidecar_hwm else None, "<=", 60,
+        ("sidecar peak RSS under load", max(sidecar_hwm) if sidecar_hwm else None, "<=", 50,
          "MiB"),
+        ("sidecar-fwd idle RSS after start", idle[0] if idle else None, "<=", 35, "MiB"),
         ("naive TLS app: through sidecar / direct", ratio("tls_naive", "c16-close-100B",
                                                           "sidecar-tls", "direct-tls"),
          ">=", 5, "x"),
@@ -187,7 +195,34 @@ def tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]
               _num(r.get("tls_resumption_ratio"), "{:.2f}"),
               _ms(r.get("p50_ms")), _ms(r.get("p99_ms")), _cpu(r), _status(r)] for r in hs],
         ))
+    memory = result.get("memory") or []
+    if memory:
+        out.append((
+            "Memory (RSS, MiB): idle after start, after the c64-100B case, peak over the run",
+            ["target", "idle after start", "after c64-100B", "peak (VmHWM)", "notes"],
+            [[m["target"], _kib_as_mib(m.get("idle_rss_kib")),
+              _kib_as_mib(m.get("loaded_rss_kib")), _kib_as_mib(m.get("peak_hwm_kib")), ""]
+             for m in memory],
+        ))
     return out
+
+
+def memory_rows(rows: list[Row], idle: dict[str, dict[str, int]]) -> list[dict[str, Any]]:
+    """Per target with a process: RSS after start, before any request (`idle`, from the
+    runner), RSS at the end of the c64-100B case, and the peak (VmHWM) over the whole run."""
+    out = []
+    for target, figures in idle.items():
+        mine = [r for r in rows if r["target"] == target and r.get("proxy")]
+        loaded = next((r["proxy"]["rss_kib"] for r in mine
+                       if r["kind"] == "throughput" and r["case"] == "c64-100B"), None)
+        peaks = [r["proxy"]["hwm_kib"] for r in mine] + [figures.get("hwm_kib", 0)]
+        out.append({"target": target, "idle_rss_kib": figures.get("rss_kib"),
+                    "loaded_rss_kib": loaded, "peak_hwm_kib": max(peaks)})
+    return out
+
+
+def _kib_as_mib(value: Any) -> str:
+    return _num(None if value is None else value / 1024, "{:.1f}")
 
 
 def _ratio_cell(rows: list[Row], row: Row, base: str) -> str:
@@ -224,7 +259,7 @@ def terminal(result: dict[str, Any]) -> str:
         parts.append("\n== Ratios\n" + _text_table(["kind", "case", "ratio", "of", "value"],
                                                      body))
     if result.get("goals"):
-        parts.append("\n== Goals (issues 2 and 4)\n" + "\n".join(
+        parts.append("\n== Goals (issues 2, 4 and 17)\n" + "\n".join(
             f"  [{_met(g['met'])}] {g['goal']}: {_goal_value(g)} (want {g['want']})"
             for g in result["goals"]))
     return "\n".join(parts)

@@ -9,8 +9,6 @@ import os
 import signal
 import sys
 import time
-import urllib.error
-import urllib.request
 from typing import TYPE_CHECKING, Any
 
 from sidecar import __version__
@@ -68,6 +66,10 @@ def _injection_args(p: argparse.ArgumentParser) -> None:
 
 
 def _http(method: str, url: str, timeout: float) -> tuple[int, bytes]:
+    # Imported here: `sidecar run` never needs an HTTP client (nor http.client, email, ...).
+    import urllib.error
+    import urllib.request
+
     req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (loopback URL)

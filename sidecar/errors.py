@@ -120,7 +120,8 @@ def local_shortage(exc: BaseException | None) -> bool:
 
 # --- the upstream leg ------------------------------------------------------------------------
 class UpstreamError(SidecarError):
-    """Something went wrong talking to the upstream."""
+    """Something went wrong talking to the upstream (whether a retry could be invisible to the
+    app is the exchange's to judge: it knows whether a response byte reached the app)."""
 
     status = 502
 

@@ -519,17 +519,24 @@ class CarrierOwner:
         raise NotImplementedError
 
     def carrier_closed(self, carrier: Carrier, was_idle: bool) -> None:
-        """`carrier`'s socket closed (by us or by the peer); called once, in CLOSED."""
+        """`carrier`'s socket closed (by us or by the peer); called once, as it enters
+        CLOSED. `was_idle`: it was IDLE then (in the pool's idle stack)."""
         raise NotImplementedError
 
     def stream_released(self, carrier: Carrier, now: float, reusable: bool) -> None:
-        """A stream of `carrier` ended by `EndpointStream.release`: it may take another
-        (pool it, hand it to a waiter, or close it when it must not be reused)."""
+        """A stream of `carrier` ended by `EndpointStream.release`: the pool may give it
+        another (pool it, hand it to a waiter) or close it when it must not be reused."""
         raise NotImplementedError
 
     def stream_reset(self, carrier: Carrier, reason: str) -> None:
-        """A stream of `carrier` was reset (or detached to a tunnel, `reason` "tunnel"): for
-        HTTP/1.1 the carrier is gone from the pool; HTTP/2 keeps it."""
+        """A stream of `carrier` was reset, or detached to a tunnel (`reason` "tunnel"). The
+        pool's bookkeeping only: the carrier resets (HTTP/1.1: aborts) itself. For HTTP/1.1
+        the carrier is gone from the pool; an HTTP/2 carrier goes on."""
+        raise NotImplementedError
+
+    def race_lost(self, carrier: Carrier, idle_before: float, now: float) -> None:
+        """A stream of `carrier` lost the keep-alive race (`EndpointStream.race_lost`);
+        `idle_before`: how long the carrier had been idle when it was handed out."""
         raise NotImplementedError
 
     def tls_error(self, exc: BaseException) -> str | None:
@@ -568,6 +575,56 @@ class Carrier:
         raise NotImplementedError
 
     def is_closed(self) -> bool:
+        raise NotImplementedError
+
+    def is_idle(self) -> bool:
+        """In IDLE: open, no stream."""
+        raise NotImplementedError
+
+    def is_reusable(self) -> bool:
+        """Whether it may carry another stream once its current ones end (False after the
+        peer's `Connection: close`, an unsolicited byte, an error, `retire`)."""
+        raise NotImplementedError
+
+    def past_lifetime(self, now: float) -> bool:
+        """Past its (jittered) `max_lifetime`."""
+        raise NotImplementedError
+
+    def opened_at(self) -> float:
+        raise NotImplementedError
+
+    def idle_since(self) -> float:
+        """When it last became idle (its last stream ended, or it connected)."""
+        raise NotImplementedError
+
+    def idle_for(self, now: float) -> float:
+        raise NotImplementedError
+
+    def streams_opened(self) -> int:
+        """How many streams it has carried, the current ones included."""
+        raise NotImplementedError
+
+    def closed_by_peer(self) -> bool:
+        """It closed because the peer closed it (not by us)."""
+        raise NotImplementedError
+
+    def peer_gone(self) -> bool:
+        """Ask the kernel whether the peer has closed (or written to) this idle carrier
+        without the loop having read it yet; then it is marked unreusable. A system call:
+        the pool asks only of endpoints seen closing idle connections."""
+        raise NotImplementedError
+
+    def connected(self, now: float) -> None:
+        """The pool's connect succeeded: CONNECTING -> IDLE at `now`."""
+        raise NotImplementedError
+
+    def parked(self, now: float) -> None:
+        """The pool keeps it idle from `now` (its idle timers count from here)."""
+        raise NotImplementedError
+
+    def tls_session_due(self) -> asyncio.Transport | None:
+        """Its transport, the first time it is asked after a stream ended (TLS 1.3 session
+        tickets arrive after the handshake), for the TLS origin's session cache; else None."""
         raise NotImplementedError
 
     def retire(self, reason: str) -> None:

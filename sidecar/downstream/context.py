@@ -5,17 +5,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from sidecar.downstream.router import ForwardTarget, RouteTable
+from sidecar.downstream.tunnel import Tunnel
 from sidecar.errors import SidecarError
 from sidecar.observe.stats import ListenerStats
 from sidecar.timers import Wheel
 from sidecar.upstream.cluster import Cluster
-
-if TYPE_CHECKING:
-    from sidecar.downstream.protocol import DownstreamProtocol
-    from sidecar.downstream.tunnel import Tunnel
 
 
 class Clusters(Protocol):
@@ -23,6 +20,16 @@ class Clusters(Protocol):
 
     def get(self, name: str) -> Cluster | None: ...
     def forward(self, target: ForwardTarget) -> Cluster: ...
+
+
+class AppConnection(Protocol):
+    """An app connection as the drain sees it (downstream/protocol.py's, kept in
+    `ListenerContext.connections`): a Protocol, so that this module imports nothing above it."""
+
+    @property
+    def idle(self) -> bool: ...
+    def close_if_idle(self) -> bool: ...
+    def abort(self) -> None: ...
 
 
 @dataclass(eq=False)
@@ -47,7 +54,7 @@ class ListenerContext:
     access_log: bool = False
     # Returns an error (Draining) when new requests must be refused; None to serve.
     admit: Callable[[], SidecarError | None] = lambda: None
-    connections: set[DownstreamProtocol] = field(default_factory=set)
+    connections: set[AppConnection] = field(default_factory=set)
     tunnels: set[Tunnel] = field(default_factory=set)
     # Called when connections/tunnels change, and (with watch_requests, set while draining)
     # when requests finish.

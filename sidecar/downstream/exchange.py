@@ -1,15 +1,17 @@
-"""One request and its response: attach an upstream connection, stream both ways, retry safely.
+"""One request and its response: attach an endpoint stream, stream both ways, retry safely.
 
-Phases (enum + table): ROUTED -> WAITING (for a pooled connection) -> ATTACHED (request going
+Phases (enum + table): ROUTED -> WAITING (for a pooled stream) -> ATTACHED (request going
 out, response coming back) -> DONE, or -> TUNNEL for CONNECT and accepted upgrades. A failure
 before any response byte reached the app may be retried, by what the try was (SPEC section 5,
 docs/retries.md): one that wrote nothing (connect failures) whatever the method; the
 keep-alive race on a reused connection once and free, when the request is safe to replay;
 anything later per the cluster's retry policy, for replayable requests. After a response byte
-the app's connection is cut, because a half-sent response cannot be taken back.
+the app's side is cut, because a half-sent response cannot be taken back.
 
-The exchange is driven by callbacks from both protocols, never by a task: the common case
-(an idle pooled connection, a small response) runs without a single await or timer.
+The exchange knows neither leg's protocol: the app side is an `AppStream`, the endpoint side
+an `EndpointStream` the pool hands out (sidecar/streams.py). It is driven by callbacks from
+both, never by a task: the common case (an idle pooled connection, a small response) runs
+without a single await or timer.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
-from typing import TYPE_CHECKING, Any, Final
+from typing import Final
 
 from sidecar.errors import (
     BadUpstreamResponse,
@@ -28,21 +30,24 @@ from sidecar.errors import (
     UpstreamTimeout,
 )
 from sidecar.flow_control import PEER_WRITE_FULL, WAITING_UPSTREAM
-from sidecar.http import writer
 from sidecar.http.headers import Headers
 from sidecar.http.parser import RequestHead, ResponseHead
+from sidecar.policy.resilience import Attempt
 from sidecar.policy.retry import STALE, failed_try, is_keepalive_race
+from sidecar.streams import (
+    AppExchange,
+    AppStream,
+    Cancellable,
+    EndpointStream,
+    EndpointUser,
+    StreamWaiter,
+)
 from sidecar.upstream.cluster import Cluster
-from sidecar.upstream.connection import ConnectionUser, UpstreamConnection
 from sidecar.upstream.pool import Pool
-
-if TYPE_CHECKING:
-    from sidecar.downstream.protocol import DownstreamProtocol
 
 log = logging.getLogger("sidecar.exchange")
 
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-_CONNECTION_ESTABLISHED: Final = b"HTTP/1.1 200 Connection Established\r\n\r\n"
 _MAX_REPLAY: Final = 64 * 1024
 
 
@@ -66,49 +71,50 @@ _PHASES: Final[dict[Phase, frozenset[Phase]]] = {
 }
 
 
-class Exchange(ConnectionUser):
+class Exchange(AppExchange, EndpointUser, StreamWaiter, Attempt):
     """No `__slots__`: the many per-request fields start as class attributes, and __init__
     sets only the few that depend on the request (one exchange per request, so it counts)."""
 
     cluster: Cluster | None = None
     pool: Pool | None = None
-    conn: UpstreamConnection | None = None
+    stream: EndpointStream | None = None
     phase: Phase
     deadline: float = math.inf
     try_deadline: float = math.inf
     attempt: int = 0
     max_attempts: int = 1
+    replayable: bool = False  # may be sent again (idempotent, or keyed, and small enough)
     request_done: bool = False  # the app sent the whole request
-    request_sent: bool = False  # ... and it all went to the current upstream connection
-    # The request body held here: until a connection is attached (pending), and for replay
+    # The request body held here: until a stream is attached (pending), and for replay
     # while the request is replayable and small enough. None: nothing is kept (yet).
     body: list[bytes] | None = None
     body_len: int = 0
     trailers: Headers | None = None  # the app's request trailers, kept for a later send
-    head_bytes: bytes = b""
+    sent_at: float = 0.0  # when the current try's head goes out (its deadline header)
     response: ResponseHead | None = None
     response_started: bool = False  # a byte of the response went to the app
     response_done: bool = False
-    chunked_out: bool = False
-    close_delimited_out: bool = False
-    upstream_paused: bool = False
-    upgrade_rest: bytes = b""
     status: int = 0
     last_error: SidecarError | None = None
-    backoff_handle: Any = None
+    backoff_handle: Cancellable | None  # set in __init__: mypyc drops a class default here
     policy_token: int | None = None  # see policy/resilience.py
-    slot_held: bool = False  # counted in pool.inflight
     stale_retried: bool = False
-    waited: bool = False  # app reading is paused (WAITING_UPSTREAM) until a connection comes
+    waited: bool = False  # app reading is paused (WAITING_UPSTREAM) until a stream comes
     finished_at: float = 0.0  # loop time when recorded as done (0: not recorded)
 
-    def __init__(self, proto: DownstreamProtocol, head: RequestHead, now: float) -> None:
-        self.proto = proto
+    def __init__(self, app: AppStream, head: RequestHead, now: float) -> None:
+        self.app = app
         self.head = head
         self.phase = Phase.ROUTED
         self.started = now
+        self.sent_at = now
+        self.backoff_handle = None
         self.replayable = head.method in IDEMPOTENT or head.idempotency_key
         self.keep_alive = head.keep_alive
+
+    def endpoint_key(self) -> str | None:
+        pool = self.pool
+        return pool.key if pool is not None else None
 
     def _phase(self, new: Phase) -> None:
         if new not in _PHASES[self.phase]:
@@ -123,7 +129,7 @@ class Exchange(ConnectionUser):
 
     # --- starting --------------------------------------------------------------------------------
     def start(self, cluster: Cluster) -> None:
-        """Routing chose `cluster`: admit, then find a connection."""
+        """Routing chose `cluster`: admit, then find a stream."""
         self.cluster = cluster
         cluster.last_used = self.started
         head = self.head
@@ -139,7 +145,6 @@ class Exchange(ConnectionUser):
             head.content_length and head.content_length > self.max_replay()
         ):
             self.replayable = False
-        self.head_bytes = self._upstream_head()
         self._attempt()
 
     def max_replay(self) -> int:
@@ -148,29 +153,21 @@ class Exchange(ConnectionUser):
             return int(cluster.policies.max_body_bytes)
         return _MAX_REPLAY
 
-    def _upstream_head(self, now: float | None = None) -> bytes:
-        """The request head for the upstream; `now` (a retry): what is left of the deadline
-        then goes in `x-sidecar-deadline-ms`."""
+    def _authority(self) -> bytes:
         head = self.head
         host = head.host if head.host and not head.absolute else head.authority
-        extra: Headers = [(b"Host", host or (self.cluster.name.encode() if self.cluster else b""))]
-        if head.chunked:
-            extra.append((b"Transfer-Encoding", b"chunked"))
-        elif head.content_length is not None:
-            extra.append((b"Content-Length", b"%d" % head.content_length))
-        if head.upgrade is not None:
-            extra.append((b"Connection", b"upgrade"))
-            extra.append((b"Upgrade", head.upgrade))
-        if self.deadline != math.inf:
-            sent_at = self.started if now is None else now
-            left = self.deadline - sent_at
-            remaining = int(left * 1000) if left > 0 else 0  # not max(): a generic call
-            extra.append((b"x-sidecar-deadline-ms", b"%d" % remaining))
-        return writer.request_head(head.method, head.target, head.forward, extra)
+        return host or (self.cluster.name.encode() if self.cluster else b"")
+
+    def _deadline_ms(self) -> int:
+        """What is left of the request's deadline when this try's head goes out (-1: none)."""
+        if self.deadline == math.inf:
+            return -1
+        left = self.deadline - self.sent_at
+        return int(left * 1000) if left > 0 else 0  # not max(): a generic call
 
     def _attempt(self, fresh: bool = False) -> None:
-        """Find an endpoint and a connection for the next try. `fresh`: the same endpoint, on
-        a newly opened connection (after a stale pooled one)."""
+        """Find an endpoint and a stream for the next try. `fresh`: the same endpoint, on a
+        newly opened connection (after a stale pooled one)."""
         cluster = self.cluster
         assert cluster is not None
         if not fresh:
@@ -178,95 +175,75 @@ class Exchange(ConnectionUser):
         pool = self.pool  # the previous try's endpoint, if any: another is preferred
         if not (fresh and pool is not None and not pool.closing):
             pool = self.pool = cluster.pick(pool)
-        pool.inflight += 1
-        self.slot_held = True
         policies = cluster.policies
         if policies is not None and policies.per_try_timeout is not None:
             self.try_deadline = policies.try_deadline(self)
-        self.proto.set_deadline(self.next_deadline())
+        self.app.set_deadline(self.next_deadline())
         # CONNECT always opens a new connection: a tunnel must not inherit one that spoke HTTP,
         # and a synchronous hand-over would start the tunnel inside the parser's callback,
-        # before the bytes after the CONNECT head (`upgrade_rest`) had been delivered.
-        conn = pool.acquire(self, fresh=fresh or self.head.method == b"CONNECT")
-        if conn is None:
+        # before the bytes after the CONNECT head had been delivered.
+        method = self.head.method
+        stream = pool.acquire(self, self, method, fresh or method == b"CONNECT")
+        if stream is None:
             self._phase(Phase.WAITING)
             self.waited = True
-            self.proto.gate.pause(WAITING_UPSTREAM)
+            self.app.pause_request(WAITING_UPSTREAM)
             return
-        self._attach(conn)
+        self._attach(stream)
 
-    # --- Waiter: the pool calls back ------------------------------------------------------------
-    def on_pool_connection(self, conn: UpstreamConnection) -> None:
+    # --- StreamWaiter: the pool calls back ----------------------------------------------------
+    def on_pool_stream(self, stream: EndpointStream) -> None:
         if self.phase is Phase.DONE:  # defensive: cancelled waiters are never called
-            assert self.pool is not None
-            self.pool.release(conn)
+            stream.release(self.app.now(), True)
             return
         try:
-            self._attach(conn)
+            self._attach(stream)
         except Exception as exc:  # the pool's caller (a connect task) would only log it
-            self.proto.rescue(exc, "attach")
+            self.app.rescue(exc, "attach")
 
-    def _attach(self, conn: UpstreamConnection) -> None:
-        if self.waited:  # an earlier try of this request waited for a connection
+    def _attach(self, stream: EndpointStream) -> None:
+        if self.waited:  # an earlier try of this request waited for a stream
             self.waited = False
-            self.proto.gate.resume(WAITING_UPSTREAM)
+            self.app.resume_request(WAITING_UPSTREAM)
         self._phase(Phase.ATTACHED)
-        self.conn = conn
-        conn.bind(self, self.head.method)
-        if self.proto.write_paused:
-            # The app's socket is still full from an earlier (pipelined) response, and the
-            # transport will not call pause_writing again before resume_writing: start paused
-            # rather than read this response at full speed into a socket that is full.
-            self.pause_upstream()
+        self.stream = stream
+        if self.app.writing_paused():
+            # The app's side is still full from an earlier (pipelined) response, and it will
+            # not report the pause again before the resume: start paused rather than read
+            # this response at full speed into a socket that is full.
+            stream.pause_response()
         if self.head.method == b"CONNECT":
-            self._open_connect_tunnel(conn)
+            self._tunnel(stream, b"", True)
             return
-        self._send()
+        self._send(stream)
 
     def on_pool_error(self, exc: SidecarError) -> None:
         if self.phase is Phase.DONE:
             return
         try:
-            self._release_pool_slot()
-            # No connection was ever attached to this try: nothing of the request was written.
+            # No stream was ever attached to this try: nothing of the request was written.
             self._failed(exc, unsent=True)
         except Exception as failure:
-            self.proto.rescue(failure, "pool_error")
+            self.app.rescue(failure, "pool_error")
 
     # --- sending ---------------------------------------------------------------------------------
-    def _send(self) -> None:
-        conn = self.conn
-        assert conn is not None
-        if conn.write_paused:
-            self.proto.gate.pause(PEER_WRITE_FULL)
-        body = self.body
-        chunked = self.head.chunked
-        if body:
-            parts = [self.head_bytes]
-            if chunked:
-                for piece in body:
-                    parts.extend(writer.chunk_parts(piece))
-            else:
-                parts.extend(body)
-            if self.request_done and chunked:
-                parts.append(writer.last_chunk(self.trailers))
-            conn.writelines(parts)
-        elif self.request_done and chunked:
-            conn.writelines([self.head_bytes, writer.last_chunk(self.trailers)])
-        else:
-            conn.write(self.head_bytes)
+    def _send(self, stream: EndpointStream) -> None:
+        if stream.writing_paused():
+            self.app.pause_request(PEER_WRITE_FULL)
+        stream.send_head(self.head, self._authority(), self._deadline_ms(), self.body,
+                         self.request_done, self.trailers)
         if not self.replayable:
             self.body = None  # sent; it will never be needed again
-        self.request_sent = self.request_done
 
+    # --- AppExchange: the app's side calls ------------------------------------------------------
     def request_body(self, data: bytes) -> None:
         """A piece of the app's request body."""
         self.body_len += len(data)
         if self.replayable and self.body_len > self.max_replay():
             self.replayable = False  # too big to replay: streamed only, never retried
-        conn = self.conn
-        if conn is not None and self.phase is Phase.ATTACHED:
-            conn.write(writer.chunk(data) if self.head.chunked else data)
+        stream = self.stream
+        if stream is not None and self.phase is Phase.ATTACHED:
+            stream.send_body(data)
             if self.replayable:
                 if self.body is None:
                     self.body = [data]
@@ -283,216 +260,163 @@ class Exchange(ConnectionUser):
 
     def request_end(self, trailers: Headers | None) -> None:
         self.request_done = True
-        # Kept whichever way the request goes out: on the connection attached now, or by
-        # `_send` once one is (new connection, pool wait, retry), trailers included (SPEC 5).
+        # Kept whichever way the request goes out: on the stream attached now, or by `_send`
+        # once one is (new connection, pool wait, retry), trailers included (SPEC 5).
         self.trailers = trailers
-        if self.conn is not None and self.phase is Phase.ATTACHED:
-            if self.head.chunked:
-                self.conn.write(writer.last_chunk(trailers))
-            self.request_sent = True
+        stream = self.stream
+        if stream is not None and self.phase is Phase.ATTACHED:
+            stream.send_end(trailers)
             if self.response_done:
                 self._finish()
 
-    # --- ConnectionUser: the upstream connection calls back ---------------------------------------
+    def app_write_paused(self) -> None:
+        if self.stream is not None:
+            self.stream.pause_response()
+
+    def app_write_resumed(self) -> None:
+        if self.stream is not None:
+            self.stream.resume_response()
+
+    # --- EndpointUser: the endpoint stream calls back -------------------------------------------
     def batch_begin(self) -> None:
-        self.proto.cork()  # what one upstream read yields leaves in one write to the app
+        self.app.batch_begin()  # what one upstream read yields leaves in one write to the app
 
     def batch_end(self) -> None:
-        self.proto.uncork()
+        self.app.batch_end()
 
     def on_response_head(self, head: ResponseHead) -> None:
         status = head.status
-        proto = self.proto
         if status < 200 and status != 101:
-            if proto.http10:
-                return  # HTTP/1.0 clients do not understand interim responses
-            proto.write(writer.response_head(status, head.reason, head.forward, []))
+            self.app.send_interim(head)
             return
         policies = self.cluster.policies if self.cluster is not None else None
         if policies is not None and status >= 500 and self.attempt < self.max_attempts:
             delay = policies.status_retry_delay(self, head)
             if delay is not None:
                 # Drop this response; its connection cannot be reused mid-body.
-                self._discard_conn("not_reusable", abort=True)
-                self._release_pool_slot()
+                self._drop_stream("not_reusable")
                 self._schedule_retry(delay)
                 return
         self.response = head
         self.status = status
-        extra: Headers = []
+        keep_alive = self.keep_alive
         if status == 101:
             if self.head.upgrade is None:
-                self._discard_conn("error", abort=True)
+                self._drop_stream("error")
                 self.fail(BadUpstreamResponse("101 response to a request that did not upgrade"))
                 return
-            extra.append((b"Connection", b"upgrade"))
-            upgrade = next((v for n, v in head.headers if n.lower() == b"upgrade"), None)
-            if upgrade is not None:
-                extra.append((b"Upgrade", upgrade))
-        elif head.bodyless:
-            if head.content_length is not None and status != 204:
-                extra.append((b"Content-Length", b"%d" % head.content_length))
-        elif head.content_length is not None:
-            extra.append((b"Content-Length", b"%d" % head.content_length))
-        elif proto.http10:
-            self.close_delimited_out = True
-            self.keep_alive = False
-        else:
-            self.chunked_out = True
-            extra.append((b"Transfer-Encoding", b"chunked"))
-        if self.head.upgrade is not None and status != 101:
-            self.keep_alive = False  # the app's parser already treated its request as upgraded
-        if status != 101:
-            # An answer that begins before the app finished sending (413, an early 200) ends
-            # the app's connection (on_response_end): say so now, in the head, or the app
-            # sends its next request into a socket about to close.
-            if not self.keep_alive or not self.request_done or proto.closing_after_response():
-                self.keep_alive = False
-                extra.append((b"Connection", b"close"))
-            elif proto.http10:
-                extra.append((b"Connection", b"keep-alive"))
+        elif self.head.upgrade is not None or not self.request_done:
+            # A refused upgrade: the app's parser already treated its request as upgraded. An
+            # answer that begins before the app finished sending (413, an early 200) ends the
+            # app's connection: the leg says so in the head.
+            keep_alive = False
         self.response_started = True
-        proto.write(writer.response_head(status, head.reason, head.forward, extra))
+        self.keep_alive = self.app.send_response_head(head, keep_alive)
 
     def on_response_body(self, data: bytes) -> None:
-        if self.chunked_out:
-            if len(data) > 4096:
-                self.proto.writelines(writer.chunk_parts(data))
-            else:
-                self.proto.write(writer.chunk(data))
-        else:
-            self.proto.write(data)
+        self.app.send_response_body(data)
 
     def on_response_end(self, trailers: Headers | None) -> None:
         if self.response is None:
             return  # a dropped response (retry) or an interim one
-        if self.chunked_out:
-            self.proto.write(writer.last_chunk(trailers))
+        self.app.send_response_end(trailers)
         self.response_done = True
         if self.status == 101:
             return  # on_upgrade follows
         if not self.request_done:
-            # The upstream answered before the app finished sending (e.g. 413): the upstream
-            # connection's request framing is unfinished, so it cannot be reused, and the app
+            # The upstream answered before the app finished sending (e.g. 413): the stream's
+            # request framing is unfinished, so its connection cannot be reused, and the app
             # must not send the rest into a connection that will take another request.
             self.keep_alive = False
-            self._discard_conn("not_reusable")
         self._finish()
 
     def on_upgrade(self, rest: bytes) -> None:
-        conn = self.conn
-        if conn is None or self.status != 101:
+        stream = self.stream
+        if stream is None or self.status != 101:
             return
-        self._phase(Phase.TUNNEL)
-        conn.to_tunnel()
-        assert self.pool is not None
-        self.pool.discard(conn, "tunnel")
-        self._release_pool_slot()
-        self.conn = None
-        self._settle(None)  # as for CONNECT: the upgrade request is over
-        self.proto.start_tunnel(self, conn, to_app=rest)
+        self._tunnel(stream, rest, False)
 
     def on_upstream_error(self, exc: UpstreamError) -> None:
         if self.phase in (Phase.DONE, Phase.TUNNEL):
             return
-        conn = self.conn
+        stream = self.stream
         # A reused keep-alive connection that closed before a byte of answer, right after our
         # request was written: the upstream closed it while idle and our request crossed its
         # FIN. Not the upstream's failure. Later than that, the endpoint dropped a request it
         # had: a reset (SPEC section 5).
         stale = False
-        if conn is not None and isinstance(exc, UpstreamReset):
-            now = self.proto.loop.time()
-            stale = is_keepalive_race(conn.requests > 1, conn.response_started,
-                                      now - conn.taken_at)
-            if stale and self.pool is not None:
-                self.pool.note_race(conn, now)
-        self._discard_conn("error", abort=True)
+        if stream is not None and isinstance(exc, UpstreamReset):
+            now = self.app.now()
+            stale = is_keepalive_race(stream.reused(), stream.response_started(),
+                                      now - stream.taken_at())
+            if stale:
+                stream.race_lost(now)
+        self._drop_stream("error")
         self._failed(exc, stale=stale)
 
     def on_internal_error(self, exc: Exception) -> None:
-        # The connection let go of us and aborts itself; `fail` takes it out of the pool.
-        self.proto.rescue(exc, "response")
+        # The stream let go of us and resets itself; `fail` forgets it.
+        self.app.rescue(exc, "response")
 
     def on_upstream_pause_writing(self) -> None:
-        self.proto.gate.pause(PEER_WRITE_FULL)
+        self.app.pause_request(PEER_WRITE_FULL)
 
     def on_upstream_resume_writing(self) -> None:
-        self.proto.gate.resume(PEER_WRITE_FULL)
+        self.app.resume_request(PEER_WRITE_FULL)
 
-    # --- backpressure from the app's side ---------------------------------------------------------
-    def pause_upstream(self) -> None:
-        conn = self.conn
-        if conn is not None and conn.transport is not None and not self.upstream_paused:
-            self.upstream_paused = True
-            conn.transport.pause_reading()
-
-    def resume_upstream(self) -> None:
-        conn = self.conn
-        if self.upstream_paused:
-            self.upstream_paused = False
-            if conn is not None and conn.transport is not None:
-                conn.transport.resume_reading()
-
-    # --- CONNECT ----------------------------------------------------------------------------------
-    def _open_connect_tunnel(self, conn: UpstreamConnection) -> None:
+    # --- CONNECT and upgrades: the one tunnel hand-off --------------------------------------------
+    def _tunnel(self, stream: EndpointStream, to_app: bytes, established: bool) -> None:
+        """Hand the endpoint's socket and the app's to a tunnel: CONNECT (`established`: the
+        leg answers 200 first) or an accepted Upgrade (the 101 went out; `to_app`: what the
+        endpoint sent after it)."""
+        self.stream = None
+        transport = stream.detach()
+        if transport is None:
+            self.fail(UpstreamReset("upstream connection lost before the tunnel started"))
+            return
         self._phase(Phase.TUNNEL)
-        conn.to_tunnel()
-        assert self.pool is not None
-        self.pool.discard(conn, "tunnel")
-        self._release_pool_slot()
-        self.conn = None
-        self.status = 200
-        self.response_started = True
+        if established:
+            self.status = 200
+            self.response_started = True
         # The request is over once the tunnel stands (the bytes after it are not requests):
         # it gives its breaker slot back now, or every tunnel would hold one for good.
         self._settle(None)
-        self.proto.write(_CONNECTION_ESTABLISHED)
-        self.proto.start_tunnel(self, conn, to_upstream=self.upgrade_rest)
+        if not self.app.start_tunnel(self, transport, to_app, established):
+            self._phase(Phase.DONE)
+
+    def tunnel_closed(self, now: float) -> None:
+        cluster = self.cluster
+        if cluster is not None:
+            cluster.stats.request_done(self.app.listener(), self.status, now - self.started)
+        self.phase = Phase.DONE
 
     # --- endings ---------------------------------------------------------------------------------
-    def _release_pool_slot(self) -> None:
-        if self.slot_held:
-            self.slot_held = False
-            assert self.pool is not None
-            self.pool.inflight -= 1
-
-    def _discard_conn(self, reason: str, abort: bool = False) -> None:
-        conn = self.conn
-        if conn is None:
-            return
-        self.conn = None
-        conn.user = None  # nothing more of what it reads may reach this exchange
-        if self.upstream_paused:
-            self.upstream_paused = False
-        assert self.pool is not None
-        self.pool.discard(conn, reason, abort=abort)
+    def _drop_stream(self, reason: str) -> None:
+        """Reset the current try's stream: nothing more of it reaches this exchange."""
+        stream = self.stream
+        if stream is not None:
+            self.stream = None
+            stream.reset(reason)
 
     def _finish(self) -> None:
-        """Both directions complete: return the connection, record, let the next request go."""
-        now = self.proto.loop.time()  # one clock read for the pool, the stats and the app side
-        conn = self.conn
-        if conn is not None:
-            self.conn = None
-            if self.upstream_paused:
-                self.upstream_paused = False
-                if conn.transport is not None:
-                    conn.transport.resume_reading()
-            assert self.pool is not None
-            self.pool.release(conn, now)
-        self._release_pool_slot()
+        """Both directions complete: return the stream, record, let the next request go."""
+        now = self.app.now()  # one clock read for the pool, the stats and the app side
+        stream = self.stream
+        if stream is not None:
+            self.stream = None
+            stream.release(now, self.request_done)
         self._record(None, now)
         self._phase(Phase.DONE)
-        self.proto.exchange_done(self, self.keep_alive)
+        self.app.done(self.keep_alive)
 
     def _record(self, error: SidecarError | None, now: float = 0.0) -> None:
         cluster = self.cluster
         if cluster is None:
             return
         if not now:
-            now = self.proto.loop.time()
+            now = self.app.now()
         self.finished_at = now
-        cluster.stats.request_done(self.proto.listener_name, self.status, now - self.started)
+        cluster.stats.request_done(self.app.listener(), self.status, now - self.started)
         self._settle(error)
 
     def _settle(self, error: SidecarError | None) -> None:
@@ -508,9 +432,8 @@ class Exchange(ConnectionUser):
 
     def _failed(self, exc: SidecarError, stale: bool = False, unsent: bool = False) -> None:
         """A try failed. Retry when that is safe and allowed, else answer or cut. `unsent`:
-        the try never had a connection, so it wrote nothing."""
+        the try never had a stream, so it wrote nothing."""
         self.last_error = exc
-        self._release_pool_slot()
         if not self.response_started and self._may_retry(exc, stale, unsent):
             return
         self.fail(exc)
@@ -521,10 +444,10 @@ class Exchange(ConnectionUser):
         before_write = exc.before_write
         if not isinstance(exc, UpstreamError) and not before_write:
             return False  # a local refusal (pool_timeout...)
-        # An unsent try's body is all still here: nothing was written, and the app's socket
-        # is not read while a try has no connection (WAITING_UPSTREAM), so what is held is a
-        # read or two whatever the body's size. A try that did write is replayed only if the
-        # request is replayable (then its body was kept).
+        # An unsent try's body is all still here: nothing was written, and the app's side is
+        # not read while a try has no stream (WAITING_UPSTREAM), so what is held is a read or
+        # two whatever the body's size. A try that did write is replayed only if the request
+        # is replayable (then its body was kept).
         kind = failed_try(before_write=before_write, wrote=not unsent,
                           replayable=self.replayable, stale=stale)
         if kind is None:
@@ -556,36 +479,33 @@ class Exchange(ConnectionUser):
             self.pool.cancel(self)
         self.response = None
         self.status = 0
-        self.request_sent = False
         if self.deadline != math.inf:
-            self.head_bytes = self._upstream_head(self.proto.now())  # the deadline left now
+            self.sent_at = self.app.now()  # the deadline left now goes in the head
         try:
             self._attempt(fresh=fresh)
         except SidecarError as exc:
             self.fail(exc)
         except Exception as exc:  # a loop timer: nobody above us would answer the app
-            self.proto.rescue(exc, "retry")
+            self.app.rescue(exc, "retry")
 
     def _schedule_retry(self, delay: float) -> None:
         if delay <= 0:
             self._retry_now()
             return
         self._phase(Phase.BACKOFF)
-        self.backoff_handle = self.proto.loop.call_later(delay, self._retry_now)
+        self.backoff_handle = self.app.call_later(delay, self._retry_now)
 
     def fail(self, exc: SidecarError) -> None:
-        """Answer the app with the sidecar's own error, or cut the connection if a response
+        """Answer the app with the sidecar's own error, or cut the app's side if a response
         has already begun."""
         if self.phase is Phase.DONE:
             return
         self._stop_waiting()
         if self.waited:  # also when a try waited and the request ends in a later backoff
             self.waited = False
-            self.proto.gate.resume(WAITING_UPSTREAM)
-        if self.conn is not None:
-            self._discard_conn("timeout" if isinstance(exc, UpstreamTimeout) else "error",
-                               abort=True)
-        self._release_pool_slot()  # e.g. pool.acquire() raised after _attempt took the slot
+            self.app.resume_request(WAITING_UPSTREAM)
+        if self.stream is not None:
+            self._drop_stream("timeout" if isinstance(exc, UpstreamTimeout) else "error")
         if not exc.cluster and self.cluster is not None:
             exc.cluster = self.cluster.name
         self.last_error = exc
@@ -595,9 +515,9 @@ class Exchange(ConnectionUser):
             self.cluster.stats.local_error(exc.code)
         self._phase(Phase.DONE)
         if self.response_started:
-            self.proto.abort_after_partial_response(self, exc)
+            self.app.abort_partial(exc)
         else:
-            self.proto.error_response(self, exc)
+            self.app.send_error(exc, self.request_done, self.keep_alive)
 
     def on_deadline(self, now: float) -> None:
         """The request deadline (or the try's) passed."""
@@ -612,8 +532,8 @@ class Exchange(ConnectionUser):
                 # too large to replay): abandoning this one would only turn it into a 504.
                 return
             if self.phase is Phase.WAITING and self.pool is not None:
-                self.pool.cancel(self)  # no connection yet: stop waiting for one
-            self._discard_conn("timeout", abort=True)
+                self.pool.cancel(self)  # no stream yet: stop waiting for one
+            self._drop_stream("timeout")
             self._failed(UpstreamTimeout("per-try timeout"))
             return
         if self.phase is Phase.ROUTED and self.attempt == 0 and self.cluster is not None:
@@ -639,14 +559,13 @@ class Exchange(ConnectionUser):
         # Not min(): compiled, a comparison of two floats is inline, min() a generic call.
         return self.deadline if self.deadline < self.try_deadline else self.try_deadline
 
-    def abandon(self) -> None:
+    def app_gone(self) -> None:
         """The app went away mid-exchange: stop, free what we hold."""
         if self.phase is Phase.DONE:
             return
         self._stop_waiting()
         if self.phase is not Phase.TUNNEL:
-            self._discard_conn("error", abort=True)
-        self._release_pool_slot()
+            self._drop_stream("error")
         policies = self.cluster.policies if self.cluster is not None else None
         if policies is not None:
             policies.on_abandon(self)

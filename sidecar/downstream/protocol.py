@@ -1,9 +1,15 @@
-"""The app-facing HTTP/1.1 `asyncio.Protocol`: one exchange at a time per app connection.
+"""The app-facing HTTP/1.1 `asyncio.Protocol`, the `AppStream` of one exchange at a time.
 
 It moves bytes and timers only: parsing is `http.parser`, routing `router`, the request's
 life `exchange`. Pipelined requests wait their turn (reading pauses while they do), so the
 responses go back in order. One wheel deadline per connection covers the head timeout, the
-keep-alive idle timeout and the current request's deadline.
+keep-alive idle timeout and the current request's deadline. The exchange sees this object only
+as an `AppStream` (sidecar/streams.py): HTTP/1.1's framing (Content-Length, chunked, a
+close-delimited body for HTTP/1.0 apps, `Connection` fields) is decided here.
+
+Counters the drain reads have one owner each here: the listener's in-flight count changes only
+in `_begin` (+1) and `_let_go` (-1, or handed to a tunnel, which gives it back when it ends),
+its connection count only in `connection_made` and `connection_lost` (or handed to a tunnel).
 """
 
 from __future__ import annotations
@@ -12,13 +18,14 @@ import asyncio
 import logging
 import math
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Final, cast
 
 from sidecar.downstream.context import ListenerContext
 from sidecar.downstream.exchange import Exchange, Phase
 from sidecar.downstream.router import ForwardTarget, route
-from sidecar.downstream.tunnel import Tunnel
-from sidecar.errors import HeadTimeout, ProtocolError, SidecarError
+from sidecar.downstream.tunnel import splice
+from sidecar.errors import HeadTimeout, NoRoute, ProtocolError, SidecarError
 from sidecar.flow_control import (
     PEER_WRITE_FULL,
     PIPELINED,
@@ -27,17 +34,20 @@ from sidecar.flow_control import (
     WRITE_LOW_WATER,
     ReadGate,
 )
+from sidecar.http import writer
 from sidecar.http.headers import Headers
-from sidecar.http.parser import RequestHead, RequestParser, RequestSink
+from sidecar.http.parser import RequestHead, RequestParser, RequestSink, ResponseHead
 from sidecar.rescue import error_response, internal_error
+from sidecar.streams import AppExchange, AppStream, Cancellable
 from sidecar.timers import Timed
-from sidecar.upstream.connection import UpstreamConnection, reset, set_nodelay
+from sidecar.upstream.connection import reset, set_nodelay
 
 log = logging.getLogger("sidecar.access")
 _DISCARD_GRACE: Final = 2.0  # how long we keep reading an unwanted request body before closing
+_CONNECTION_ESTABLISHED: Final = b"HTTP/1.1 200 Connection Established\r\n\r\n"
 
 
-class DownstreamProtocol(RequestSink, Timed, asyncio.Protocol):
+class DownstreamProtocol(RequestSink, AppStream, Timed, asyncio.Protocol):
     __slots__ = (
         "ctx",
         "loop",
@@ -60,6 +70,9 @@ class DownstreamProtocol(RequestSink, Timed, asyncio.Protocol):
         "_out",
         "_draining_queue",
         "wheel",
+        "_chunked_out",
+        "_close_delimited",
+        "_upgrade_rest",
     )
 
     def __init__(self, ctx: ListenerContext) -> None:
@@ -84,6 +97,9 @@ class DownstreamProtocol(RequestSink, Timed, asyncio.Protocol):
         self._corked = 0
         self._out: list[bytes] = []
         self._draining_queue = False  # _run_queue is on the stack: it goes on by itself
+        self._chunked_out = False  # the current response goes out chunked
+        self._close_delimited = False  # ... or ends at our FIN (an HTTP/1.0 app, no length)
+        self._upgrade_rest = b""  # what the app sent after its CONNECT/Upgrade head
 
     def now(self) -> float:
         return self.loop.time()
@@ -104,9 +120,8 @@ class DownstreamProtocol(RequestSink, Timed, asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.upgraded:
             # The request became a tunnel; until the upstream side is ready, hold the bytes.
-            ex = self.exchange
-            if ex is not None:
-                ex.upgrade_rest += data
+            if self.exchange is not None:
+                self._upgrade_rest += data
                 self.transport.pause_reading()  # type: ignore[union-attr]
             return
         parser = self.parser
@@ -138,29 +153,38 @@ class DownstreamProtocol(RequestSink, Timed, asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.closed:
             return
-        self.closed = True
-        ctx = self.ctx
-        ctx.connections.discard(self)
-        ctx.stats.downstream_connections -= 1
         ex = self.exchange
         if ex is not None and ex.phase is not Phase.TUNNEL:
-            self.exchange = None
             if ex.phase is not Phase.DONE:
-                ex.abandon()
-                ctx.stats.inflight -= 1
+                ex.app_gone()
+            self._let_go(ex)
+        self._gone()
+        self.ctx.stats.downstream_connections -= 1
+        self.ctx.changed()
+
+    def _gone(self) -> None:
+        """This protocol object is done with the app's connection (closed, or handed to a
+        tunnel, which then holds its count)."""
+        self.closed = True
+        self.ctx.connections.discard(self)
         self.deadline = math.inf
         self.wheel.cancel(self)  # else the wheel keeps this dead connection until its bucket
-        ctx.changed()
+
+    def _let_go(self, ex: Exchange) -> None:
+        """`ex` is no longer this connection's: the one place the in-flight count drops."""
+        if self.exchange is ex:
+            self.exchange = None
+            self.ctx.stats.inflight -= 1
 
     def pause_writing(self) -> None:
         self.write_paused = True
         if self.exchange is not None:
-            self.exchange.pause_upstream()
+            self.exchange.app_write_paused()
 
     def resume_writing(self) -> None:
         self.write_paused = False
         if self.exchange is not None:
-            self.exchange.resume_upstream()
+            self.exchange.app_write_resumed()
 
     # --- writing ----------------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
@@ -205,10 +229,81 @@ class DownstreamProtocol(RequestSink, Timed, asyncio.Protocol):
         else:
             transport.writelines(out)
 
-    def closing_after_response(self) -> bool:
-        """Whether this response must end the app's connection. Never for a drain: the
-        app's client pool is the app's business (SPEC section 6)."""
-        return self.discarding
+    # --- AppStream: the exchange's view ---------------------------------------------------------
+    def listener(self) -> str:
+        return self.listener_name
+
+    def writing_paused(self) -> bool:
+        return self.write_paused
+
+    def send_interim(self, head: ResponseHead) -> None:
+        if not self.http10:  # HTTP/1.0 clients do not understand interim responses
+            self.write(writer.response_head(head.status, head.reason, head.forward, []))
+
+    def send_response_head(self, head: ResponseHead, keep_alive: bool) -> bool:
+        status = head.status
+        extra: Headers = []
+        self._chunked_out = False
+        self._close_delimited = False
+        if status == 101:
+            extra.append((b"Connection", b"upgrade"))
+            upgrade = next((v for n, v in head.headers if n.lower() == b"upgrade"), None)
+            if upgrade is not None:
+                extra.append((b"Upgrade", upgrade))
+        elif head.bodyless:
+            if head.content_length is not None and status != 204:
+                extra.append((b"Content-Length", b"%d" % head.content_length))
+        elif head.content_length is not None:
+            extra.append((b"Content-Length", b"%d" % head.content_length))
+        elif self.http10:
+            self._close_delimited = True
+            keep_alive = False
+        else:
+            self._chunked_out = True
+            extra.append((b"Transfer-Encoding", b"chunked"))
+        if status != 101:
+            # A connection that reads the rest of a refused request closes after this answer
+            # (never for a drain: the app's client pool is the app's business, SPEC section 6).
+            if not keep_alive or self.discarding:
+                keep_alive = False
+                extra.append((b"Connection", b"close"))
+            elif self.http10:
+                extra.append((b"Connection", b"keep-alive"))
+        self.write(writer.response_head(status, head.reason, head.forward, extra))
+        return keep_alive
+
+    def send_response_body(self, data: bytes) -> None:
+        if self._chunked_out:
+            if len(data) > 4096:
+                self.writelines(writer.chunk_parts(data))
+            else:
+                self.write(writer.chunk(data))
+        else:
+            self.write(data)
+
+    def send_response_end(self, trailers: Headers | None) -> None:
+        if self._chunked_out:
+            self.write(writer.last_chunk(trailers))
+
+    def batch_begin(self) -> None:
+        self.cork()
+
+    def batch_end(self) -> None:
+        self.uncork()
+
+    def done(self, keep_alive: bool) -> None:
+        ex = self.exchange
+        if ex is not None:
+            self.exchange_done(ex, keep_alive)
+
+    def pause_request(self, reason: int) -> None:
+        self.gate.pause(reason)
+
+    def resume_request(self, reason: int) -> None:
+        self.gate.resume(reason)
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Cancellable:
+        return self.loop.call_later(delay, callback)
 
     # --- RequestSink ------------------------------------------------------------------------------
     def on_request_head(self, head: RequestHead) -> None:
@@ -246,7 +341,7 @@ class DownstreamProtocol(RequestSink, Timed, asyncio.Protocol):
         self.upgraded = True
         ex = self.exchange
         if ex is not None:
-            ex.upgrade_rest += rest
+            self._upgrade_rest += rest
             if ex.phase is not Phase.DONE and self.transport is not None:
                 self.transport.pause_reading()  # until the tunnel takes over
 
@@ -274,8 +369,6 @@ class DownstreamProtocol(RequestSink, Timed, asyncio.Protocol):
             else:
                 found = ctx.clusters.get(target)
                 if found is None:
-                    from sidecar.errors import NoRoute
-
                     raise NoRoute(f"cluster {target} does not exist", target)
                 cluster = found
             if not cluster.has_answer:
@@ -309,9 +402,8 @@ class DownstreamProtocol(RequestSink, Timed, asyncio.Protocol):
         """The exchange finished (response written, or failed and answered)."""
         if self.exchange is not ex:
             return
-        self.exchange = None
+        self._let_go(ex)
         ctx = self.ctx
-        ctx.stats.inflight -= 1
         if ctx.access_log:
             self._access_log(ex)
         if self.closed:
@@ -408,30 +500,35 @@ class DownstreamProtocol(RequestSink, Timed, asyncio.Protocol):
                 ex.request_end(value)
             else:
                 self.upgraded = True
-                ex.upgrade_rest += value
+                self._upgrade_rest += value
 
-    def error_response(self, ex: Exchange, exc: SidecarError) -> None:
+    def send_error(self, exc: SidecarError, request_done: bool, keep_alive: bool) -> None:
         """The sidecar answers for itself (SPEC section 5 error body)."""
+        ex = self.exchange
+        if ex is None:
+            return
         # A bodyless request is complete once its head is: its end event follows at once.
-        done = ex.request_done or not (ex.head.has_body or ex.head.method == b"CONNECT")
+        done = request_done or not (ex.head.has_body or ex.head.method == b"CONNECT")
         # A request refused for what the app sent (an empty Host, a bad port) closes the
         # connection like a parser refusal does (SPEC section 5).
-        keep = ex.keep_alive and done and not self.upgraded and not isinstance(exc, ProtocolError)
+        keep = keep_alive and done and not self.upgraded and not isinstance(exc, ProtocolError)
         if done:
             ex.request_done = True
         ex.keep_alive = keep
         self.write(error_response(exc, close=not keep, head_only=ex.head.method == b"HEAD"))
         self.exchange_done(ex, keep)
 
-    def abort_after_partial_response(self, ex: Exchange, exc: SidecarError) -> None:
+    def abort_partial(self, exc: SidecarError) -> None:
         """A response has begun and cannot be completed: cut the connection so that the app
         sees a truncated message, never a wrong one. A framed body (Content-Length, chunked)
         cut by a FIN is visibly short, and the app keeps what it already received. A
         close-delimited body (an HTTP/1.0 app) ends at the FIN, so a FIN would pass the cut off
         as its end: that one is cut with a RST."""
-        self.exchange_done(ex, False)
+        ex = self.exchange
+        if ex is not None:
+            self.exchange_done(ex, False)
         if self.transport is not None:
-            if ex.close_delimited_out:
+            if self._close_delimited:
                 reset(self.transport)
             else:
                 self.transport.abort()
@@ -477,18 +574,16 @@ class DownstreamProtocol(RequestSink, Timed, asyncio.Protocol):
                 self.write(error_response(err, close=True))
         except Exception as again:
             internal_error(again, site + "_rescue", True)
-            if self.exchange is ex and ex is not None:
+            if ex is not None:
                 # The exchange could not end itself: drop it, and reset the app's connection,
                 # the one answer left.
-                self.exchange = None
                 ex.phase = Phase.DONE
-                ctx.stats.inflight -= 1
+                self._let_go(ex)
             self.abort()
             return
-        if self.exchange is ex and ex is not None:
+        if ex is not None:
             # `fail` found a response under way that it could not complete or cut.
-            self.exchange = None
-            ctx.stats.inflight -= 1
+            self._let_go(ex)
         if self.transport is None or self.closed:
             return
         self._flush_out()
@@ -516,42 +611,37 @@ class DownstreamProtocol(RequestSink, Timed, asyncio.Protocol):
 
     # --- tunnels ----------------------------------------------------------------------------------
     def start_tunnel(
-        self, ex: Exchange, conn: UpstreamConnection, to_app: bytes = b"", to_upstream: bytes = b""
-    ) -> None:
+        self, exchange: AppExchange, endpoint: asyncio.Transport, to_app: bytes,
+        established: bool,
+    ) -> bool:
         app_transport = self.transport
-        up_transport = conn.transport
-        if app_transport is None or up_transport is None or self.closed:
-            if up_transport is not None:
-                up_transport.close()
-            return
+        if app_transport is None or self.closed:
+            endpoint.close()
+            return False
         self.upgraded = True
+        if established:
+            self.write(_CONNECTION_ESTABLISHED)
         if self._out:
             # The 101 head was corked with this upstream read: it must reach the app before
             # the tunnel's first byte, and once `closed` is set below a flush would drop it.
             self._flush()
         ctx = self.ctx
-        ctx.connections.discard(self)
-        self.deadline = math.inf
-        self.wheel.cancel(self)
-        self.closed = True  # this protocol object is done; the tunnel owns both sockets
+        app_eof = self.app_eof
+        # This protocol object is done; the tunnel owns both sockets, and the request's
+        # in-flight count until it ends.
+        self.exchange = None
+        self._gone()
 
-        def finished(tunnel: Tunnel) -> None:
-            ctx.tunnels.discard(tunnel)
+        def finished() -> None:
             ctx.stats.downstream_connections -= 1
             ctx.stats.inflight -= 1
-            if ex.cluster is not None:
-                elapsed = self.now() - ex.started
-                ex.cluster.stats.request_done(self.listener_name, ex.status, elapsed)
+            exchange.tunnel_closed(ctx.loop.time())
             ctx.changed()
 
-        tunnel = Tunnel(app_transport, up_transport, finished)
-        ctx.tunnels.add(tunnel)
-        tunnel.start(to_upstream=to_upstream or ex.upgrade_rest, to_app=to_app)
-        if self.app_eof and up_transport.can_write_eof():
-            # The app's EOF arrived before the tunnel existed: carry the half-close across.
-            up_transport.write_eof()
-            tunnel.app.eof = True
-        self.exchange = None
+        splice(app_transport, endpoint, ctx.tunnels, finished, to_upstream=self._upgrade_rest,
+               to_app=to_app, app_eof=app_eof)
+        self._upgrade_rest = b""
+        return True
 
     # --- deadlines (Timed) ------------------------------------------------------------------------
     def set_deadline(self, when: float) -> None:

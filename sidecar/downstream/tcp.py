@@ -7,12 +7,12 @@ import logging
 from typing import cast
 
 from sidecar.downstream.context import ListenerContext
-from sidecar.downstream.tunnel import Tunnel
-from sidecar.errors import InternalError, SidecarError
+from sidecar.downstream.tunnel import splice
+from sidecar.errors import InternalError, NoRoute, SidecarError
 from sidecar.log import Throttled
 from sidecar.rescue import internal_error
 from sidecar.upstream.cluster import Cluster
-from sidecar.upstream.connection import ConnectionUser, UpstreamConnection
+from sidecar.upstream.connection import reset
 from sidecar.upstream.pool import Pool
 
 log = logging.getLogger("sidecar.tcp")
@@ -52,16 +52,14 @@ class TcpProxyProtocol(asyncio.Protocol):
         cluster = ctx.clusters.get(self.cluster_name)
         try:
             if cluster is None:
-                from sidecar.errors import NoRoute
-
                 raise NoRoute(f"cluster {self.cluster_name} does not exist")
             self.cluster = cluster
             refusal = ctx.admit()
             if refusal is not None:
                 raise refusal
-            self.pool = pool = cluster.pick()
-            pool.inflight += 1
-            pool.open_dedicated(self)
+            pool = cluster.pick()
+            pool.open_dedicated(self)  # counted in its inflight until tunnel_closed
+            self.pool = pool
         except SidecarError as exc:
             self.on_pool_error(exc)
         except Exception as exc:  # a bug: the app still gets an answer (a close), logged once
@@ -87,50 +85,43 @@ class TcpProxyProtocol(asyncio.Protocol):
         self._end()
 
     def _end(self) -> None:
+        """The one place this app connection stops counting (and its tunnel, if any, in its
+        pool's inflight)."""
         if self.closed:
             return
         self.closed = True
         self.ctx.stats.downstream_connections -= 1
         self.ctx.stats.inflight -= 1
-        if self.pool is not None:
-            self.pool.inflight -= 1
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            pool.tunnel_closed()
         self.ctx.changed()
 
-    # --- Waiter -----------------------------------------------------------------------------------
-    def on_pool_connection(self, conn: UpstreamConnection) -> None:
+    # --- TunnelWaiter ---------------------------------------------------------------------------
+    def on_pool_tunnel(self, transport: asyncio.Transport) -> None:
         try:
-            self._splice(conn)
+            self._splice(transport)
         except Exception as exc:  # called from the connect task: it would only be logged
             internal_error(exc, "tcp_splice", True)
             self.ctx.stats.internal_errors += 1
-            conn.abort("error")
+            reset(transport)
             if self.transport is not None:
                 self.transport.abort()
 
-    def _splice(self, conn: UpstreamConnection) -> None:
-        pool = self.pool
-        assert pool is not None
-        if self.closed or self.transport is None or conn.transport is None:
-            pool.discard(conn, "not_reusable")  # the app left while it connected
+    def _splice(self, upstream: asyncio.Transport) -> None:
+        if self.closed or self.transport is None:
+            upstream.close()  # the app left while it connected
             return
-        conn.bind(_NoUser(), b"")
-        conn.to_tunnel()
-        pool.discard(conn, "tunnel")
         ctx = self.ctx
 
-        def finished(tunnel: Tunnel) -> None:
-            ctx.tunnels.discard(tunnel)
+        def finished() -> None:
             if self.cluster is not None:
                 self.cluster.stats.request_done(ctx.name, 200, ctx.loop.time() - self.started)
             self._end()
 
-        tunnel = Tunnel(self.transport, conn.transport, finished)
-        ctx.tunnels.add(tunnel)
-        tunnel.start(to_upstream=bytes(self.pending))
+        splice(self.transport, upstream, ctx.tunnels, finished,
+               to_upstream=bytes(self.pending), app_eof=self.eof)
         self.pending.clear()
-        if self.eof and conn.transport.can_write_eof():
-            conn.transport.write_eof()
-            tunnel.app.eof = True
 
     def on_pool_error(self, exc: SidecarError) -> None:
         if self.cluster is not None:
@@ -144,19 +135,4 @@ class TcpProxyProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
         self._end()
-        self.pool = None
 
-
-class _NoUser(ConnectionUser):
-    """A tunnel's upstream connection has no HTTP user; bytes never reach the parser."""
-
-    def on_response_head(self, head: object) -> None: ...
-    def on_response_body(self, data: bytes) -> None: ...
-    def on_response_end(self, trailers: object) -> None: ...
-    def on_upgrade(self, rest: bytes) -> None: ...
-    def on_upstream_error(self, exc: object) -> None: ...
-    def on_internal_error(self, exc: Exception) -> None: ...
-    def on_upstream_pause_writing(self) -> None: ...
-    def on_upstream_resume_writing(self) -> None: ...
-    def batch_begin(self) -> None: ...
-    def batch_end(self) -> None: ...

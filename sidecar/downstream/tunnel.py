@@ -154,3 +154,30 @@ class Tunnel:
     @property
     def done(self) -> bool:
         return self._done
+
+
+def splice(
+    app: asyncio.Transport,
+    upstream: asyncio.Transport,
+    tunnels: set[Tunnel],
+    on_end: Callable[[], None],
+    to_upstream: bytes = b"",
+    to_app: bytes = b"",
+    app_eof: bool = False,
+) -> Tunnel:
+    """The one tunnel hand-off (CONNECT, accepted upgrades, TCP listeners): start a tunnel
+    between the two sockets, kept in `tunnels` until it ends, when `on_end` runs once. The
+    bytes each side sent before (`to_upstream`, `to_app`) go first; an app's EOF that arrived
+    before the tunnel existed (`app_eof`) is carried across."""
+
+    def finished(tunnel: Tunnel) -> None:
+        tunnels.discard(tunnel)
+        on_end()
+
+    tunnel = Tunnel(app, upstream, finished)
+    tunnels.add(tunnel)
+    tunnel.start(to_upstream=to_upstream, to_app=to_app)
+    if app_eof and upstream.can_write_eof():
+        upstream.write_eof()
+        tunnel.app.eof = True
+    return tunnel

@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any
+
+from mypy_extensions import mypyc_attr, trait
 
 from sidecar.clock import Clock
 from sidecar.errors import CircuitOpen, SidecarError, UpstreamError
-from sidecar.http.parser import RequestHead
+from sidecar.http.parser import RequestHead, ResponseHead
 from sidecar.observe.stats import ClusterStats
 from sidecar.policy.breaker import CircuitBreaker
 from sidecar.policy.budget import RetryBudget
@@ -44,7 +46,35 @@ from sidecar.policy.health import HealthChecker
 from sidecar.policy.outlier import OutlierDetector
 from sidecar.policy.retry import RetryPolicy, parse_retry_after
 
-_BREAKER_NAMES: Final = {0: "closed", 1: "open", 2: "half_open"}
+
+@trait
+@mypyc_attr(allow_interpreted_subclasses=True)
+class Attempt:
+    """A request as the policies see it, between its tries (the exchange implements it). A
+    mypyc trait, so that compiled policies read these at fixed offsets; code that is not
+    compiled (tests' stand-ins) subclasses `AttemptBase`."""
+
+    attempt: int  # the current try, from 1
+    max_attempts: int
+    replayable: bool
+    deadline: float  # the request's, loop time (inf: none)
+    policy_token: int | None  # what `start` gave; see the module docstring
+
+    def endpoint_key(self) -> str | None:
+        """The current try's endpoint (`ip:port`), None before the first."""
+        raise NotImplementedError
+
+
+@mypyc_attr(allow_interpreted_subclasses=True)
+class AttemptBase(Attempt):
+    attempt: int = 0
+    max_attempts: int = 1
+    replayable: bool = False
+    deadline: float = math.inf
+    policy_token: int | None = None
+
+    def endpoint_key(self) -> str | None:
+        return None
 
 
 class ClusterPolicies:
@@ -132,7 +162,7 @@ class ClusterPolicies:
         return self.breaker.state_code
 
     def breaker_state_name(self) -> str:
-        return _BREAKER_NAMES[self.breaker.state_code]
+        return str(self.breaker.state.value)
 
     # --- per request ------------------------------------------------------------------------------
     def start(self, head: RequestHead) -> tuple[int, bool, int]:
@@ -144,16 +174,13 @@ class ClusterPolicies:
         )
         return self.max_attempts(head), replayable, self.admit()
 
-    def replayable(self, method: bytes, idempotency_key: bool, length: int | None) -> bool:
-        return self.retry.is_retryable_request(method, idempotency_key, length)
-
     def max_attempts(self, head: RequestHead) -> int:
         n = head.retry_attempts
         if n is None:
             return self.retry.attempts
         return min(max(int(n), 1), 10)
 
-    def admit(self, ex: Any = None) -> int:
+    def admit(self) -> int:
         """Raises CircuitOpen when the breaker (or its concurrency cap) refuses."""
         refusal = self.breaker.admit()
         if refusal is not None:
@@ -166,26 +193,26 @@ class ClusterPolicies:
         self.budget.record_request()
         return 1  # the policy token: 1 + tries judged by outlier detection so far
 
-    def try_deadline(self, ex: Any) -> float:
+    def try_deadline(self, ex: Attempt) -> float:
         """The deadline of the try `ex.attempt` that starts now (see the module docstring)."""
         per_try = self.per_try_timeout
         if per_try is None or ex.attempt >= ex.max_attempts or not ex.replayable:
             return math.inf
         return float(self.clock.now() + per_try)
 
-    def _judge_try(self, ex: Any, endpoint_failed: bool) -> None:
+    def _judge_try(self, ex: Attempt, endpoint_failed: bool) -> None:
         """The try that just failed is being retried: its endpoint's verdict, once. A failure
         that was not the endpoint's (the sidecar's own shortage) is a verdict on nobody, but
         the try is still marked judged."""
         token = ex.policy_token
-        if ex.pool is not None and token and token <= ex.attempt:
+        endpoint = ex.endpoint_key()
+        if endpoint is not None and token and token <= ex.attempt:
             if endpoint_failed:
-                self.outlier.record(ex.pool.key, False)
+                self.outlier.record(endpoint, False)
             ex.policy_token = ex.attempt + 1
 
     def _retry_delay(
-        self, ex: Any, outcome: Any, reason: str, retry_after: float | None,
-        endpoint_failed: bool = True,
+        self, ex: Attempt, reason: str, retry_after: float | None, endpoint_failed: bool = True,
     ) -> float | None:
         if ex.attempt >= ex.max_attempts:
             return None
@@ -202,7 +229,7 @@ class ClusterPolicies:
         self._judge_try(ex, endpoint_failed)
         return delay
 
-    def retry_delay(self, ex: Any, exc: SidecarError, stale: bool = False) -> float | None:
+    def retry_delay(self, ex: Attempt, exc: SidecarError, stale: bool = False) -> float | None:
         """After a failed try (no response byte sent to the app): the backoff, or None. When
         None, the request ends with `exc` and `on_done` judges the try. The exchange has
         already decided that the request may go again (policy/retry.py `failed_try`).
@@ -214,9 +241,9 @@ class ClusterPolicies:
         reason = self.retry.classify("stale" if stale else exc)
         if reason is None:
             return None
-        return self._retry_delay(ex, exc, reason, None, upstream and not stale)
+        return self._retry_delay(ex, reason, None, upstream and not stale)
 
-    def status_retry_delay(self, ex: Any, head: Any) -> float | None:
+    def status_retry_delay(self, ex: Attempt, head: ResponseHead) -> float | None:
         """A response head arrived: retry instead of relaying it? Only before anything
         reached the app, and only for statuses `on` names."""
         status = head.status
@@ -232,7 +259,7 @@ class ClusterPolicies:
             if name.lower() == b"retry-after":
                 retry_after = parse_retry_after(value)
                 break
-        return self._retry_delay(ex, status, reason, retry_after)
+        return self._retry_delay(ex, reason, retry_after)
 
     def on_done(
         self,
@@ -258,7 +285,7 @@ class ClusterPolicies:
         if endpoint is not None and token <= attempt:
             self.outlier.record(endpoint, success)
 
-    def on_abandon(self, ex: Any) -> None:
+    def on_abandon(self, ex: Attempt) -> None:
         if ex.policy_token:
             ex.policy_token = None
             self.breaker.release_without_record()

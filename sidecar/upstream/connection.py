@@ -1,90 +1,37 @@
-"""One upstream connection: the network-facing `asyncio.Protocol`, a request out, a response in.
+"""One upstream HTTP/1.1 connection: an `EndpointStream` and the `Carrier` that carries it.
 
-States (Envoy's pool client states, trimmed): CONNECTING -> IDLE <-> ACTIVE -> CLOSED, and
-ACTIVE -> TUNNEL when an Upgrade/CONNECT turns it into a byte pipe that never returns to the
-pool. The pool sees only the narrow contract: `is_idle()`, `has_expired(now)`, `is_closed()`.
-Response bytes are parsed here and handed, event by event, to the bound *user* (an exchange
-or a tunnel); this module knows nothing of downstream.
+The network-facing `asyncio.Protocol`: a request out, a response in, one at a time. Its states
+are `streams.CarrierState`, changed only through `_transition` and the table
+`streams.CARRIER_TRANSITIONS`: CONNECTING -> IDLE <-> ACTIVE -> CLOSED, and ACTIVE -> TUNNEL
+when an Upgrade/CONNECT turns it into a byte pipe that never returns to the pool. The pool
+talks to it only through the `Carrier` methods; it tells the pool about itself through its
+`CarrierOwner`, without importing the pool. Response bytes are parsed here and handed, event
+by event, to the bound `EndpointUser` (an exchange); this module knows nothing of downstream.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import math
 import select
 import socket
 import ssl
 import struct
-from typing import TYPE_CHECKING, Any, Final, cast
-
-from mypy_extensions import mypyc_attr
+from typing import Any, Final, cast
 
 from sidecar.errors import BadUpstreamResponse, ConnectFailed, UpstreamError, UpstreamReset
 from sidecar.flow_control import WRITE_HIGH_WATER, WRITE_LOW_WATER
+from sidecar.http import writer
 from sidecar.http.headers import Headers
-from sidecar.http.parser import ResponseHead, ResponseParser, ResponseSink
-
-if TYPE_CHECKING:
-    from sidecar.upstream.pool import Pool
-
-
-class State(enum.IntEnum):
-    CONNECTING = 0
-    IDLE = 1
-    ACTIVE = 2
-    TUNNEL = 3
-    CLOSED = 4
-
-
-_TRANSITIONS: Final[dict[State, frozenset[State]]] = {
-    State.CONNECTING: frozenset({State.IDLE, State.ACTIVE, State.CLOSED}),
-    State.IDLE: frozenset({State.ACTIVE, State.CLOSED}),
-    State.ACTIVE: frozenset({State.IDLE, State.TUNNEL, State.CLOSED}),
-    State.TUNNEL: frozenset({State.CLOSED}),
-    State.CLOSED: frozenset(),
-}
-
-
-@mypyc_attr(allow_interpreted_subclasses=True)
-class ConnectionUser:
-    """What a connection reports to whoever holds it (an exchange, or a tunnel). A base class,
-    not a `typing.Protocol`, so that compiled code calls it directly (see `ResponseSink`)."""
-
-    __slots__ = ()
-
-    def on_response_head(self, head: ResponseHead) -> None:
-        raise NotImplementedError
-
-    def on_response_body(self, data: bytes) -> None:
-        raise NotImplementedError
-
-    def on_response_end(self, trailers: Headers | None) -> None:
-        raise NotImplementedError
-
-    def on_upgrade(self, rest: bytes) -> None:
-        raise NotImplementedError
-
-    def on_upstream_error(self, exc: UpstreamError) -> None:
-        raise NotImplementedError
-
-    def on_upstream_pause_writing(self) -> None:
-        raise NotImplementedError
-
-    def on_upstream_resume_writing(self) -> None:
-        raise NotImplementedError
-
-    def on_internal_error(self, exc: Exception) -> None:
-        """An unexpected exception in one of this user's callbacks: the connection has let go
-        of it (and will be aborted); the user answers whoever is waiting."""
-        raise NotImplementedError
-
-    def batch_begin(self) -> None:
-        """What the parser hands over from one read follows, until `batch_end`."""
-
-    def batch_end(self) -> None:
-        pass
-
+from sidecar.http.parser import RequestHead, ResponseHead, ResponseParser, ResponseSink
+from sidecar.streams import (
+    CARRIER_TRANSITIONS,
+    Carrier,
+    CarrierOwner,
+    CarrierState,
+    EndpointStream,
+    EndpointUser,
+)
 
 # Close an upstream socket right away with RST (SO_LINGER on, 0 s): used for connections that
 # must not be reused and whose state is unknown (timeouts, protocol errors).
@@ -126,9 +73,9 @@ def set_nodelay(transport: asyncio.BaseTransport) -> None:
             pass
 
 
-class UpstreamConnection(ResponseSink, asyncio.Protocol):
+class UpstreamConnection(ResponseSink, EndpointStream, Carrier, asyncio.Protocol):
     __slots__ = (
-        "pool",
+        "owner",
         "key",
         "state",
         "transport",
@@ -136,44 +83,48 @@ class UpstreamConnection(ResponseSink, asyncio.Protocol):
         "user",
         "created_at",
         "expires_at",
-        "idle_since",
-        "taken_at",
+        "_idle_since",
+        "_taken_at",
         "fd",
         "keepalive_until",
         "keepalive_timeout",
         "requests",
         "reusable",
-        "response_started",
+        "_response_begun",
         "close_reason",
         "write_paused",
         "tls_resumed",
         "tls_captured",
+        "_chunked",
+        "_reading_paused",
         "_in_feed",
         "_end_pending",
         "_end_trailers",
     )
 
-    def __init__(self, pool: Pool, key: str, now: float, expires_at: float) -> None:
-        self.pool = pool
+    def __init__(self, owner: CarrierOwner, key: str, now: float, expires_at: float) -> None:
+        self.owner = owner
         self.key = key
-        self.state = State.CONNECTING
+        self.state = CarrierState.CONNECTING
         self.transport: asyncio.Transport | None = None
         self.parser = ResponseParser(self)
-        self.user: ConnectionUser | None = None
+        self.user: EndpointUser | None = None
         self.created_at = now
         self.expires_at = expires_at  # jittered max_lifetime
-        self.idle_since = now
-        self.taken_at = now  # loop time the pool last handed it to a request (its write)
+        self._idle_since = now
+        self._taken_at = now  # when the pool last handed it to a request (its write)
         self.fd = -1  # the socket's descriptor, for `peer_gone`
         self.keepalive_until = math.inf  # the upstream's `Keep-Alive: timeout=`, minus a margin
         self.keepalive_timeout: float | None = None  # as the upstream last announced it
         self.requests = 0  # requests started on this connection
         self.reusable = True
-        self.response_started = False
+        self._response_begun = False
         self.close_reason = ""
         self.write_paused = False
         self.tls_resumed: bool | None = None
         self.tls_captured = False
+        self._chunked = False  # the current request's body goes out chunked
+        self._reading_paused = False  # pause_response
         # While a read is being parsed, the end of a response is held until the whole read
         # is parsed: the exchange returns the connection to the pool on that end, and bytes
         # after it in the same read (that nobody asked for) must first mark it unreusable.
@@ -181,22 +132,73 @@ class UpstreamConnection(ResponseSink, asyncio.Protocol):
         self._end_pending = False
         self._end_trailers: Headers | None = None
 
-    # --- the pool's view ------------------------------------------------------------------------
-    def is_idle(self) -> bool:
-        return self.state is State.IDLE
+    def _transition(self, new: CarrierState) -> None:
+        if new not in CARRIER_TRANSITIONS[self.state]:
+            raise RuntimeError(f"connection {self.key}: {self.state.name} -> {new.name}")
+        self.state = new
 
-    def is_closed(self) -> bool:
-        return self.state is State.CLOSED
+    # --- Carrier: what the pool asks ------------------------------------------------------------
+    def capacity(self) -> int:
+        return 1 if self.state is CarrierState.IDLE and self.reusable else 0
 
-    def idle_expiry(self, idle_timeout: float) -> float:
-        """When this idle connection stops being safe to hand out."""
-        when = self.idle_since + idle_timeout  # not min(): a generic call, compiled
+    def open_stream(self, user: EndpointUser, method: bytes, now: float) -> EndpointStream:
+        self._taken_at = now
+        self.bind(user, method)
+        return self
+
+    def usable(self, now: float, idle_timeout: float) -> bool:
+        # `reusable` too: between the EOF of an upstream closing an idle connection and its
+        # connection_lost (a loop iteration later) the state is still IDLE.
+        return (self.state is CarrierState.IDLE and self.reusable
+                and now < self.expiry(idle_timeout))
+
+    def expiry(self, idle_timeout: float) -> float:
+        when = self._idle_since + idle_timeout  # not min(): a generic call, compiled
         if self.keepalive_until < when:
             when = self.keepalive_until
         return self.expires_at if self.expires_at < when else when
 
-    def has_expired(self, now: float, idle_timeout: float) -> bool:
-        return now >= self.idle_expiry(idle_timeout)
+    def is_closed(self) -> bool:
+        return self.state is CarrierState.CLOSED
+
+    def is_idle(self) -> bool:
+        return self.state is CarrierState.IDLE
+
+    def is_reusable(self) -> bool:
+        return self.reusable
+
+    def past_lifetime(self, now: float) -> bool:
+        return now >= self.expires_at
+
+    def idle_since(self) -> float:
+        return self._idle_since
+
+    def opened_at(self) -> float:
+        return self.created_at
+
+    def streams_opened(self) -> int:
+        return self.requests
+
+    def idle_for(self, now: float) -> float:
+        """Seconds since it last became idle (its response ended, or it connected)."""
+        return now - self._idle_since
+
+    def closed_by_peer(self) -> bool:
+        return self.close_reason == "remote_closed"
+
+    def connected(self, now: float) -> None:
+        """The connect (and TLS handshake) succeeded: IDLE, ready for a stream."""
+        self._transition(CarrierState.IDLE)
+        self._idle_since = now
+
+    def parked(self, now: float) -> None:
+        """Back in the pool's idle stack (or handed on) at `now`."""
+        self._idle_since = now
+
+    def retire(self, reason: str) -> None:
+        self.reusable = False
+        if self.state is not CarrierState.ACTIVE:
+            self.close(reason)
 
     def peer_gone(self) -> bool:
         """Has the upstream closed (FIN or RST) or written to this idle connection, by what
@@ -217,44 +219,145 @@ class UpstreamConnection(ResponseSink, asyncio.Protocol):
             return True
         return False
 
-    def _transition(self, new: State) -> None:
-        if new not in _TRANSITIONS[self.state]:
-            raise RuntimeError(f"connection {self.key}: {self.state.name} -> {new.name}")
-        self.state = new
+    def tls_handshake(self) -> bool | None:
+        """Whether its TLS session was resumed (None: not TLS). Read once, after connecting."""
+        transport = self.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        if ssl_object is None:
+            return None
+        self.tls_resumed = bool(ssl_object.session_reused)
+        return self.tls_resumed
 
-    # --- used by the pool and the exchange --------------------------------------------------------
-    def bind(self, user: ConnectionUser, method: bytes) -> None:
+    def tls_session_due(self) -> asyncio.Transport | None:
+        """Its transport, the first time it is asked after a response: TLS 1.3 tickets
+        arrive after the handshake, and by the end of a response they are in."""
+        if self.tls_captured or self.transport is None:
+            return None
+        self.tls_captured = True
+        return self.transport
+
+    # --- binding (the pool's and tests' view of a stream) -----------------------------------------
+    def bind(self, user: EndpointUser, method: bytes) -> None:
         """Hand the connection to a request; the response parser expects `method`'s answer."""
-        if self.state is not State.IDLE:  # IDLE -> ACTIVE is in the table: checked otherwise
-            self._transition(State.ACTIVE)
-        self.state = State.ACTIVE
+        self._transition(CarrierState.ACTIVE)
         self.user = user
         self.requests += 1
-        self.response_started = False
+        self._response_begun = False
         self.parser.expect(method)
 
-    def unbind(self) -> None:
+    def unbind(self, now: float) -> None:
         """The exchange is done with it: back to idle (the pool decides what happens next)."""
         self.user = None
-        if self.state is State.ACTIVE:
-            self.state = State.IDLE  # ACTIVE -> IDLE: always in the table
+        if self.state is CarrierState.ACTIVE:
+            self._transition(CarrierState.IDLE)
+            self._idle_since = now
+        if self._reading_paused:
+            self._reading_paused = False
+            if self.transport is not None:
+                self.transport.resume_reading()
 
-    def to_tunnel(self) -> None:
-        self._transition(State.TUNNEL)
+    # --- EndpointStream: what the exchange asks -----------------------------------------------
+    def endpoint(self) -> str:
+        return self.key
 
-    def write(self, data: bytes) -> None:
+    def reused(self) -> bool:
+        return self.requests > 1
+
+    def response_started(self) -> bool:
+        return self._response_begun
+
+    def taken_at(self) -> float:
+        return self._taken_at
+
+    def race_lost(self, now: float) -> None:
+        self.owner.race_lost(self, self._taken_at - self._idle_since, now)
+
+    def writing_paused(self) -> bool:
+        return self.write_paused
+
+    def send_head(
+        self, head: RequestHead, authority: bytes, deadline_ms: int,
+        body: list[bytes] | None, end: bool, trailers: Headers | None,
+    ) -> None:
+        chunked = self._chunked = head.chunked
+        extra: Headers = [(b"Host", authority)]
+        if chunked:
+            extra.append((b"Transfer-Encoding", b"chunked"))
+        elif head.content_length is not None:
+            extra.append((b"Content-Length", b"%d" % head.content_length))
+        if head.upgrade is not None:
+            extra.append((b"Connection", b"upgrade"))
+            extra.append((b"Upgrade", head.upgrade))
+        if deadline_ms >= 0:
+            extra.append((b"x-sidecar-deadline-ms", b"%d" % deadline_ms))
+        head_bytes = writer.request_head(head.method, head.target, head.forward, extra)
         transport = self.transport
-        if transport is not None:
-            transport.write(data)
-
-    def writelines(self, parts: list[bytes]) -> None:
-        transport = self.transport
-        if transport is not None:
+        if transport is None:
+            return
+        if body:
+            parts = [head_bytes]
+            if chunked:
+                for piece in body:
+                    parts.extend(writer.chunk_parts(piece))
+            else:
+                parts.extend(body)
+            if end and chunked:
+                parts.append(writer.last_chunk(trailers))
             transport.writelines(parts)
+        elif end and chunked:
+            transport.writelines([head_bytes, writer.last_chunk(trailers)])
+        else:
+            transport.write(head_bytes)
 
+    def send_body(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None:
+            transport.write(writer.chunk(data) if self._chunked else data)
+
+    def send_end(self, trailers: Headers | None) -> None:
+        transport = self.transport
+        if self._chunked and transport is not None:
+            transport.write(writer.last_chunk(trailers))
+
+    def pause_response(self) -> None:
+        transport = self.transport
+        if transport is not None and not self._reading_paused:
+            self._reading_paused = True
+            transport.pause_reading()
+
+    def resume_response(self) -> None:
+        if self._reading_paused:
+            self._reading_paused = False
+            if self.transport is not None:
+                self.transport.resume_reading()
+
+    def release(self, now: float, reusable: bool) -> None:
+        if not reusable:
+            self.reusable = False
+        self.unbind(now)
+        self.owner.stream_released(self, now, reusable)
+
+    def reset(self, reason: str) -> None:
+        self.user = None  # nothing more of what it reads may reach the exchange
+        self._reading_paused = False
+        self.owner.stream_reset(self, reason)
+        self.abort(reason)
+
+    def detach(self) -> asyncio.Transport | None:
+        transport = self.transport
+        self.user = None
+        if transport is None or self.state is not CarrierState.ACTIVE:
+            self.reset("error")
+            return None
+        self._transition(CarrierState.TUNNEL)
+        self.owner.stream_reset(self, "tunnel")
+        self._transition(CarrierState.CLOSED)  # the tunnel owns the socket now
+        return transport
+
+    # --- closing ---------------------------------------------------------------------------------
     def close(self, reason: str) -> None:
         """Graceful: pending writes are flushed, then FIN."""
-        if self.state is State.CLOSED:
+        if self.state is CarrierState.CLOSED:
             return
         self.close_reason = self.close_reason or reason
         if self.transport is not None:
@@ -264,7 +367,7 @@ class UpstreamConnection(ResponseSink, asyncio.Protocol):
 
     def abort(self, reason: str) -> None:
         """Now, with RST: for a connection in an unknown state that must never be reused."""
-        if self.state is State.CLOSED:
+        if self.state is CarrierState.CLOSED:
             return
         self.close_reason = self.close_reason or reason
         transport = self.transport
@@ -283,11 +386,11 @@ class UpstreamConnection(ResponseSink, asyncio.Protocol):
             self.abort(reason)
             return
         self.close(reason)
-        if self.state is not State.CLOSED:
+        if self.state is not CarrierState.CLOSED:
             asyncio.get_running_loop().call_later(linger, self._linger_expired)
 
     def _linger_expired(self) -> None:
-        if self.state is not State.CLOSED:
+        if self.state is not CarrierState.CLOSED:
             self.abort(self.close_reason or "drain")
 
     # --- asyncio.Protocol -------------------------------------------------------------------------
@@ -301,12 +404,12 @@ class UpstreamConnection(ResponseSink, asyncio.Protocol):
             self.fd = sock.fileno()
 
     def data_received(self, data: bytes) -> None:
-        if self.user is None or self.state is not State.ACTIVE:
+        if self.user is None or self.state is not CarrierState.ACTIVE:
             # Bytes on an idle connection: the upstream is confused or closing. Never reuse it.
             self.reusable = False
             self.abort("error")
             return
-        self.response_started = True
+        self._response_begun = True
         user = self.user
         # Everything the parser hands over from this read goes to the app in one write.
         user.batch_begin()
@@ -334,19 +437,19 @@ class UpstreamConnection(ResponseSink, asyncio.Protocol):
     def eof_received(self) -> bool:
         self.reusable = False
         user = self.user
-        if user is not None and self.state is State.ACTIVE:
+        if user is not None and self.state is CarrierState.ACTIVE:
             try:
                 self.parser.eof()
             except Exception as exc:
                 self._eof_failed(exc, user)
         return False  # close our side too
 
-    def _eof_failed(self, exc: Exception, user: ConnectionUser) -> None:
+    def _eof_failed(self, exc: Exception, user: EndpointUser) -> None:
         if isinstance(exc, BadUpstreamResponse):
             self._fail(
                 UpstreamReset(
                     "upstream closed the connection before a complete response"
-                    if self.response_started
+                    if self._response_begun
                     else "upstream closed the connection before responding"
                 )
             )
@@ -356,15 +459,15 @@ class UpstreamConnection(ResponseSink, asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.reusable = False
         user = self.user
-        if user is not None and self.state is State.ACTIVE:
+        if user is not None and self.state is CarrierState.ACTIVE:
             detail = f"connection lost: {exc}" if exc else "upstream closed the connection"
             err: UpstreamError = UpstreamReset(detail)
-            tls = self.pool.tls
-            if (isinstance(exc, ssl.SSLError) and tls is not None and self.requests == 1
-                    and not self.response_started):
-                # A TLS 1.3 server checks our client certificate after our side of the
-                # handshake ended: its alert, on the first read, is a failure to connect.
-                err = ConnectFailed(f"{self.key}: TLS: {tls.describe_error(exc)}")
+            if isinstance(exc, ssl.SSLError) and self.requests == 1 and not self._response_begun:
+                described = self.owner.tls_error(exc)
+                if described is not None:
+                    # A TLS 1.3 server checks our client certificate after our side of the
+                    # handshake ended: its alert, on the first read, is a failure to connect.
+                    err = ConnectFailed(f"{self.key}: TLS: {described}")
             self.user = None
             self._closed()
             try:
@@ -373,8 +476,13 @@ class UpstreamConnection(ResponseSink, asyncio.Protocol):
                 user.on_internal_error(failure)
         else:
             self._closed()
+        # Let the transport go now: the connection sits in reference cycles (its parser) that
+        # only the cyclic collector frees, and a TLS transport holds uvloop's 256 KiB read
+        # buffer and OpenSSL's state; kept until a collection, an upstream that closes every
+        # connection grew the heap by ~50 MiB (issue 17).
+        self.transport = None
 
-    def _user_failed(self, exc: Exception, user: ConnectionUser) -> None:
+    def _user_failed(self, exc: Exception, user: EndpointUser) -> None:
         """`user` (bound when the read began; it may have let go since) raised something
         unexpected from a callback: this connection's state is unknown (never reuse it), and
         the user answers for itself."""
@@ -384,12 +492,12 @@ class UpstreamConnection(ResponseSink, asyncio.Protocol):
         user.on_internal_error(exc)
 
     def _closed(self) -> None:
-        was_idle = self.state is State.IDLE
-        if self.state is not State.CLOSED:
-            self.state = State.CLOSED
+        state = self.state
+        if state is not CarrierState.CLOSED:
+            self._transition(CarrierState.CLOSED)
             if not self.close_reason:
                 self.close_reason = "remote_closed"
-            self.pool.on_closed(self, was_idle)
+            self.owner.carrier_closed(self, state is CarrierState.IDLE)
 
     def _fail(self, exc: UpstreamError) -> None:
         user = self.user
@@ -434,7 +542,8 @@ class UpstreamConnection(ResponseSink, asyncio.Protocol):
             # (a long download would otherwise retire a fresh connection). Retire a second
             # early (or at 90 % for short timeouts): the upstream's clock and ours are not the
             # same clock, and a request crossing its close is the stale-connection race.
-            self.keepalive_until = self.pool.now() + timeout - min(1.0, timeout * 0.1)
+            margin = timeout * 0.1
+            self.keepalive_until = self.owner.now() + timeout - (margin if margin < 1.0 else 1.0)
         if self._in_feed:
             self._end_pending = True  # delivered once this read is parsed (data_received)
             self._end_trailers = trailers

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol
 
+from sidecar.clock import Clock
 from sidecar.errors import (
     ConnectFailed,
     LocalResourcesExhausted,
@@ -46,8 +47,9 @@ from sidecar.errors import (
     local_shortage,
 )
 from sidecar.observe.stats import ClusterStats
+from sidecar.streams import Carrier, CarrierOwner, EndpointStream, EndpointUser, StreamWaiter
 from sidecar.timers import Timed, Wheel
-from sidecar.upstream.connection import State, UpstreamConnection
+from sidecar.upstream.connection import UpstreamConnection
 
 if TYPE_CHECKING:
     from sidecar.config import PoolConfig
@@ -95,10 +97,11 @@ class PoolSettings:
         )
 
 
-class Waiter(Protocol):
-    """A request waiting for a connection (the exchange)."""
+class TunnelWaiter(Protocol):
+    """A `protocol: tcp` listener's app connection waiting for its dedicated upstream socket
+    (`Pool.open_dedicated`). A Protocol: one call per TCP connection, off the request path."""
 
-    def on_pool_connection(self, conn: UpstreamConnection) -> None: ...
+    def on_pool_tunnel(self, transport: asyncio.Transport) -> None: ...
     def on_pool_error(self, exc: SidecarError) -> None: ...
 
 
@@ -110,7 +113,6 @@ class TlsHooks(Protocol):
     def context_for_connect(self) -> ssl.SSLContext: ...
     def connect_timeouts(self, connect_timeout: float) -> tuple[float, float]: ...
     def on_connected(self, transport: asyncio.BaseTransport) -> None: ...
-    def on_closing(self, transport: asyncio.BaseTransport) -> None: ...
     def describe_error(self, exc: BaseException) -> str: ...
     def capture_session(self, transport: asyncio.BaseTransport) -> None: ...
 
@@ -118,10 +120,13 @@ class TlsHooks(Protocol):
 class _Pending(Timed):
     """A queued waiter with its pending_timeout deadline (a Timed for the wheel)."""
 
-    __slots__ = ("waiter", "deadline", "filed_bucket", "since", "pool", "done")
+    __slots__ = ("waiter", "user", "method", "deadline", "filed_bucket", "since", "pool", "done")
 
-    def __init__(self, waiter: Waiter, since: float, deadline: float, pool: Pool) -> None:
+    def __init__(self, waiter: StreamWaiter, user: EndpointUser, method: bytes, since: float,
+                 deadline: float, pool: Pool) -> None:
         self.waiter = waiter
+        self.user = user
+        self.method = method
         self.since = since
         self.deadline = deadline
         self.filed_bucket = 0
@@ -133,7 +138,7 @@ class _Pending(Timed):
             self.pool._expire_waiter(self)
 
 
-class Pool(Timed):
+class Pool(Timed, CarrierOwner):
     __slots__ = (
         "cluster",
         "ip",
@@ -142,6 +147,7 @@ class Pool(Timed):
         "settings",
         "stats",
         "_loop",
+        "_now",
         "_wheel",
         "_idle",
         "_active",
@@ -154,7 +160,7 @@ class Pool(Timed):
         "learned_idle_timeout",
         "closing",
         "on_connection_closed",
-        "inflight",
+        "_tunnels",
         "watch_closes",
         "early_closes",
         "no_reuse_until",
@@ -173,6 +179,7 @@ class Pool(Timed):
         loop: asyncio.AbstractEventLoop,
         wheel: Wheel,
         tls: TlsHooks | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.cluster = cluster
         self.ip = ip
@@ -182,9 +189,12 @@ class Pool(Timed):
         self.stats = stats
         self.tls = tls
         self._loop = loop
+        # The one clock the pool reads (sidecar/clock.py): the loop's, unless a test gives a
+        # fake one. A bound method, called without a lookup by name.
+        self._now: Callable[[], float] = clock.now if clock is not None else loop.time
         self._wheel = wheel
-        self._idle: list[UpstreamConnection] = []  # a stack: the freshest is last
-        self._active: set[UpstreamConnection] = set()
+        self._idle: list[Carrier] = []  # a stack: the freshest is last
+        self._active: set[Carrier] = set()  # carrying a request's stream
         self._connecting = 0
         self._waiters: deque[_Pending] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -192,7 +202,7 @@ class Pool(Timed):
         self.filed_bucket = 0
         self.learned_idle_timeout = math.inf
         self.closing = False
-        self.inflight = 0  # requests using this endpoint now (least-request balancing)
+        self._tunnels = 0  # dedicated connections (TCP listeners) not yet closed
         # Open HTTP/2 streams on this endpoint's connections, kept by the HTTP/2 endpoint side;
         # read at scrape time as sidecar_upstream_streams. 0 while only HTTP/1.1 is spoken.
         self.streams = 0
@@ -208,7 +218,14 @@ class Pool(Timed):
 
     # --- introspection ---------------------------------------------------------------------------
     def now(self) -> float:
-        return self._loop.time()
+        return self._now()
+
+    @property
+    def inflight(self) -> int:
+        """Requests using this endpoint now (least-request balancing): waiting for a stream,
+        carried by one, or a TCP listener's tunnel. Counted here alone, from what the pool
+        holds, so it cannot drift (the drain and the balancer read it)."""
+        return len(self._active) + len(self._waiters) + self._tunnels
 
     @property
     def idle_count(self) -> int:
@@ -238,49 +255,48 @@ class Pool(Timed):
         )
 
     def _idle_timeout(self) -> float:
-        return min(self.settings.idle_timeout, self.learned_idle_timeout)
+        configured = self.settings.idle_timeout  # not min(): a generic call, compiled
+        learned = self.learned_idle_timeout
+        return learned if learned < configured else configured
 
     # --- acquiring ------------------------------------------------------------------------------
-    def take_idle(self) -> UpstreamConnection | None:
+    def take_idle(self, now: float = 0.0) -> Carrier | None:
         """A fresh idle connection, synchronously, or None. Expired ones found on the way are
-        closed (that is the second line of defence; the expiry timer is the first)."""
+        closed (that is the second line of defence; the expiry timer is the first). `now`:
+        the clock, if the caller has just read it."""
         idle = self._idle
         if not idle:
             return None
-        now = self._loop.time()
+        if not now:
+            now = self._now()
         idle_timeout = self._idle_timeout()
         while idle:
             conn = idle.pop()
-            # `reusable` too: between the EOF of an upstream closing an idle connection and its
-            # connection_lost (a loop iteration later) the state is still IDLE.
-            if (
-                conn.state is State.IDLE
-                and conn.reusable
-                and now < conn.idle_expiry(idle_timeout)
-                and not (self.watch_closes and conn.peer_gone())
-            ):
+            if conn.usable(now, idle_timeout) and not (self.watch_closes and conn.peer_gone()):
                 self._active.add(conn)
-                conn.taken_at = now
                 if len(idle) < self.settings.min_idle:
                     self.prewarm()  # refill now: the next burst finds warm connections
                 return conn
             self._retire(conn, now)
         return None
 
-    def acquire(self, waiter: Waiter, fresh: bool = False) -> UpstreamConnection | None:
-        """A connection now, or None after queueing `waiter` (it is then called back exactly
-        once with `on_pool_connection` or `on_pool_error`). Raises PoolTimeout when the queue
-        is full. `fresh`: skip idle connections and open a new one (after a stale one)."""
+    def acquire(
+        self, waiter: StreamWaiter, user: EndpointUser, method: bytes, fresh: bool = False
+    ) -> EndpointStream | None:
+        """A stream bound to `user` now (`method`: the request's, for the response parser),
+        or None after queueing `waiter` (it is then called back exactly once with
+        `on_pool_stream` or `on_pool_error`, unless it cancels). Raises PoolTimeout when the
+        queue is full. `fresh`: skip idle connections and open a new one (after a stale one)."""
+        now = self._now()
         if not fresh:
-            conn = self.take_idle()
+            conn = self.take_idle(now)
             if conn is not None:
-                return conn
+                return conn.open_stream(user, method, now)
         if self.closing:
             raise ConnectFailed(f"{self.key}: endpoint is being removed", self.cluster)
         if len(self._waiters) >= self.settings.max_pending:
             raise PoolTimeout(f"{self.key}: max_pending ({self.settings.max_pending}) reached")
-        now = self._loop.time()
-        pending = _Pending(waiter, now, now + self.settings.pending_timeout, self)
+        pending = _Pending(waiter, user, method, now, now + self.settings.pending_timeout, self)
         self._waiters.append(pending)
         self._wheel.schedule(pending)
         # Open a connection for every waiter not already covered by a connect in flight.
@@ -295,7 +311,7 @@ class Pool(Timed):
         # be down, and refills per request would multiply the connects it refuses.
         return None
 
-    def cancel(self, waiter: Waiter) -> None:
+    def cancel(self, waiter: StreamWaiter) -> None:
         """The waiter went away (the app disconnected, or its deadline passed)."""
         for pending in self._waiters:
             if pending.waiter is waiter:
@@ -315,7 +331,7 @@ class Pool(Timed):
             self._waiters.remove(pending)
         except ValueError:
             return
-        self.stats.pool_wait.observe(self._loop.time() - pending.since)
+        self.stats.pool_wait.observe(self._now() - pending.since)
         pending.waiter.on_pool_error(
             PoolTimeout(
                 f"no connection to {self.key} within {self.settings.pending_timeout:g}s",
@@ -331,13 +347,15 @@ class Pool(Timed):
                 return pending
         return None
 
-    def _hand_over(self, conn: UpstreamConnection) -> bool:
-        """Give `conn` (already counted active) to the oldest waiter. False when none."""
+    def _hand_over(self, conn: Carrier) -> bool:
+        """Open a stream on `conn` (already counted active) for the oldest waiter. False when
+        there is none."""
         pending = self._next_waiter()
         if pending is None:
             return False
-        self.stats.pool_wait.observe(self._loop.time() - pending.since)
-        pending.waiter.on_pool_connection(conn)
+        now = self._now()
+        self.stats.pool_wait.observe(now - pending.since)
+        pending.waiter.on_pool_stream(conn.open_stream(pending.user, pending.method, now))
         return True
 
     # --- connecting -----------------------------------------------------------------------------
@@ -386,14 +404,12 @@ class Pool(Timed):
         """A connect succeeded: count it, its duration and its TLS handshake (resumed or not),
         and hand the TLS session to the cache."""
         self.stats.connections_opened += 1
-        self.stats.connect_duration.observe(self._loop.time() - started)
+        self.stats.connect_duration.observe(self._now() - started)
         tls = self.tls
         if tls is not None and conn.transport is not None:
             tls.on_connected(conn.transport)
-            ssl_object = conn.transport.get_extra_info("ssl_object")
-            if ssl_object is not None:
-                resumed = bool(ssl_object.session_reused)
-                conn.tls_resumed = resumed
+            resumed = conn.tls_handshake()
+            if resumed is not None:
                 self.stats.tls_handshakes[resumed] += 1
 
     def _connect_error(self, exc: BaseException) -> SidecarError:
@@ -405,9 +421,8 @@ class Pool(Timed):
         return ConnectFailed(self._describe(exc), self.cluster)
 
     async def _connect(self) -> None:
-        loop = self._loop
         settings = self.settings
-        started = loop.time()
+        started = self._now()
         # Jitter max_lifetime by up to -20 % so connections opened together do not all
         # expire (and reconnect) together.
         lifetime = settings.max_lifetime * (1.0 - 0.2 * random.random())
@@ -424,36 +439,38 @@ class Pool(Timed):
             return
         self._connecting -= 1
         self._connected(conn, started)
-        if conn.state is State.CLOSED:
+        if conn.is_closed():
             return  # lost between connect and now
         if self.closing:
             conn.close("endpoint_removed")
             return
-        conn.state = State.IDLE
-        conn.idle_since = loop.time()
+        conn.connected(self._now())
         self._active.add(conn)
         if not self._hand_over(conn):
             self._active.discard(conn)
             self._park(conn)
 
     # --- dedicated connections (TCP listeners' tunnels) --------------------------------------
-    def open_dedicated(self, waiter: Waiter) -> None:
+    def open_dedicated(self, waiter: TunnelWaiter) -> None:
         """Open a connection of its own for `waiter` (a `protocol: tcp` listener's tunnel) and
         call it back exactly once. Outside `max_connections`, `max_pending` and
         `pending_timeout`: those bound pooled HTTP requests, and a burst of tunnels must not
         take their places (1,500 simultaneous TCP connections once left 1,077 of them closed
         without data and an HTTP request to the same cluster with 503 pool_timeout). What
         bounds tunnels is their listener's `max_connections` and the kernel backlog; only
-        `connect_timeout` applies here. Raises ConnectFailed when the endpoint is going."""
+        `connect_timeout` applies here. Raises ConnectFailed when the endpoint is going.
+
+        Counted in `inflight` from here until the waiter calls `tunnel_closed`, once, however
+        its connection ends (its tunnel closed, the connect failed, the app left first)."""
         if self.closing:
             raise ConnectFailed(f"{self.key}: endpoint is being removed", self.cluster)
+        self._tunnels += 1
         task = self._loop.create_task(self._connect_dedicated(waiter))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _connect_dedicated(self, waiter: Waiter) -> None:
-        loop = self._loop
-        started = loop.time()
+    async def _connect_dedicated(self, waiter: TunnelWaiter) -> None:
+        started = self._now()
         conn = UpstreamConnection(self, self.key, started, math.inf)
         try:
             await self._open(conn)
@@ -464,14 +481,22 @@ class Pool(Timed):
             waiter.on_pool_error(self._connect_error(exc))
             return
         self._connected(conn, started)
-        if conn.state is State.CLOSED:
+        transport = None
+        if not conn.is_closed():
+            conn.connected(self._now())
+            self._active.add(conn)
+            # The one tunnel hand-off, as for CONNECT: a stream whose socket is detached.
+            transport = conn.open_stream(_TUNNEL_USER, b"", self._now()).detach()
+        if transport is None:
             waiter.on_pool_error(
                 ConnectFailed(f"{self.key}: closed right after connecting", self.cluster)
             )
             return
-        conn.state = State.IDLE
-        self._active.add(conn)  # the waiter binds it and takes it out with discard()
-        waiter.on_pool_connection(conn)
+        waiter.on_pool_tunnel(transport)
+
+    def tunnel_closed(self) -> None:
+        """A tunnel `open_dedicated` gave out has ended: it no longer counts in `inflight`."""
+        self._tunnels -= 1
 
     def _describe(self, exc: BaseException) -> str:
         if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
@@ -488,48 +513,58 @@ class Pool(Timed):
     def _connect_failed(self, exc: SidecarError) -> None:
         pending = self._next_waiter()
         if pending is not None:
-            self.stats.pool_wait.observe(self._loop.time() - pending.since)
+            self.stats.pool_wait.observe(self._now() - pending.since)
             pending.waiter.on_pool_error(exc)
         # Waiters beyond those covered by connects in flight get a connect of their own.
         if self._connecting < len(self._waiters) and self.total < self.settings.max_connections:
             self._start_connect()
 
     # --- returning ------------------------------------------------------------------------------
-    def release(self, conn: UpstreamConnection, now: float = 0.0) -> None:
-        """The exchange is done with `conn`; keep it if it is reusable, else close it. `now`:
-        the loop time, when the caller has just read it."""
+    def release(self, stream: EndpointStream, now: float = 0.0) -> None:
+        """The request is done with `stream` (its response ended): as `stream.release`."""
+        stream.release(now or self._now(), True)
+
+    # --- CarrierOwner: a connection tells the pool about itself ----------------------------------
+    def stream_released(self, conn: Carrier, now: float, reusable: bool) -> None:
         self._active.discard(conn)
-        if conn.state is State.CLOSED:
+        if conn.is_closed():
             return
-        conn.unbind()
-        if not conn.tls_captured and self.tls is not None and conn.transport is not None:
-            # TLS 1.3 tickets arrive after the handshake: by the end of a response they are in.
-            conn.tls_captured = True
-            self.tls.capture_session(conn.transport)
-        if not now:
-            now = self._loop.time()
-        if not conn.reusable or now < self.no_reuse_until:
+        if self.tls is not None:
+            transport = conn.tls_session_due()
+            if transport is not None:
+                self.tls.capture_session(transport)
+        if not conn.is_reusable() or now < self.no_reuse_until:
             conn.close("not_reusable")
             self.stats.closed("not_reusable")
             self._maybe_connect_for_waiters()
             return
-        if self.early_closes and conn.requests > 1:
+        if self.early_closes and conn.streams_opened() > 1:
             self.early_closes = 0  # a reused connection got its response: not every close
-        if now >= conn.expires_at:
+        if conn.past_lifetime(now):
             conn.close("max_lifetime")
             self.stats.closed("max_lifetime")
             self._maybe_connect_for_waiters()
             return
-        conn.idle_since = now
+        conn.parked(now)
         if self._waiters:
             self._active.add(conn)
-            conn.taken_at = now
             if self._hand_over(conn):
-                return  # the waiter has bound it
+                return  # the waiter has its stream
             self._active.discard(conn)
         self._park(conn)
 
-    def _park(self, conn: UpstreamConnection) -> None:
+    def stream_reset(self, conn: Carrier, reason: str) -> None:
+        self._active.discard(conn)
+        if conn.is_closed():
+            return  # carrier_closed already counted why
+        self.stats.closed(reason)
+        if reason != "tunnel":
+            self._maybe_connect_for_waiters()
+
+    def tls_error(self, exc: BaseException) -> str | None:
+        return self.tls.describe_error(exc) if self.tls is not None else None
+
+    def _park(self, conn: Carrier) -> None:
         if self.closing:
             conn.close("drain")
             self.stats.closed("drain")
@@ -545,29 +580,20 @@ class Pool(Timed):
             # max_idle, every release closes a connection the next request reopens (seen: half
             # the throughput at 64 app connections with the default max_idle of 20). The excess
             # is trimmed instead, oldest first, once it has stayed idle EXCESS_IDLE seconds.
-            expiry = idle[0].idle_since + EXCESS_IDLE
+            expiry = idle[0].idle_since() + EXCESS_IDLE
         else:
-            expiry = conn.idle_expiry(self._idle_timeout())
+            expiry = conn.expiry(self._idle_timeout())
         if expiry < self.deadline:
             self.deadline = expiry
             self._wheel.schedule(self)
 
-    def discard(self, conn: UpstreamConnection, reason: str, abort: bool = False) -> None:
-        """Take `conn` out for good (error, timeout, tunnel): never back in the pool."""
-        if conn.state is State.CLOSED:
-            self._active.discard(conn)  # on_closed already counted why
-            return
-        self._active.discard(conn)
-        if conn.state is State.TUNNEL:
-            conn.state = State.CLOSED  # the tunnel owns the socket now
-            self.stats.closed(reason)
-            return
+    def discard(self, conn: Carrier, reason: str, abort: bool = False) -> None:
+        """Take `conn` out for good (error, timeout): never back in the pool."""
+        self.stream_reset(conn, reason)
         if abort:
             conn.abort(reason)
         else:
             conn.close(reason)
-        self.stats.closed(reason)
-        self._maybe_connect_for_waiters()
 
     def _maybe_connect_for_waiters(self) -> None:
         if (
@@ -578,7 +604,7 @@ class Pool(Timed):
         ):
             self._start_connect()
 
-    def on_closed(self, conn: UpstreamConnection, was_idle: bool) -> None:
+    def carrier_closed(self, conn: Carrier, was_idle: bool) -> None:
         """Called by a connection whose socket closed (by us or by the upstream)."""
         if was_idle:
             try:
@@ -586,9 +612,9 @@ class Pool(Timed):
             except ValueError:
                 pass
             else:
-                now = self._loop.time()
-                idle_for = now - conn.idle_since
-                if conn.close_reason == "remote_closed":
+                now = self._now()
+                idle_for = conn.idle_for(now)
+                if conn.closed_by_peer():
                     self.stats.closed("remote_closed")
                     self.watch_closes = True
                     # The upstream closes idle connections sooner than we would: learn it, so
@@ -601,18 +627,18 @@ class Pool(Timed):
                         self.prewarm()  # not after our own closes (drain, rotation, expiry)
         elif conn in self._active:
             self._active.discard(conn)
-            if conn.close_reason == "remote_closed":
+            if conn.closed_by_peer():
                 self.stats.closed("remote_closed")
         if self.on_connection_closed is not None:
             self.on_connection_closed(self)
         self._maybe_connect_for_waiters()
 
-    def note_race(self, conn: UpstreamConnection, now: float) -> None:
+    def race_lost(self, conn: Carrier, idle_before: float, now: float) -> None:
         """A request on `conn`, reused, lost the keep-alive race (the exchange saw it). The
         endpoint closes idle connections; if `conn` had been idle only a moment, it closed it
         right after its last response."""
         self.watch_closes = True
-        if conn.taken_at - conn.idle_since <= EARLY_CLOSE:
+        if idle_before <= EARLY_CLOSE:
             self.note_early_close(now)
 
     def note_early_close(self, now: float) -> None:
@@ -628,30 +654,29 @@ class Pool(Timed):
                          "them for %gs", self.cluster, self.key, REUSE_HOLD)
             self.no_reuse_until = now + REUSE_HOLD
 
-    def _retire(self, conn: UpstreamConnection, now: float) -> None:
-        if conn.state is State.CLOSED:
+    def _retire(self, conn: Carrier, now: float) -> None:
+        if conn.is_closed():
             return
-        if not conn.reusable:
+        if not conn.is_reusable():
             reason = "remote_closed"
-            if now - conn.idle_since <= EARLY_CLOSE:
+            if conn.idle_for(now) <= EARLY_CLOSE:
                 self.note_early_close(now)  # closed right after its response
-        elif now >= conn.expires_at:
+        elif conn.past_lifetime(now):
             reason = "max_lifetime"
         else:
             reason = "idle_timeout"
-        conn.state = State.IDLE
         conn.close(reason)
         self.stats.closed(reason)
 
     # --- the pool's one timer ---------------------------------------------------------------------
     def on_deadline(self, now: float) -> None:
         idle_timeout = self._idle_timeout()
-        keep: list[UpstreamConnection] = []
+        keep: list[Carrier] = []
         nxt = math.inf
         for conn in self._idle:
-            if conn.state is not State.IDLE:
+            if not conn.is_idle():
                 continue
-            expiry = conn.idle_expiry(idle_timeout)
+            expiry = conn.expiry(idle_timeout)
             if expiry <= now:
                 self._retire(conn, now)
             else:
@@ -660,13 +685,13 @@ class Pool(Timed):
         # Trim idle connections beyond max_idle that stayed unused EXCESS_IDLE seconds. The list
         # is a stack (freshest last), so the longest idle are at the front.
         excess = len(keep) - self.settings.max_idle
-        while excess > 0 and keep[0].idle_since + EXCESS_IDLE <= now:
+        while excess > 0 and keep[0].idle_since() + EXCESS_IDLE <= now:
             conn = keep.pop(0)
             conn.close("pool_full")
             self.stats.closed("pool_full")
             excess -= 1
         if excess > 0:
-            nxt = min(nxt, keep[0].idle_since + EXCESS_IDLE)
+            nxt = min(nxt, keep[0].idle_since() + EXCESS_IDLE)
         self._idle = keep
         self.deadline = nxt
         self._wheel.schedule(self)
@@ -689,7 +714,7 @@ class Pool(Timed):
         connections to other (newer) endpoints. Returns how many were closed."""
         if count <= 0 or not self._idle:
             return 0
-        victims = sorted(self._idle, key=lambda c: c.created_at)[:count]
+        victims = sorted(self._idle, key=lambda c: c.opened_at())[:count]
         for conn in victims:
             self._idle.remove(conn)
             conn.close("rotated")
@@ -732,3 +757,13 @@ class Pool(Timed):
     @property
     def empty(self) -> bool:
         return not self._active and not self._idle and not self._connecting
+
+
+class _TunnelUser(EndpointUser):
+    """Bound for the instant between a dedicated connection's stream opening and its socket
+    being detached to a tunnel (`_connect_dedicated`); nothing reaches it."""
+
+    __slots__ = ()
+
+
+_TUNNEL_USER: Final = _TunnelUser()

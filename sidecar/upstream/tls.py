@@ -12,7 +12,7 @@
 # Capture. A TLS 1.2 session is complete when the handshake ends. TLS 1.3 tickets arrive *after*
 # the handshake, in post-handshake messages OpenSSL processes on a later read; the session seen
 # right after connect is not resumable. So the session is captured late: after the first response
-# bytes (`capture_session`) and when the connection is closed (`on_closing`); the newest wins.
+# bytes (`capture_session`, from the pool's `release`); the newest wins.
 # Connections that leave the pool as byte tunnels (TCP listeners, upgrades) never come back for
 # either, so the context also keeps the SSLObject of the newest connection per name and, when the
 # next connection is made, takes that one's session if a ticket has arrived since.
@@ -23,7 +23,11 @@
 # opening a resumed connection per request (resumption was slower than full handshakes). So a
 # name's cache is refreshed only when it holds nothing captured in the last _RECAPTURE seconds,
 # or when an offered session was not resumed (the server no longer takes it): the session read
-# happens about once per name per _RECAPTURE, not per connection.
+# happens about once per name per _RECAPTURE, not per connection. Offering the session costs the
+# same copy the other way (`wrap_bio(session=)` copies before SSL_set_session), once per
+# connection: tls_native.py hands OpenSSL the cached session itself, by reference, and falls back
+# to `session=` where it cannot prove the objects' layout. And the certificate both loops decode
+# into the `peercert` extra at every handshake end is decoded only when read (`_PeerCert`).
 #
 # Scope. Sessions are cached per SNI name, not per endpoint: every endpoint of a cluster serves
 # the same name (and, in practice, shares ticket keys or a session cache), so a new connection to
@@ -55,8 +59,11 @@ import os
 import re
 import ssl
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
+
+from sidecar.clock import MONOTONIC, Clock
+from sidecar.upstream.tls_native import SessionOffer
 
 if TYPE_CHECKING:
     from sidecar.config import TlsConfig
@@ -75,16 +82,25 @@ INSECURE_WARNING: Final = (
 _Fingerprint = tuple[tuple[object, ...], ...]
 
 
+_SNI_KEYS: Final[dict[str | bytes, str]] = {}  # server name as given -> its cache key
+_SNI_KEYS_MAX: Final = 1024
+
+
 def _sni_key(name: str | bytes) -> str:
-    """The form `SSLObject.server_hostname` reports (IDNA A-label): lookups and captures agree."""
-    if isinstance(name, str):
-        name = name.encode("idna")
-    return name.decode("ascii").lower()
+    """The form `SSLObject.server_hostname` reports (IDNA A-label): lookups and captures agree.
+    Remembered per name: the IDNA codec is a Python-level codec, read on every connect."""
+    key = _SNI_KEYS.get(name)
+    if key is None:
+        key = (name.encode("idna") if isinstance(name, str) else name).decode("ascii").lower()
+        if len(_SNI_KEYS) >= _SNI_KEYS_MAX:
+            _SNI_KEYS.clear()
+        _SNI_KEYS[name] = key
+    return key
 
 
 def _still_valid(session: ssl.SSLSession) -> bool:
     # OpenSSL stamps sessions with wall-clock seconds, so this compares against wall-clock time.
-    return session.time + session.timeout > time.time()
+    return session.time + session.timeout > time.time()  # noqa: TID251 (wall clock, as OpenSSL)
 
 
 def _no_password() -> bytes:
@@ -133,23 +149,72 @@ def _naming(setting: str, paths: str) -> Iterator[None]:
         raise TlsFileError(f"tls.{setting} {paths}: {reason}") from exc
 
 
+class _PeerCert(Mapping[str, Any]):
+    """`getpeercert()`'s dict, decoded when first read rather than at every handshake.
+
+    Both loops call `getpeercert()` when a handshake completes, for the transport's `peercert`
+    extra, which nothing in the sidecar reads; decoding the certificate's names into Python
+    tuples was 6 % of the CPU of a resumed TLS 1.2 connection. Read it and it is the same dict.
+    """
+
+    __slots__ = ("_sslobj", "_decoded")
+
+    def __init__(self, sslobj: ssl.SSLObject) -> None:
+        self._sslobj = sslobj
+        self._decoded: dict[str, Any] | None = None
+
+    def _cert(self) -> dict[str, Any]:
+        if self._decoded is None:
+            self._decoded = ssl.SSLObject.getpeercert(self._sslobj) or {}
+        return self._decoded
+
+    def __getitem__(self, key: str) -> Any:
+        return self._cert()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._cert())
+
+    def __len__(self) -> int:
+        return len(self._cert())
+
+    def __repr__(self) -> str:
+        return repr(self._cert())
+
+
+class _SSLObject(ssl.SSLObject):
+    """An SSLObject whose decoded peer certificate is computed when asked for (`_PeerCert`)."""
+
+    def getpeercert(self, binary_form: bool = False) -> Any:
+        if binary_form or not self.context.verify_mode:
+            # The DER bytes are not decoded; an unverified peer's dict is {} at no cost.
+            return super().getpeercert(binary_form)
+        return _PeerCert(self)
+
+
 class _ResumingContext(ssl.SSLContext):
     """A client context whose `wrap_bio` offers the cached session of the server name asked for."""
+
+    sslobject_class = _SSLObject
 
     sessions: dict[str, ssl.SSLSession]
     session_reuse: bool
     current: _Current
     # The newest connection per server name: its session may have become resumable since.
     newest: dict[str, ssl.SSLObject]
-    # When each name's session was captured (monotonic): younger than _RECAPTURE, none is read.
+    # When each name's session was captured (clock seconds): younger than _RECAPTURE, none is
+    # read.
     captured_at: dict[str, float]
+    clock: Clock
+    # Offers a cached session by reference, not through CPython's copy (see tls_native.py).
+    offer: SessionOffer
 
     def wants_session(self, key: str) -> bool:
-        return time.monotonic() - self.captured_at.get(key, -_RECAPTURE) >= _RECAPTURE
+        captured = self.captured_at.get(key)
+        return captured is None or self.clock.now() - captured >= _RECAPTURE
 
     def keep(self, key: str, session: ssl.SSLSession) -> None:
         self.sessions[key] = session
-        self.captured_at[key] = time.monotonic()
+        self.captured_at[key] = self.clock.now()
 
     def forget(self, key: str) -> None:
         """Drop the name's session: the next connection's is read (see Cost)."""
@@ -181,6 +246,14 @@ class _ResumingContext(ssl.SSLContext):
             if cached is not None and not _still_valid(cached):
                 self.forget(key)
             elif cached is not None:
+                if self.offer.enabled:
+                    sslobj = super().wrap_bio(incoming, outgoing, server_side, server_hostname)
+                    offered = self.offer.offer(sslobj, cached)
+                    if offered is not None:
+                        if not offered:  # marked not resumable (a failed connection used it)
+                            self.forget(key)
+                        return sslobj
+                    # The fast path turned itself off (unexpected layout): the pure way below.
                 try:
                     return super().wrap_bio(
                         incoming, outgoing, server_side, server_hostname, session=cached
@@ -210,12 +283,15 @@ class TlsOrigin:
         insecure_skip_verify: bool = False,
         handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
         handshakes: dict[bool, int] | None = None,
+        clock: Clock = MONOTONIC,
+        native_sessions: bool = True,
     ) -> None:
         """Build the first context; a bad file or option raises (a config error at start).
 
         `handshakes` may be the cluster's stats dict (`{True: n, False: n}`) to count into.
         `handshake_timeout` None: the TCP connect and the handshake share the pool's
-        connect_timeout (see `connect_timeouts`).
+        connect_timeout (see `connect_timeouts`). `native_sessions` False: offer cached
+        sessions the pure way, through CPython's copy (see tls_native.py).
         """
         if min_version not in _VERSIONS:
             raise ValueError(f"min_version must be one of {', '.join(_VERSIONS)}: {min_version!r}")
@@ -245,6 +321,8 @@ class TlsOrigin:
         self.handshakes.setdefault(False, 0)
         self.reloads = 0
         self.reload_errors = 0
+        self.clock = clock
+        self.native_sessions = native_sessions
         self._current = _Current()
         self._seen: _Fingerprint = ()
         if not enabled:
@@ -341,10 +419,6 @@ class TlsOrigin:
         # of the old context must not feed sessions to the new one.
         context.keep(key, session)
 
-    def on_closing(self, transport: asyncio.BaseTransport) -> None:
-        """Before closing (or from `connection_lost`): TLS 1.3 tickets have arrived by now."""
-        self.capture_session(transport)
-
     def describe_error(self, exc: BaseException) -> str:
         """`describe_tls_error`, plus the setting of this origin that explains the failure."""
         detail = describe_tls_error(exc)
@@ -366,32 +440,6 @@ class TlsOrigin:
 
     def cached_sessions(self) -> int:
         return len(self._context.sessions) if self._context is not None else 0
-
-    def redacted_view(self) -> dict[str, Any]:
-        """For /config and /clusters: paths and settings, never key material."""
-        if not self.enabled:
-            return {"enabled": False}
-        view: dict[str, Any] = {
-            "enabled": True,
-            "sni": self.sni,
-            "ca_file": self.ca_file,
-            "trust": "ca_file" if self.ca_file else "system trust store",
-            "cert_file": self.cert_file,
-            "key_file": self.key_file,  # the path only, never the content
-            "session_reuse": self.session_reuse,
-            "alpn": list(self.alpn),
-            "min_version": self.min_version,
-            "insecure_skip_verify": self.insecure_skip_verify,
-            "handshake_timeout": self.handshake_timeout,
-            "handshakes": {"resumed": self.handshakes[True], "full": self.handshakes[False]},
-            "resumption_ratio": self.resumption_ratio(),
-            "cached_sessions": self.cached_sessions(),
-            "reloads": self.reloads,
-            "reload_errors": self.reload_errors,
-        }
-        if self.insecure_skip_verify:
-            view["warning"] = INSECURE_WARNING
-        return view
 
     def __repr__(self) -> str:
         return (
@@ -472,6 +520,8 @@ class TlsOrigin:
         context.current = self._current
         context.newest = {}
         context.captured_at = {}
+        context.clock = self.clock
+        context.offer = SessionOffer(self.native_sessions)
         return context
 
 

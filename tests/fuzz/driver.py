@@ -64,9 +64,10 @@ from sidecar.http.headers import HOP_BY_HOP, Headers
 from sidecar.http.parser import RequestHead, RequestParser, RequestSink
 from sidecar.observe.stats import Stats
 from sidecar.policy.resilience import ClusterPolicies
+from sidecar.streams import CarrierState as State
 from sidecar.timers import Wheel
 from sidecar.upstream.cluster import Cluster
-from sidecar.upstream.connection import State, UpstreamConnection
+from sidecar.upstream.connection import UpstreamConnection
 from sidecar.upstream.registry import ClusterSet
 
 
@@ -365,7 +366,7 @@ class Origin:
         """Called from the sidecar's write: parse only; answers come from the driver."""
         conn = self.conn
         if self.tunnel or not isinstance(conn, UpstreamConnection) \
-                or conn.state is State.TUNNEL:
+                or conn.state in (State.TUNNEL, State.CLOSED):
             self.tunnel = True  # a CONNECT tunnel: raw bytes, no HTTP
             self.raw += data
             return
@@ -520,12 +521,13 @@ def _warm(settings: Any) -> Any:
 def _held(proto: DownstreamProtocol) -> int:
     """Bytes the protocol holds for later: pipelined events, a body's replay copy, output."""
     held = sum(len(p) for p in proto._out)  # noqa: SLF001 (a property of the fuzz harness)
+    held += len(proto._upgrade_rest)  # noqa: SLF001
     for kind, value in proto.queue or ():
         if kind in ("body", "upgrade"):
             held += len(value)
     ex = proto.exchange
     if ex is not None:
-        held += len(ex.upgrade_rest) + sum(len(p) for p in ex.body or ())
+        held += sum(len(p) for p in ex.body or ())
     return held
 
 
@@ -748,7 +750,9 @@ def _check_sent(world: World) -> None:
             origin.broken = True
             continue
         ex = conn.user
-        if ex is None or not getattr(ex, "request_sent", False) or ex.head.method == b"CONNECT":
+        # Wholly sent: the exchange has the request's end and this connection's stream.
+        if (ex is None or not getattr(ex, "request_done", False) or ex.stream is not conn
+                or ex.head.method == b"CONNECT"):
             continue
         cur = origin.current
         if cur is None or cur.owner is not ex or not cur.complete:

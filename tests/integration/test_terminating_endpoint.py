@@ -27,7 +27,7 @@ from sidecar.upstream.pool import Pool
 from tests.k8s.cluster_iface import FakeCluster
 from tests.k8s.fake_apiserver import FakeApiServer
 from tests.k8s.support import LOOPS, run, wait_until
-from tests.unit.test_pool import User, Waiter
+from tests.unit.test_pool import User, Waiter, send_get
 
 SVC = "payments"
 OK: bytes = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -96,7 +96,7 @@ class Origin:
 
 async def acquire(pool: Pool) -> UpstreamConnection:
     waiter = Waiter()
-    conn = pool.acquire(waiter)
+    conn = waiter.take(pool)
     return conn if conn is not None else await waiter.get()
 
 
@@ -141,14 +141,12 @@ def test_terminating_endpoint_closes_idle_and_finished_connections(
                 # One request done (its connection idle again), one in flight, held by the origin.
                 done, busy = await acquire(pool), await acquire(pool)
                 user = User()
-                done.bind(user, b"GET")
-                done.write(b"GET / HTTP/1.1\r\nHost: p\r\n\r\n")
+                send_get(done, user, b"p")
                 await asyncio.wait_for(user.done, 5)
                 pool.release(done)
                 origin.hold = True
                 user = User()
-                busy.bind(user, b"GET")
-                busy.write(b"GET / HTTP/1.1\r\nHost: p\r\n\r\n")
+                send_get(busy, user, b"p")
                 await eventually(lambda: len(origin.held) == 1, "the request at the origin")
                 assert pool.active_count == 1 and pool.idle_count >= 1
                 await eventually(lambda: pool.connecting_count == 0, "refills settled")

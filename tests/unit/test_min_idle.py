@@ -20,7 +20,7 @@ from sidecar.upstream.cluster import Cluster
 from sidecar.upstream.connection import UpstreamConnection
 from sidecar.upstream.pool import Pool
 from tests.integration.test_terminating_endpoint import Origin, acquire
-from tests.unit.test_pool import LOOPS, User, eventually, make_pool, run_on
+from tests.unit.test_pool import LOOPS, User, eventually, make_pool, run_on, send_get
 
 pytestmark = pytest.mark.parametrize("loop", sorted(LOOPS))
 
@@ -30,8 +30,7 @@ PROMPTLY = 3.0  # far under idle_timeout (60 s): the refill may not wait for the
 def slow_request(conn: UpstreamConnection) -> User:
     """A request the origin holds (while `origin.hold`): the connection stays busy."""
     user = User()
-    conn.bind(user, b"GET")
-    conn.write(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    send_get(conn, user)
     return user
 
 

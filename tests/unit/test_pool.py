@@ -6,20 +6,23 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import uvloop
 
+from sidecar.clock import FakeClock
 from sidecar.config import ClusterConfig
 from sidecar.discovery.endpoints import Endpoint, Reset
 from sidecar.errors import ConnectFailed, PoolTimeout, SidecarError, UpstreamError
 from sidecar.http.headers import Headers
 from sidecar.http.parser import ResponseHead
 from sidecar.observe.stats import Stats
+from sidecar.streams import EndpointStream, StreamWaiterBase
+from sidecar.streams import EndpointUserBase as ConnectionUser
 from sidecar.timers import Wheel
 from sidecar.upstream.cluster import Cluster
-from sidecar.upstream.connection import ConnectionUser, UpstreamConnection
+from sidecar.upstream.connection import UpstreamConnection
 from sidecar.upstream.pool import EXCESS_IDLE, Pool, PoolSettings
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
@@ -104,16 +107,21 @@ class Server:
                 conn.transport.close()
 
 
-class Waiter:
-    """A request waiting for a connection, as the exchange would be."""
+class Waiter(StreamWaiterBase):
+    """A request waiting for a stream, as the exchange would be (its `user` takes it)."""
 
     def __init__(self) -> None:
         self.fut: asyncio.Future[UpstreamConnection] = asyncio.get_running_loop().create_future()
         self.calls = 0
+        self.user = User()
 
-    def on_pool_connection(self, conn: UpstreamConnection) -> None:
+    def take(self, pool: Pool, fresh: bool = False) -> UpstreamConnection | None:
+        """`pool.acquire` for this waiter: a connection now, or None (then `get`)."""
+        return cast(UpstreamConnection | None, pool.acquire(self, self.user, b"GET", fresh))
+
+    def on_pool_stream(self, stream: EndpointStream) -> None:
         self.calls += 1
-        self.fut.set_result(conn)
+        self.fut.set_result(cast(UpstreamConnection, stream))
 
     def on_pool_error(self, exc: SidecarError) -> None:
         self.calls += 1
@@ -162,27 +170,46 @@ class User(ConnectionUser):
         pass
 
 
+def send_get(conn: UpstreamConnection, user: ConnectionUser, host: bytes = b"t") -> None:
+    """The exchange's part, by hand: `user` takes the stream the pool handed out on `conn` (or
+    binds an idle one), and a GET goes out on it."""
+    if conn.is_idle():
+        conn.bind(user, b"GET")
+    else:
+        conn.user = user
+    assert conn.transport is not None
+    conn.transport.write(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+
+
 async def request(pool: Pool, conn: UpstreamConnection) -> ResponseHead:
     """One GET on `conn`, then the connection goes back to the pool."""
     user = User()
-    conn.bind(user, b"GET")
-    conn.write(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    send_get(conn, user)
     head = await asyncio.wait_for(user.done, BOUND)
     pool.release(conn)
     return head
 
 
-def make_pool(port: int, wheel: Wheel | None = None, **settings: Any) -> Pool:
+def make_pool(port: int, wheel: Wheel | None = None, clock: FakeClock | None = None,
+              **settings: Any) -> Pool:
     loop = asyncio.get_running_loop()
     stats = Stats().cluster("c")
     if wheel is None:  # (not `wheel or ...`: an empty Wheel is falsy, it has a __len__)
         wheel = Wheel(loop)
-    return Pool("c", "127.0.0.1", port, PoolSettings(**settings), stats, loop, wheel)
+    return Pool("c", "127.0.0.1", port, PoolSettings(**settings), stats, loop, wheel,
+                clock=clock)
+
+
+def loop_clock() -> FakeClock:
+    """A clock the test moves by hand, starting at the loop's time (the pool's timer, on the
+    wheel, still runs on the loop's: a test that advances this one past an expiry asks the
+    pool before that timer could fire)."""
+    return FakeClock(asyncio.get_running_loop().time())
 
 
 async def connect(pool: Pool) -> UpstreamConnection:
     waiter = Waiter()
-    conn = pool.acquire(waiter)
+    conn = waiter.take(pool)
     return conn if conn is not None else await waiter.get()
 
 
@@ -195,7 +222,7 @@ def test_acquire_release_and_idle_lifo(loop: str) -> None:
         async with Server() as server:
             pool = make_pool(server.port)
             waiter = Waiter()
-            assert pool.acquire(waiter) is None  # nothing idle: a connect starts
+            assert waiter.take(pool) is None  # nothing idle: a connect starts
             assert pool.connecting_count == 1 and pool.pending_count == 1
             a = await waiter.get()
             b = await connect(pool)
@@ -204,8 +231,8 @@ def test_acquire_release_and_idle_lifo(loop: str) -> None:
             assert (await request(pool, b)).status == 200
             assert (pool.idle_count, pool.active_count) == (2, 0)
             # LIFO: the most recently used (freshest) connection comes out first, at once.
-            assert pool.acquire(Waiter()) is b
-            assert pool.acquire(Waiter()) is a
+            assert Waiter().take(pool) is b
+            assert Waiter().take(pool) is a
             pool.release(a)
             pool.release(b)
             assert pool.take_idle() is b
@@ -225,7 +252,7 @@ def test_max_connections_and_fifo_waiters(loop: str) -> None:
             first, second = await connect(pool), await connect(pool)
             waiters = [Waiter() for _ in range(3)]
             for w in waiters:
-                assert pool.acquire(w) is None
+                assert w.take(pool) is None
             assert pool.pending_count == 3 and pool.connecting_count == 0
             await asyncio.sleep(0.05)
             assert not any(w.fut.done() for w in waiters)
@@ -254,7 +281,7 @@ def test_served_and_cancelled_waiters_leave_the_wheel(loop: str) -> None:
             conn = await connect(pool)
             base = len(wheel)
             served, gone = Waiter(), Waiter()
-            assert pool.acquire(served) is None and pool.acquire(gone) is None
+            assert served.take(pool) is None and gone.take(pool) is None
             assert len(wheel) == base + 2
             pool.cancel(gone)
             assert len(wheel) == base + 1
@@ -271,9 +298,9 @@ def test_max_pending_refuses_with_pool_timeout(loop: str) -> None:
         async with Server() as server:
             pool = make_pool(server.port, max_connections=1, max_pending=1)
             await connect(pool)
-            pool.acquire(Waiter())
+            Waiter().take(pool)
             with pytest.raises(PoolTimeout) as info:
-                pool.acquire(Waiter())
+                Waiter().take(pool)
             assert (info.value.status, info.value.code) == (503, "pool_timeout")
             pool.abort_all("drain")
 
@@ -288,7 +315,7 @@ def test_pending_timeout(loop: str) -> None:
             waits = pool.stats.pool_wait.count
             waiter = Waiter()
             started = asyncio.get_running_loop().time()
-            assert pool.acquire(waiter) is None
+            assert waiter.take(pool) is None
             with pytest.raises(PoolTimeout):
                 await waiter.get()
             waited = asyncio.get_running_loop().time() - started
@@ -310,7 +337,7 @@ def test_idle_connection_closed_by_the_upstream_is_never_handed_out(loop: str) -
             server.close_all()
             await asyncio.sleep(0.05)  # the upstream's FIN reaches us while the conn is idle
             waiter = Waiter()
-            got = pool.acquire(waiter)
+            got = waiter.take(pool)
             if got is None:
                 got = await waiter.get()
             assert got is not conn
@@ -351,7 +378,7 @@ def test_keep_alive_timeout_retires_idle_connections(loop: str) -> None:
             # The upstream would close at 0.4 s; we retire it at 90 % of that, by the timer.
             await eventually(lambda: conn.is_closed(), within=2.0)
             assert pool.idle_count == 0 and closed(pool, "idle_timeout") == 1
-            assert pool.acquire(Waiter()) is None  # a new connection is opened instead
+            assert Waiter().take(pool) is None  # a new connection is opened instead
             pool.abort_all("drain")
 
     run_on(loop, main())
@@ -361,13 +388,13 @@ def test_keep_alive_timeout_counts_from_the_end_of_the_response(loop: str) -> No
     async def main() -> None:
         head = b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=0.5\r\nContent-Length: 4\r\n\r\n"
         async with Server(head) as server:
-            pool = make_pool(server.port)
+            clock = loop_clock()
+            pool = make_pool(server.port, clock=clock)
             conn = await connect(pool)
             user = User()
-            conn.bind(user, b"GET")
-            conn.write(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            send_get(conn, user)
             await eventually(lambda: user.head is not None)
-            await asyncio.sleep(0.6)  # a slow body: longer than the keep-alive timeout
+            clock.advance(0.6)  # a slow body: longer than the keep-alive timeout
             server.conns[0].transport.write(b"body")  # type: ignore[union-attr]
             await asyncio.wait_for(user.done, BOUND)
             pool.release(conn)
@@ -386,25 +413,26 @@ def test_idle_timeout_and_max_lifetime(loop: str) -> None:
             await eventually(lambda: conn.is_closed(), within=2.0)
             assert closed(pool, "idle_timeout") == 1
 
-            pool = make_pool(server.port, max_lifetime=0.3, idle_timeout=60)
+            clock = loop_clock()
+            pool = make_pool(server.port, clock=clock, max_lifetime=0.3, idle_timeout=60)
             conn = await connect(pool)
             await request(pool, conn)
             assert conn.expires_at - conn.created_at <= 0.3  # jittered down, never up
-            await asyncio.sleep(0.35)
+            clock.advance(0.35)
             # Past its lifetime: not handed out; closed when used (or by the timer).
-            got = pool.acquire(Waiter())
+            got = Waiter().take(pool)
             assert got is not conn
             await eventually(lambda: conn.is_closed())
             assert closed(pool, "max_lifetime") == 1
             pool.abort_all("drain")
 
-            pool = make_pool(server.port, max_lifetime=0.2, idle_timeout=60)
+            clock = loop_clock()
+            pool = make_pool(server.port, clock=clock, max_lifetime=0.2, idle_timeout=60)
             conn = await connect(pool)
             user = User()
-            conn.bind(user, b"GET")
-            conn.write(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            send_get(conn, user)
             await asyncio.wait_for(user.done, BOUND)
-            await asyncio.sleep(0.25)
+            clock.advance(0.25)
             pool.release(conn)  # returned after its lifetime: closed, not parked
             assert pool.idle_count == 0 and closed(pool, "max_lifetime") == 1
 
@@ -434,13 +462,13 @@ def test_cancelled_waiter_during_connect_leaves_the_pool_clean(loop: str) -> Non
         async with Server() as server:
             pool = make_pool(server.port)
             waiter = Waiter()
-            assert pool.acquire(waiter) is None
+            assert waiter.take(pool) is None
             pool.cancel(waiter)  # the app went away while the connect is in flight
             assert pool.pending_count == 0
             await eventually(lambda: pool.connecting_count == 0)
             assert waiter.calls == 0  # never called back after cancel
             assert (pool.idle_count, pool.active_count) == (1, 0)  # the connection is kept
-            conn = pool.acquire(Waiter())
+            conn = Waiter().take(pool)
             assert conn is not None and (await request(pool, conn)).status == 200
             pool.abort_all("drain")
 
@@ -472,14 +500,14 @@ def test_cancelled_connect_and_connect_timeout_leave_the_pool_clean(loop: str) -
             port = lsock.getsockname()[1]
             pool = make_pool(port, connect_timeout=0.3)
             waiter = Waiter()
-            assert pool.acquire(waiter) is None
+            assert waiter.take(pool) is None
             with pytest.raises(ConnectFailed, match="timed out"):
                 await waiter.get()
             assert (pool.connecting_count, pool.pending_count, pool.total) == (0, 0, 0)
 
             pool = make_pool(port, connect_timeout=5.0)
             waiter = Waiter()
-            assert pool.acquire(waiter) is None
+            assert waiter.take(pool) is None
             await asyncio.sleep(0.05)
             pool.cancel(waiter)
             assert pool.abort_all("drain") == 0  # cancels the connect task
@@ -501,7 +529,7 @@ def test_connect_refused_is_connect_failed(loop: str) -> None:
             pool = make_pool(port)
             waiters = [Waiter() for _ in range(3)]
             for w in waiters:
-                assert pool.acquire(w) is None
+                assert w.take(pool) is None
             for w in waiters:  # each waiter gets its own try and its own answer
                 with pytest.raises(ConnectFailed) as info:
                     await w.get()
@@ -518,7 +546,7 @@ def test_error_on_a_connection_frees_its_slot_for_waiters(loop: str) -> None:
             pool = make_pool(server.port, max_connections=1)
             conn = await connect(pool)
             waiter = Waiter()
-            assert pool.acquire(waiter) is None
+            assert waiter.take(pool) is None
             pool.discard(conn, "error", abort=True)
             replacement = await waiter.get()
             assert replacement is not conn
@@ -535,12 +563,12 @@ def test_start_closing_fails_waiters_and_refuses_new_requests(loop: str) -> None
             pool = make_pool(server.port, max_connections=1)
             conn = await connect(pool)
             waiter = Waiter()
-            pool.acquire(waiter)
+            waiter.take(pool)
             pool.start_closing("endpoint_removed")
             with pytest.raises(ConnectFailed):
                 await waiter.get()
             with pytest.raises(ConnectFailed):
-                pool.acquire(Waiter())
+                Waiter().take(pool)
             await request(pool, conn)  # in flight work finishes; then the connection closes
             await eventually(lambda: pool.empty)
             assert closed(pool, "drain") == 1

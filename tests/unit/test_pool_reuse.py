@@ -22,6 +22,7 @@ from tests.unit.test_pool import (
     eventually,
     make_pool,
     run_on,
+    send_get,
 )
 
 pytestmark = pytest.mark.parametrize("loop", sorted(LOOPS))
@@ -70,8 +71,7 @@ class ReleasingUser(User):
 async def serve(pool: Pool, conn: UpstreamConnection) -> None:
     """One GET on `conn`, released as the exchange releases it."""
     user = ReleasingUser(pool, conn)
-    conn.bind(user, b"GET")
-    conn.write(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    send_get(conn, user)
     await asyncio.wait_for(user.done, 5)
 
 
@@ -81,8 +81,7 @@ async def idle_connection(pool: Pool, endpoint: RawEndpoint) -> socket.socket:
     conn = await connect(pool)
     peer = endpoint.accept()
     user = User()
-    conn.bind(user, b"GET")
-    conn.write(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    send_get(conn, user)
     await asyncio.to_thread(peer.recv, 65536)
     peer.sendall(RESPONSE)
     await asyncio.wait_for(user.done, 5)
@@ -162,7 +161,7 @@ def test_a_successful_reuse_breaks_the_row_of_early_closes(loop: str) -> None:
                 conn = await connect(pool)
                 await serve(pool, conn)
                 conn = await connect(pool)  # the idle one, reused
-                assert conn.requests == 1
+                assert conn.requests == 2  # the pool opened its second stream on it
                 await serve(pool, conn)
                 pool.close_idle("drain")
             assert pool.no_reuse_until == 0.0

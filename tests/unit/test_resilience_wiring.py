@@ -11,9 +11,10 @@ from typing import Any
 from sidecar.clock import FakeClock
 from sidecar.config import ClusterConfig
 from sidecar.errors import ConnectFailed, PoolTimeout, UpstreamTimeout
+from sidecar.http.parser import ResponseHead
 from sidecar.observe.stats import ClusterStats
 from sidecar.policy.outlier import OutlierDetector
-from sidecar.policy.resilience import ClusterPolicies
+from sidecar.policy.resilience import AttemptBase, ClusterPolicies
 from sidecar.policy.retry import RetryPolicy
 
 A, B, C = "10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"
@@ -29,12 +30,22 @@ def policies(**cluster: Any) -> tuple[ClusterPolicies, FakeClock]:
     return p, clock
 
 
+class StandIn(AttemptBase):
+    """An exchange as the policies see it."""
+
+    def __init__(self, max_attempts: int, replayable: bool) -> None:
+        self.max_attempts = max_attempts
+        self.replayable = replayable
+        self.pool: Any = None
+        self.status = 0
+
+    def endpoint_key(self) -> str | None:
+        return self.pool.key if self.pool is not None else None
+
+
 def exchange(p: ClusterPolicies, max_attempts: int = 3, replayable: bool = True) -> Any:
-    ex = SimpleNamespace(
-        attempt=0, max_attempts=max_attempts, replayable=replayable, pool=None,
-        deadline=math.inf, status=0, policy_token=None,
-    )
-    ex.policy_token = p.admit(ex)
+    ex = StandIn(max_attempts, replayable)
+    ex.policy_token = p.admit()
     return ex
 
 
@@ -49,8 +60,11 @@ def start_try(ex: Any, key: str) -> None:
     ex.pool = SimpleNamespace(key=key)
 
 
-def head(status: int, *headers: tuple[bytes, bytes]) -> Any:
-    return SimpleNamespace(status=status, headers=list(headers))
+def head(status: int, *headers: tuple[bytes, bytes]) -> ResponseHead:
+    h = ResponseHead()
+    h.status = status
+    h.headers = h.forward = list(headers)
+    return h
 
 
 def failures(p: ClusterPolicies, key: str) -> int:
