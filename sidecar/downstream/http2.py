@@ -56,6 +56,7 @@ import math
 from collections.abc import Callable
 from typing import Any, Final, cast
 
+from sidecar.clock import MONOTONIC, Clock
 from sidecar.downstream.context import ListenerContext
 from sidecar.downstream.exchange import Exchange, Phase
 from sidecar.downstream.router import ForwardTarget, route
@@ -281,7 +282,7 @@ class H2AppStream(AppStreamBase):
             # send it elsewhere; and this connection takes no more (GOAWAY).
             conn.refuse(self)
             return
-        ex = Exchange(self, head, conn.loop.time())
+        ex = Exchange(self, head, conn.clock.now())
         self.exchange = ex
         self.counted = True
         ctx.stats.inflight += 1
@@ -414,7 +415,7 @@ class H2AppStream(AppStreamBase):
 
     # --- AppStream: what the exchange reads ---------------------------------------------------
     def now(self) -> float:
-        return self.conn.loop.time()
+        return self.conn.clock.now()
 
     def listener(self) -> str:
         return self.conn.ctx.name
@@ -460,7 +461,7 @@ class H2AppStream(AppStreamBase):
         n = self.conn.session.send_data(self.sid, data, False)
         if n < len(data):
             self.pending.append(data[n:] if n else data)
-            self.blocked_since = self.conn.loop.time()
+            self.blocked_since = self.conn.clock.now()
             self.conn.blocked(self)
             self.update_pause()
         self.conn.wrote()
@@ -636,9 +637,10 @@ class H2AppStream(AppStreamBase):
 class H2AppConnection(H2Sink, asyncio.Protocol):
     """One app connection speaking HTTP/2 (see the module's docstring)."""
 
-    def __init__(self, ctx: ListenerContext) -> None:
+    def __init__(self, ctx: ListenerContext, clock: Clock = MONOTONIC) -> None:
         self.ctx = ctx
         self.loop = ctx.loop
+        self.clock = clock  # every time read (sidecar/clock.py); timers are relative to it
         self.transport: asyncio.Transport | None = None
         lim = ctx.limits
         self.session = H2Session(
@@ -673,7 +675,7 @@ class H2AppConnection(H2Sink, asyncio.Protocol):
         ctx.connections.add(self)
         ctx.stats.downstream_connections += 1
         self.session.initiate()
-        self.idle_since = now = self.loop.time()
+        self.idle_since = now = self.clock.now()
         self.schedule(now + ctx.limits.idle_timeout)
         self.flush()
 
@@ -718,7 +720,7 @@ class H2AppConnection(H2Sink, asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
-        self.paused_since = self.loop.time()
+        self.paused_since = self.clock.now()
         self.schedule(self.paused_since + self.ctx.limits.idle_timeout)
         for st in list(self.streams.values()):
             st.update_pause()
@@ -824,7 +826,7 @@ class H2AppConnection(H2Sink, asyncio.Protocol):
         blocked = self.blocked_streams
         if not blocked:
             return
-        now = self.loop.time()
+        now = self.clock.now()
         if stream_id == 0:
             for st in list(blocked.values()):
                 self._window_open(st, now)
@@ -860,7 +862,7 @@ class H2AppConnection(H2Sink, asyncio.Protocol):
             return
         self.blocked_streams.pop(st.sid, None)
         if not self.streams:
-            self.idle_since = now = self.loop.time()
+            self.idle_since = now = self.clock.now()
             if self.closing:
                 self.wrote()
             else:
@@ -894,14 +896,15 @@ class H2AppConnection(H2Sink, asyncio.Protocol):
             if self._timer is not None:
                 self._timer.cancel()
             self._timer_at = when
-            self._timer = self.loop.call_at(when, self._on_timer)
+            delay = when - self.clock.now()
+            self._timer = self.loop.call_later(delay if delay > 0 else 0, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = math.inf
         if self.closed:
             return
-        now = self.loop.time()
+        now = self.clock.now()
         idle_timeout = self.ctx.limits.idle_timeout
         nxt = math.inf
         self.batch += 1
@@ -979,7 +982,7 @@ class H2AppConnection(H2Sink, asyncio.Protocol):
                     "cluster": ex.cluster.name if ex.cluster else None,
                     "endpoint": ex.pool.key if ex.pool else None,
                     "attempts": ex.attempt,
-                    "duration_ms": round((self.loop.time() - ex.started) * 1000, 3),
+                    "duration_ms": round((self.clock.now() - ex.started) * 1000, 3),
                     "error": ex.last_error.code if ex.last_error and ex.status >= 400 else None,
                 }
             },
