@@ -156,12 +156,6 @@ class TrailerOrigin:
                     continue  # until the last chunk and its trailer section
                 self.requests.append(buf)
                 buf = b""
-                if b" /grpc-empty " in head:  # a gRPC-style answer: no message, status only
-                    conn.sendall(
-                        b"HTTP/1.1 200 OK\r\nContent-Type: application/grpc\r\n"
-                        b"Transfer-Encoding: chunked\r\n\r\n"
-                        b"0\r\ngrpc-status: 14\r\ngrpc-message: down\r\n\r\n")
-                    continue
                 conn.sendall(
                     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-checksum\r\n"
                     b"Content-Type: text/plain\r\n\r\n"
@@ -430,9 +424,11 @@ class Env:
 
 
 def cluster(name: str, *ports: int, **extra: Any) -> dict[str, Any]:
+    """A static cluster; `protocol: http1` unless given (the origins here speak HTTP/1.1, and
+    `auto` in cleartext would keep an HTTP/2 app's protocol: SPEC section 11)."""
     return {"name": name,
             "discovery": {"type": "static", "endpoints": [f"127.0.0.1:{p}" for p in ports]},
-            **extra}
+            "protocol": "http1", **extra}
 
 
 @pytest.fixture(scope="module", params=LOOPS)
@@ -455,6 +451,7 @@ def env(request: pytest.FixtureRequest) -> Iterator[Env]:
                     {"match": {"host": "nginx"}, "cluster": "nginx"},
                     {"match": {"host": "trailers"}, "cluster": "trailers"},
                     {"match": {"host": "silent"}, "cluster": "silent"},
+                    {"match": {"host": "silent1"}, "cluster": "silent1"},
                     {"match": {"host": "tight"}, "cluster": "tight"},
                     {"match": {"host": "up"}, "cluster": "echo"},
                 ]},
@@ -467,9 +464,12 @@ def env(request: pytest.FixtureRequest) -> Iterator[Env]:
                         load_balancer="round_robin"),
                 cluster("nginx", nginx_port),
                 cluster("trailers", trailer.port),
-                cluster("silent", silent.port, retry={"attempts": 1}),
-                cluster("tight", silent.port, retry={"attempts": 1},
+                # Blackholes for gRPC deadlines: http2, since gRPC to an http1 cluster is
+                # refused (protocol_mismatch).
+                cluster("silent", silent.port, retry={"attempts": 1}, protocol="http2"),
+                cluster("tight", silent.port, retry={"attempts": 1}, protocol="http2",
                         timeouts={"request": "300ms"}),
+                cluster("silent1", silent.port, retry={"attempts": 1}),
             ],
         }
         sc = stack.enter_context(Sidecar(config, loop=request.param))
@@ -549,23 +549,6 @@ def test_trailers_both_ways(env: Env) -> None:
     assert body == b"3\r\nabc\r\n0\r\nx-req-trailer: r1\r\n\r\n"
 
 
-def test_a_status_only_grpc_answer_stays_trailers_only(env: Env) -> None:
-    """An answer with no body whose trailers follow at once reaches a gRPC app as one HEADERS
-    frame with END_STREAM (Trailers-Only), which gRPC libraries read as "no message"."""
-    c = H2Client(env.sc.port("routed"))
-    try:
-        sid = c.request("POST", "/grpc-empty", authority="trailers",
-                        headers=[("content-type", "application/grpc"), ("te", "trailers")],
-                        body=b"\x00\x00\x00\x00\x00")
-        c.pump(lambda: c.done(sid))
-        head = dict(c.heads[sid])
-        assert head[b":status"] == b"200" and head[b"grpc-status"] == b"14"
-        assert head[b"grpc-message"] == b"down"
-        assert sid in c.ended and sid not in c.trailers and sid not in c.bodies
-    finally:
-        c.close()
-
-
 def test_max_concurrent_streams_is_advertised(env: Env) -> None:
     c = H2Client(env.sc.port("fixed"))
     try:
@@ -642,7 +625,7 @@ def test_upload_faster_than_the_endpoint_reads_is_bounded(env: Env) -> None:
     (the silent endpoint accepts and reads nothing)."""
     c = H2Client(env.sc.port("routed"))
     try:
-        sid = c.request("POST", "/up", authority="silent", body=None, end=False)
+        sid = c.request("POST", "/up", authority="silent1", body=None, end=False)
         block = b"u" * 16384
         sent = 0
         deadline = time.monotonic() + TIMEOUT
@@ -784,6 +767,19 @@ def test_grpc_end_to_end_through_the_sidecar(env: Env) -> None:  # pragma: no co
             with pytest.raises(grpc.RpcError) as info:
                 ch.unary_unary("/svc/A")(b"", timeout=5)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+            # The endpoint's Trailers-Only answer reaches the app as one HEADERS frame with
+            # END_STREAM (no DATA, no separate trailers), which gRPC reads as "no message".
+            c = H2Client(sc.port("g"))
+            try:
+                sid = c.request("POST", "/svc/A", authority="orders", body=b"\x00" * 5,
+                                headers=[("content-type", "application/grpc"),
+                                         ("te", "trailers")])
+                c.pump(lambda: c.done(sid))
+                head = dict(c.heads[sid])
+                assert head[b":status"] == b"200" and head[b"grpc-status"] == b"3"
+                assert sid in c.ended and sid not in c.trailers and sid not in c.bodies
+            finally:
+                c.close()
     finally:
         server.stop(0)
 
