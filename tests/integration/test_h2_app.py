@@ -731,33 +731,51 @@ H2UP = importlib.util.find_spec("sidecar.upstream.http2") is not None
 
 
 @pytest.mark.skipif(not H2UP, reason="needs the HTTP/2 endpoint side (h2up) in this tree")
-def test_grpc_end_to_end_through_the_sidecar(env: Env) -> None:  # pragma: no cover
+@pytest.mark.parametrize("loop", LOOPS)
+def test_grpc_end_to_end_through_the_sidecar(loop: str) -> None:
+    """grpcio channel -> the sidecar's h2c listener -> three grpcio servers (protocol http2):
+    unary with trailing metadata, server streaming, a Trailers-Only abort passed through
+    whole, a deadline, and the calls of one channel spread over the three servers."""
     from concurrent import futures
 
-    def unary(req: bytes, ctx: grpc.ServicerContext) -> bytes:
-        ctx.set_trailing_metadata((("x-trailer", "t1"),))
-        return b"pong:" + req
+    def server(name: str) -> tuple[grpc.Server, int]:
+        def unary(req: bytes, ctx: grpc.ServicerContext) -> bytes:
+            ctx.set_trailing_metadata((("x-trailer", "t1"),))
+            return b"pong:" + req
 
-    def stream(req: bytes, ctx: grpc.ServicerContext) -> Iterator[bytes]:
-        for i in range(5):
-            yield b"m%d" % i
+        def who(req: bytes, ctx: grpc.ServicerContext) -> bytes:
+            return name.encode()
 
-    def abort(req: bytes, ctx: grpc.ServicerContext) -> bytes:
-        ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad thing")
-        raise AssertionError
+        def stream(req: bytes, ctx: grpc.ServicerContext) -> Iterator[bytes]:
+            for i in range(5):
+                yield b"m%d" % i
 
-    server = grpc.server(futures.ThreadPoolExecutor(4))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("svc", {
-        "U": grpc.unary_unary_rpc_method_handler(unary),
-        "S": grpc.unary_stream_rpc_method_handler(stream),
-        "A": grpc.unary_unary_rpc_method_handler(abort),
-    }),))
-    gport = server.add_insecure_port("127.0.0.1:0")
-    server.start()
+        def abort(req: bytes, ctx: grpc.ServicerContext) -> bytes:
+            ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad thing")
+            raise AssertionError
+
+        def slow(req: bytes, ctx: grpc.ServicerContext) -> bytes:
+            time.sleep(2.0)
+            return b"late"
+
+        srv = grpc.server(futures.ThreadPoolExecutor(4))
+        srv.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("svc", {
+            "U": grpc.unary_unary_rpc_method_handler(unary),
+            "W": grpc.unary_unary_rpc_method_handler(who),
+            "S": grpc.unary_stream_rpc_method_handler(stream),
+            "A": grpc.unary_unary_rpc_method_handler(abort),
+            "Slow": grpc.unary_unary_rpc_method_handler(slow),
+        }),))
+        port = srv.add_insecure_port("127.0.0.1:0")
+        srv.start()
+        return srv, port
+
+    servers = [server(n) for n in ("g1", "g2", "g3")]
     try:
         cfg = {"listeners": [{"name": "g", "protocol": "http", "cluster": "orders"}],
-               "clusters": [cluster("orders", gport, protocol="http2")]}
-        with Sidecar(cfg) as sc, grpc.insecure_channel(
+               "clusters": [cluster("orders", *(p for _, p in servers), protocol="http2",
+                                    load_balancer="round_robin")]}
+        with Sidecar(cfg, loop=loop) as sc, grpc.insecure_channel(
                 f"127.0.0.1:{sc.port('g')}", options=GRPC_OPTIONS) as ch:
             value, call = ch.unary_unary("/svc/U").with_call(b"x", timeout=5)
             assert value == b"pong:x"
@@ -767,6 +785,15 @@ def test_grpc_end_to_end_through_the_sidecar(env: Env) -> None:  # pragma: no co
             with pytest.raises(grpc.RpcError) as info:
                 ch.unary_unary("/svc/A")(b"", timeout=5)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+            with pytest.raises(grpc.RpcError) as info:
+                ch.unary_unary("/svc/Slow")(b"", timeout=0.3)
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+            seen: dict[bytes, int] = {}
+            who = ch.unary_unary("/svc/W")
+            for _ in range(30):
+                name = who(b"", timeout=5)
+                seen[name] = seen.get(name, 0) + 1
+            assert set(seen) == {b"g1", b"g2", b"g3"} and min(seen.values()) >= 5, seen
             # The endpoint's Trailers-Only answer reaches the app as one HEADERS frame with
             # END_STREAM (no DATA, no separate trailers), which gRPC reads as "no message".
             c = H2Client(sc.port("g"))
@@ -781,7 +808,8 @@ def test_grpc_end_to_end_through_the_sidecar(env: Env) -> None:  # pragma: no co
             finally:
                 c.close()
     finally:
-        server.stop(0)
+        for srv, _ in servers:
+            srv.stop(0)
 
 
 # --- abuse ----------------------------------------------------------------------------------------
