@@ -619,6 +619,19 @@ def test_large_h2_upload_arrives_whole(env: Env) -> None:
     assert got["sha"] == hashlib.sha256(payload).hexdigest()
 
 
+def test_idle_h2_connection_gets_goaway_then_closes(env: Env) -> None:
+    """`limits.idle_timeout` (1 s on this listener) with no stream open: GOAWAY, then close."""
+    c = H2Client(env.sc.port("stall"))
+    try:
+        sid = c.request("GET", "/once")
+        c.pump(lambda: c.done(sid))
+        c.wait_closed(within=5)
+        assert c.goaway is not None and c.goaway.error_code == 0
+        assert c.goaway.last_stream_id == sid
+    finally:
+        c.close()
+
+
 def test_upload_faster_than_the_endpoint_reads_is_bounded(env: Env) -> None:
     """Request direction: the app's windows are given back only as the endpoint side takes
     the bytes, so a client pushing a body to a cluster that never reads is held to a window
