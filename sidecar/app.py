@@ -24,8 +24,8 @@ from sidecar.discovery.static import StaticResolver
 from sidecar.discovery.stats import DiscoveryStats
 from sidecar.downstream.context import Limits, ListenerContext
 from sidecar.downstream.listener import Listener
-from sidecar.downstream.protocol import DownstreamProtocol
 from sidecar.downstream.router import RouteTable
+from sidecar.downstream.sniff import SniffProtocol
 from sidecar.downstream.tcp import TcpProxyProtocol
 from sidecar.lifecycle import Counts, Drain, DrainSettings, DrainState, linger_seconds
 from sidecar.observe.loop_lag import watch_loop_lag
@@ -264,7 +264,8 @@ class App:
             clusters=self.clusters,
             stats=self.stats.listener(lc.name),
             limits=Limits(lim.max_connections, lim.header_timeout, lim.idle_timeout,
-                          lim.max_header_bytes, lim.max_headers),
+                          lim.max_header_bytes, lim.max_headers,
+                          lim.max_concurrent_streams),
             loop=self.loop,
             wheel=self.wheel,
             access_log=self.config.access_log,
@@ -280,7 +281,8 @@ class App:
             cluster_name = lc.cluster
             factory: Any = lambda: TcpProxyProtocol(ctx, cluster_name)  # noqa: E731
         else:
-            factory = functools.partial(DownstreamProtocol, ctx)
+            # HTTP/1.1 or HTTP/2 (h2c prior knowledge): the first bytes decide (SPEC 11).
+            factory = functools.partial(SniffProtocol, ctx)
         listener = Listener(
             lc.name, lc.host, lc.port, factory, ctx.stats, self.loop,
             max_connections=lc.limits.max_connections, allow_remote=lc.allow_remote,

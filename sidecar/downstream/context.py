@@ -39,6 +39,7 @@ class Limits:
     idle_timeout: float = 300.0
     max_header_bytes: int = 65536
     max_headers: int = 200
+    max_concurrent_streams: int = 1000  # advertised to HTTP/2 apps (SPEC section 11)
 
 
 @dataclass(eq=False)
