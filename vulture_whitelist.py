@@ -104,8 +104,3 @@ _.AttemptBase  # policy/resilience.py, the same for the policies' view of an att
 _.carrier
 _.capacity  # Carrier: what the HTTP/2 pool asks a multiplexed carrier (h2up)
 _.stream_step  # streams.py: a step checked against STREAM_TRANSITIONS (the HTTP/2 legs)
-
-# --- sidecar/grpc.py (h2app's, carried in h2up too): the app side calls these; delete when
-# h2app's branch is merged.
-_.parse_timeout
-_.error_headers
