@@ -436,6 +436,7 @@ class H2Connection(H2Sink, CarrierBase, asyncio.Protocol):
         self.last_read = now
         self.ping_due = math.inf  # when an unanswered PING makes the connection dead
         self._in_read = False
+        self._flush_due = False  # a write is scheduled for the end of this loop iteration
         self._timer: asyncio.TimerHandle | None = None
         self.on_capacity: Callable[[H2Connection], None] | None = None  # the pool's hook
         # Done once the peer's first SETTINGS arrived (or the connection closed): the pool
@@ -550,7 +551,7 @@ class H2Connection(H2Sink, CarrierBase, asyncio.Protocol):
         if self.transport is not None:
             if not self.session.goaway_received:
                 self.session.goaway(NO_ERROR, 0)
-                self.flush()
+            self._flush_now()  # what is framed goes before the FIN
             self.transport.close()
         else:
             self._closed(None)
@@ -609,10 +610,19 @@ class H2Connection(H2Sink, CarrierBase, asyncio.Protocol):
             stream.fail(exc)
 
     def flush(self) -> None:
-        if self._in_read:
+        """Write what the engine has framed, once per loop iteration: every stream that sent
+        something meanwhile (the requests of 64 app connections read in one iteration) goes
+        out in one write, not one each (a syscall per request was a quarter of the sidecar's
+        CPU under h2load). During a read, at the read's end."""
+        if self._in_read or self._flush_due or self.transport is None:
             return
+        self._flush_due = True
+        asyncio.get_running_loop().call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_due = False
         transport = self.transport
-        if transport is None:
+        if transport is None or transport.is_closing():
             return
         try:
             out = self.session.data_to_send()
@@ -630,7 +640,7 @@ class H2Connection(H2Sink, CarrierBase, asyncio.Protocol):
         set_nodelay(transport)
         self.settings_seen = asyncio.get_running_loop().create_future()
         self.session.initiate()
-        self.flush()
+        self._flush_now()
         self.last_read = self.owner.now()
         self._arm(self.settings.keepalive_interval)
 
@@ -648,7 +658,7 @@ class H2Connection(H2Sink, CarrierBase, asyncio.Protocol):
             return
         finally:
             self._in_read = False
-        self.flush()
+        self._flush_now()
 
     def eof_received(self) -> bool:
         self.reusable = False
