@@ -145,6 +145,19 @@ def test_max_lifetime_retires_a_connection_its_streams_finish(loop: str) -> None
                          reason="max_lifetime") == 1
 
 
+def test_an_idle_connection_closes_after_idle_timeout(loop: str) -> None:
+    with h2_origin() as origin, Sidecar(config(
+            [f"127.0.0.1:{origin.port}"], pool={"idle_timeout": "500ms"}), loop=loop) as sc:
+        assert call(sc.port("app"), "GET", "/once")[0] == 200
+        assert len(origin.live) == 1
+        until(lambda: not origin.live)  # closed by the sidecar once idle 500 ms
+        assert sc.metric("sidecar_upstream_connections_closed_total",
+                         reason="idle_timeout") == 1
+        assert origin.goaways == 1  # said so first
+        assert call(sc.port("app"), "GET", "/again")[0] == 200  # a new one, as needed
+        assert origin.connections == 2
+
+
 def test_goaway_streams_retried_on_another_endpoint(loop: str) -> None:
     """Endpoint A sends GOAWAY with a last-stream-id below a stream in flight: that POST was
     never processed and goes to endpoint B, body and all; the stream below finishes on A."""
