@@ -50,7 +50,7 @@ HTTP2_ABUSE_KINDS: Final = (
     "zero_window_stall",
 )
 
-RETRY_REASONS = ("connect-failure", "reset", "stale", "timeout", "502", "503", "504", "5xx")
+RETRY_REASONS = ("connect-failure", "reset", "stale", "timeout", "502", "503", "504", "5xx", "grpc")
 HEALTH_RESULTS = ("success", "failure")
 
 DURATION_BUCKETS = (

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import json
 import socket
 import struct
@@ -740,10 +739,6 @@ def test_grpc_deadline_is_the_smallest(env: Env) -> None:
         c.close()
 
 
-H2UP = importlib.util.find_spec("sidecar.upstream.http2") is not None
-
-
-@pytest.mark.skipif(not H2UP, reason="needs the HTTP/2 endpoint side (h2up) in this tree")
 @pytest.mark.parametrize("loop", LOOPS)
 def test_grpc_end_to_end_through_the_sidecar(loop: str) -> None:
     """grpcio channel -> the sidecar's h2c listener -> three grpcio servers (protocol http2):
