@@ -16,6 +16,11 @@ class SidecarError(Exception):
     # (SPEC section 5). The exchange still checks that the try it ends wrote nothing. A new
     # failure class of that kind joins by setting this flag; nothing else changes.
     before_write = False
+    # True for failures that say the endpoint never processed the request although bytes of
+    # it may have left: an HTTP/2 stream refused (REFUSED_STREAM), or above the last-stream-id
+    # of the endpoint's GOAWAY (RFC 9113 section 8.7). Retried anywhere whatever the method,
+    # as `before_write` (SPEC section 11).
+    never_processed = False
 
     def __init__(self, detail: str = "", cluster: str = "") -> None:
         super().__init__(detail)
@@ -139,6 +144,21 @@ class BadUpstreamResponse(UpstreamError):
     code = "bad_upstream_response"
 
 
+class UpstreamRefused(UpstreamReset):
+    """An HTTP/2 stream the endpoint refused or never processed (REFUSED_STREAM, or above its
+    GOAWAY's last-stream-id): safe to send again anywhere (`never_processed`)."""
+
+    never_processed = True
+
+
+class ProtocolMismatch(UpstreamError):
+    """A gRPC request for a cluster pinned to `protocol: http1` (SPEC section 11): trailers
+    cannot survive the trip."""
+
+    code = "protocol_mismatch"
+    status = 502
+
+
 class UpstreamTimeout(UpstreamError):
     code = "upstream_timeout"
     status = 504
@@ -156,6 +176,7 @@ LOCAL_ERROR_CODES: tuple[str, ...] = (
     "too_many_destinations",
     "internal",
     "local_resources_exhausted",
+    "protocol_mismatch",
     "no_route",
     "host_not_allowed",
     "bad_request",

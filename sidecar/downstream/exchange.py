@@ -24,12 +24,14 @@ from typing import Final
 from sidecar.errors import (
     BadUpstreamResponse,
     ConnectFailed,
+    ProtocolMismatch,
     SidecarError,
     UpstreamError,
     UpstreamReset,
     UpstreamTimeout,
 )
 from sidecar.flow_control import PEER_WRITE_FULL, WAITING_UPSTREAM
+from sidecar.grpc import is_grpc
 from sidecar.http.headers import Headers
 from sidecar.http.parser import RequestHead, ResponseHead
 from sidecar.policy.resilience import Attempt
@@ -49,6 +51,17 @@ log = logging.getLogger("sidecar.exchange")
 
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _MAX_REPLAY: Final = 64 * 1024
+# gRPC statuses the breaker and outlier detection count as failures (SPEC section 5): unknown,
+# deadline_exceeded, internal, unavailable.
+_GRPC_FAILURES: Final = frozenset({2, 4, 13, 14})
+
+
+def _grpc_request(head: RequestHead) -> bool:
+    """Whether the request is gRPC (SPEC section 11: by its content-type)."""
+    for name, value in head.forward:
+        if len(name) == 12 and name.lower() == b"content-type":
+            return is_grpc(value)
+    return False
 
 
 class Phase(enum.IntEnum):
@@ -89,6 +102,11 @@ class Exchange(AppExchange, EndpointUser, StreamWaiter, Attempt):
     # while the request is replayable and small enough. None: nothing is kept (yet).
     body: list[bytes] | None = None
     body_len: int = 0
+    # The body is also kept, within max_replay, for requests that are not replayable: an
+    # HTTP/2 endpoint may still say it never processed the try (REFUSED_STREAM, GOAWAY), and
+    # then it goes again whatever its method (SPEC section 11). False once it outgrew that.
+    keep_body: bool = True
+    grpc_failed: bool = False  # a gRPC answer whose status counts as the endpoint's failure
     trailers: Headers | None = None  # the app's request trailers, kept for a later send
     sent_at: float = 0.0  # when the current try's head goes out (its deadline header)
     response: ResponseHead | None = None
@@ -137,6 +155,10 @@ class Exchange(AppExchange, EndpointUser, StreamWaiter, Attempt):
         if head.timeout_ms is not None and head.timeout_ms > 0:
             timeout = head.timeout_ms / 1000.0
         self.deadline = self.started + timeout
+        if cluster.protocol == "http1" and _grpc_request(head):
+            raise ProtocolMismatch(
+                "a gRPC request for a cluster pinned to protocol http1: its trailers cannot "
+                "survive HTTP/1.1", cluster.name)
         policies = cluster.policies
         if policies is not None:
             # Raises CircuitOpen.
@@ -145,6 +167,7 @@ class Exchange(AppExchange, EndpointUser, StreamWaiter, Attempt):
             head.content_length and head.content_length > self.max_replay()
         ):
             self.replayable = False
+            self.keep_body = False
         self._attempt()
 
     def max_replay(self) -> int:
@@ -183,7 +206,8 @@ class Exchange(AppExchange, EndpointUser, StreamWaiter, Attempt):
         # and a synchronous hand-over would start the tunnel inside the parser's callback,
         # before the bytes after the CONNECT head had been delivered.
         method = self.head.method
-        stream = pool.acquire(self, self, method, fresh or method == b"CONNECT")
+        stream = pool.acquire(self, self, method, fresh or method == b"CONNECT",
+                              self.head.version == "2")
         if stream is None:
             self._phase(Phase.WAITING)
             self.waited = True
@@ -232,19 +256,20 @@ class Exchange(AppExchange, EndpointUser, StreamWaiter, Attempt):
             self.app.pause_request(PEER_WRITE_FULL)
         stream.send_head(self.head, self._authority(), self._deadline_ms(), self.body,
                          self.request_done, self.trailers)
-        if not self.replayable:
+        if not self.replayable and not self.keep_body:
             self.body = None  # sent; it will never be needed again
 
     # --- AppExchange: the app's side calls ------------------------------------------------------
     def request_body(self, data: bytes) -> None:
         """A piece of the app's request body."""
         self.body_len += len(data)
-        if self.replayable and self.body_len > self.max_replay():
+        if self.keep_body and self.body_len > self.max_replay():
             self.replayable = False  # too big to replay: streamed only, never retried
+            self.keep_body = False
         stream = self.stream
         if stream is not None and self.phase is Phase.ATTACHED:
             stream.send_body(data)
-            if self.replayable:
+            if self.keep_body:
                 if self.body is None:
                     self.body = [data]
                 else:
@@ -290,7 +315,9 @@ class Exchange(AppExchange, EndpointUser, StreamWaiter, Attempt):
             self.app.send_interim(head)
             return
         policies = self.cluster.policies if self.cluster is not None else None
-        if policies is not None and status >= 500 and self.attempt < self.max_attempts:
+        if policies is not None and (
+            status >= 500 or (head.grpc_status > 0 and self._grpc_replay_safe())
+        ) and self.attempt < self.max_attempts:
             delay = policies.status_retry_delay(self, head)
             if delay is not None:
                 # Drop this response; its connection cannot be reused mid-body.
@@ -319,6 +346,8 @@ class Exchange(AppExchange, EndpointUser, StreamWaiter, Attempt):
     def on_response_end(self, trailers: Headers | None) -> None:
         if self.response is None:
             return  # a dropped response (retry) or an interim one
+        if trailers:
+            self._grpc_outcome(trailers)
         self.app.send_response_end(trailers)
         self.response_done = True
         if self.status == 101:
@@ -329,6 +358,38 @@ class Exchange(AppExchange, EndpointUser, StreamWaiter, Attempt):
             # must not send the rest into a connection that will take another request.
             self.keep_alive = False
         self._finish()
+
+    def _grpc_replay_safe(self) -> bool:
+        """Whether a gRPC call answered Trailers-Only may go again (SPEC section 11): its body
+        is still held, and it is not a streaming call that had sent a message in full. A
+        complete request of at most one message is a unary (or server-streaming) call: the
+        server said its status without a response message; a streaming upload that had
+        delivered a whole message may have had it processed. Read only then (rarely)."""
+        body = self.body
+        if not self.keep_body or (body is None and self.body_len):
+            return False
+        data = b"".join(body) if body else b""
+        messages = 0
+        at = 0
+        while at + 5 <= len(data):
+            at += 5 + int.from_bytes(data[at + 1:at + 5], "big")
+            if at <= len(data):
+                messages += 1
+        return messages <= 1 if self.request_done else messages == 0
+
+    def _grpc_outcome(self, trailers: Headers) -> None:
+        """A gRPC answer from the endpoint (its trailers carry `grpc-status`): counted by
+        status (`sidecar_grpc_responses_total`), and the statuses SPEC section 5 names are the
+        endpoint's failures for the breaker and outlier detection."""
+        for name, value in trailers:
+            if len(name) == 11 and name.lower() == b"grpc-status":
+                code = int(value) if value.isdigit() and len(value) < 4 else 2
+                cluster = self.cluster
+                if cluster is not None:
+                    cluster.stats.grpc_response(code)
+                if code in _GRPC_FAILURES:
+                    self.grpc_failed = True
+                return
 
     def on_upgrade(self, rest: bytes) -> None:
         stream = self.stream
@@ -428,7 +489,10 @@ class Exchange(AppExchange, EndpointUser, StreamWaiter, Attempt):
             self.policy_token = None
             pool = self.pool
             endpoint = pool.key if pool is not None else None
-            policies.on_done(token, self.status, self.attempt, endpoint, error)
+            # SPEC section 5: gRPC unavailable, internal, unknown and deadline_exceeded count
+            # as failures, as a 5xx does.
+            status = 503 if self.grpc_failed else self.status
+            policies.on_done(token, status, self.attempt, endpoint, error)
 
     def _failed(self, exc: SidecarError, stale: bool = False, unsent: bool = False) -> None:
         """A try failed. Retry when that is safe and allowed, else answer or cut. `unsent`:
@@ -444,12 +508,15 @@ class Exchange(AppExchange, EndpointUser, StreamWaiter, Attempt):
         before_write = exc.before_write
         if not isinstance(exc, UpstreamError) and not before_write:
             return False  # a local refusal (pool_timeout...)
+        if exc.never_processed and not unsent and not self.keep_body:
+            return False  # refused, but what was sent of the body is no longer here
         # An unsent try's body is all still here: nothing was written, and the app's side is
         # not read while a try has no stream (WAITING_UPSTREAM), so what is held is a read or
         # two whatever the body's size. A try that did write is replayed only if the request
         # is replayable (then its body was kept).
         kind = failed_try(before_write=before_write, wrote=not unsent,
-                          replayable=self.replayable, stale=stale)
+                          replayable=self.replayable, stale=stale,
+                          never_processed=exc.never_processed)
         if kind is None:
             return False
         cluster = self.cluster

@@ -195,6 +195,9 @@ class ResponseHead:
     keep_alive_timeout: float | None = None
     connection: frozenset[bytes] = _NO_TOKENS
     forward: Headers  # end-to-end fields to send to the app; always set by the parser
+    # The grpc-status of a gRPC Trailers-Only answer (HTTP/2: one HEADERS frame that ends the
+    # stream), which the retry policy reads (`retry.grpc_on`); -1 for every other answer.
+    grpc_status: int = -1
 
     @property
     def close_delimited(self) -> bool:

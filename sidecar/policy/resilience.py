@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from mypy_extensions import mypyc_attr, trait
 
@@ -46,6 +46,10 @@ from sidecar.policy.health import HealthChecker
 from sidecar.policy.outlier import OutlierDetector
 from sidecar.policy.retry import RetryPolicy, parse_retry_after
 
+# gRPC statuses that are the endpoint's failure (SPEC section 5): unknown, deadline_exceeded,
+# internal, unavailable.
+_GRPC_FAILURES: Final = frozenset({2, 4, 13, 14})
+
 
 @trait
 @mypyc_attr(allow_interpreted_subclasses=True)
@@ -57,6 +61,7 @@ class Attempt:
     attempt: int  # the current try, from 1
     max_attempts: int
     replayable: bool
+    keep_body: bool  # its body is still held (for a gRPC retry: `retry.grpc_on`)
     deadline: float  # the request's, loop time (inf: none)
     policy_token: int | None  # what `start` gave; see the module docstring
 
@@ -70,6 +75,7 @@ class AttemptBase(Attempt):
     attempt: int = 0
     max_attempts: int = 1
     replayable: bool = False
+    keep_body: bool = False
     deadline: float = math.inf
     policy_token: int | None = None
 
@@ -229,6 +235,15 @@ class ClusterPolicies:
         self._judge_try(ex, endpoint_failed)
         return delay
 
+    def _grpc_retry_delay(self, ex: Attempt, code: int) -> float | None:
+        """A gRPC Trailers-Only answer (no message reached the app): retried when
+        `retry.grpc_on` names its status, within attempts and the budget, and only if the
+        request body is still here to send again (SPEC section 11). Whatever the method: a
+        gRPC call is a POST, and the status says the server would take it again."""
+        if code not in self.retry.grpc_on or not ex.keep_body:
+            return None
+        return self._retry_delay(ex, "grpc", None, code in _GRPC_FAILURES)
+
     def retry_delay(self, ex: Attempt, exc: SidecarError, stale: bool = False) -> float | None:
         """After a failed try (no response byte sent to the app): the backoff, or None. When
         None, the request ends with `exc` and `on_done` judges the try. The exchange has
@@ -246,6 +261,8 @@ class ClusterPolicies:
     def status_retry_delay(self, ex: Attempt, head: ResponseHead) -> float | None:
         """A response head arrived: retry instead of relaying it? Only before anything
         reached the app, and only for statuses `on` names."""
+        if head.grpc_status > 0:
+            return self._grpc_retry_delay(ex, head.grpc_status)
         status = head.status
         if status < 500 and str(status) not in self.retry.on:
             return None

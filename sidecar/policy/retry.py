@@ -108,11 +108,15 @@ def is_keepalive_race(reused: bool, response_started: bool, since_written: float
     return reused and not response_started and since_written <= STALE_WINDOW
 
 
-def failed_try(*, before_write: bool, wrote: bool, replayable: bool, stale: bool) -> str | None:
+def failed_try(
+    *, before_write: bool, wrote: bool, replayable: bool, stale: bool,
+    never_processed: bool = False,
+) -> str | None:
     """How a try that failed before any response byte reached the app may go again: UNSENT
-    (nothing of it left the sidecar: any method, budgeted), STALE (the keep-alive race: once,
-    free, replayable requests only), REPLAY (replayable requests, budgeted), or None."""
-    if before_write and not wrote:
+    (nothing of it left the sidecar, or the endpoint says it never processed it: an HTTP/2
+    REFUSED_STREAM or GOAWAY; any method, budgeted), STALE (the keep-alive race: once, free,
+    replayable requests only), REPLAY (replayable requests, budgeted), or None."""
+    if never_processed or (before_write and not wrote):
         return UNSENT
     if not replayable:
         return None

@@ -22,6 +22,7 @@ from sidecar.observe.stats import ClusterGauges, ClusterStats, EndpointGauge
 from sidecar.policy.resilience import ClusterPolicies
 from sidecar.timers import Wheel
 from sidecar.upstream.balancer import make_balancer
+from sidecar.upstream.h2settings import H2Settings
 from sidecar.upstream.pool import Pool, PoolSettings, TlsHooks
 
 if TYPE_CHECKING:
@@ -34,8 +35,8 @@ _ROTATE_SCAN: Final = 64
 
 # The application protocols (ALPN ids) the upstream leg speaks today. A TLS origin offers the
 # configured `tls.alpn` (which follows `protocol`) without the others, so that an endpoint cannot
-# choose a protocol nothing here speaks; the HTTP/2 upstream adds "h2".
-UPSTREAM_ALPN: Final = frozenset({"http/1.1"})
+# choose a protocol nothing here speaks: HTTP/1.1 and HTTP/2 (sidecar/upstream/http2.py).
+UPSTREAM_ALPN: Final = frozenset({"http/1.1", "h2"})
 
 
 class Cluster:
@@ -45,6 +46,7 @@ class Cluster:
         "settings",
         "protocol",
         "http2",
+        "_h2",
         "stats",
         "tls",
         "endpoints",
@@ -77,6 +79,12 @@ class Cluster:
         # SPEC section 11, for the HTTP/2 upstream: what to speak, and its pool settings.
         self.protocol: UpstreamProtocol = config.protocol
         self.http2: Http2Config = config.http2
+        self._h2 = H2Settings(
+            max_concurrent_streams=config.http2.max_concurrent_streams,
+            keepalive_interval=config.http2.keepalive_interval,
+            keepalive_timeout=config.http2.keepalive_timeout,
+            scheme=b"https" if tls is not None else b"http",
+        )
         self.request_timeout: float = config.timeouts.request
         self.stats = stats
         self.tls = tls
@@ -138,7 +146,7 @@ class Cluster:
                 # A returning endpoint gets a new pool; an old one still draining finishes.
                 pool = Pool(
                     self.name, ep.ip, ep.port, self.settings, self.stats, self._loop,
-                    self._wheel, self.tls,
+                    self._wheel, self.tls, None, self.protocol, self._h2,
                 )
                 pool.on_connection_closed = self._on_pool_connection_closed
                 self.pools[key] = pool
@@ -340,6 +348,8 @@ class Cluster:
                     "idle": pool.idle_count,
                     "pending": pool.pending_count,
                     "inflight": pool.inflight,
+                    "protocol": pool.protocol_name(),
+                    "streams": pool.streams,
                 }
             )
         handshakes = self.stats.tls_handshakes

@@ -36,7 +36,7 @@ import ssl
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol, cast
 
 from sidecar.clock import Clock
 from sidecar.errors import (
@@ -50,9 +50,11 @@ from sidecar.observe.stats import ClusterStats
 from sidecar.streams import Carrier, CarrierOwner, EndpointStream, EndpointUser, StreamWaiter
 from sidecar.timers import Timed, Wheel
 from sidecar.upstream.connection import UpstreamConnection
+from sidecar.upstream.h2settings import H2Settings
 
 if TYPE_CHECKING:
     from sidecar.config import PoolConfig
+    from sidecar.upstream.http2 import H2Connection
 
 log = logging.getLogger("sidecar.pool")
 
@@ -120,10 +122,12 @@ class TlsHooks(Protocol):
 class _Pending(Timed):
     """A queued waiter with its pending_timeout deadline (a Timed for the wheel)."""
 
-    __slots__ = ("waiter", "user", "method", "deadline", "filed_bucket", "since", "pool", "done")
+    __slots__ = ("waiter", "user", "method", "deadline", "filed_bucket", "since", "pool", "done",
+                 "mux")
 
     def __init__(self, waiter: StreamWaiter, user: EndpointUser, method: bytes, since: float,
-                 deadline: float, pool: Pool) -> None:
+                 deadline: float, pool: Pool, mux: bool = False) -> None:
+        self.mux = mux  # waits for an HTTP/2 stream (else an HTTP/1.1 connection)
         self.waiter = waiter
         self.user = user
         self.method = method
@@ -166,7 +170,12 @@ class Pool(Timed, CarrierOwner):
         "no_reuse_until",
         "warm",
         "terminating",
-        "streams",
+        "protocol",
+        "h2",
+        "alpn_h2",
+        "_mux",
+        "_mux_connecting",
+        "_mux_waiting",
     )
 
     def __init__(
@@ -180,8 +189,18 @@ class Pool(Timed, CarrierOwner):
         wheel: Wheel,
         tls: TlsHooks | None = None,
         clock: Clock | None = None,
+        protocol: str = "http1",
+        h2: H2Settings | None = None,
     ) -> None:
         self.cluster = cluster
+        # SPEC section 11: "http1", "http2" or "auto" (TLS: the endpoint's ALPN choice, learned
+        # from the first handshake; cleartext: the app's protocol, per request).
+        self.protocol = protocol
+        self.h2 = h2 if h2 is not None else H2Settings()
+        self.alpn_h2: bool | None = None  # auto with TLS: what the endpoint chose, once known
+        self._mux: list[H2Connection] = []  # open HTTP/2 connections (idle or carrying streams)
+        self._mux_connecting = 0  # of _connecting: HTTP/2 connects
+        self._mux_waiting = 0  # of _waiters: those waiting for an HTTP/2 stream
         self.ip = ip
         self.port = port
         self.key = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
@@ -203,9 +222,6 @@ class Pool(Timed, CarrierOwner):
         self.learned_idle_timeout = math.inf
         self.closing = False
         self._tunnels = 0  # dedicated connections (TCP listeners) not yet closed
-        # Open HTTP/2 streams on this endpoint's connections, kept by the HTTP/2 endpoint side;
-        # read at scrape time as sidecar_upstream_streams. 0 while only HTTP/1.1 is spoken.
-        self.streams = 0
         self.watch_closes = False  # the endpoint closes idle connections: look before reuse
         self.early_closes = 0  # closes right after a response, in a row
         self.no_reuse_until = 0.0  # loop time until which connections are not reused
@@ -225,15 +241,31 @@ class Pool(Timed, CarrierOwner):
         """Requests using this endpoint now (least-request balancing): waiting for a stream,
         carried by one, or a TCP listener's tunnel. Counted here alone, from what the pool
         holds, so it cannot drift (the drain and the balancer read it)."""
-        return len(self._active) + len(self._waiters) + self._tunnels
+        n = len(self._active) + len(self._waiters) + self._tunnels
+        for conn in self._mux:
+            n += conn.stream_count()
+        return n
+
+    @property
+    def streams(self) -> int:
+        """Open HTTP/2 streams on this endpoint's connections (sidecar_upstream_streams)."""
+        n = 0
+        for conn in self._mux:
+            n += conn.stream_count()
+        return n
+
+    def protocol_name(self) -> str:
+        """What the connections to this endpoint speak now (`/clusters`): http2 when any is
+        HTTP/2 (or the cluster says http2), else http1."""
+        return "http2" if self._mux or self.protocol == "http2" or self.alpn_h2 else "http1"
 
     @property
     def idle_count(self) -> int:
-        return len(self._idle)
+        return len(self._idle) + sum(1 for c in self._mux if c.is_idle())
 
     @property
     def active_count(self) -> int:
-        return len(self._active)
+        return len(self._active) + sum(1 for c in self._mux if not c.is_idle())
 
     @property
     def pending_count(self) -> int:
@@ -245,7 +277,7 @@ class Pool(Timed, CarrierOwner):
 
     @property
     def total(self) -> int:
-        return len(self._idle) + len(self._active) + self._connecting
+        return len(self._idle) + len(self._active) + self._connecting + len(self._mux)
 
     def __repr__(self) -> str:
         return (
@@ -280,13 +312,30 @@ class Pool(Timed, CarrierOwner):
             self._retire(conn, now)
         return None
 
+    def wants_mux(self, h2_app: bool) -> bool:
+        """Whether a request goes out as an HTTP/2 stream (SPEC section 11): always for
+        `http2`, never for `http1`; for `auto`, what the endpoint chose by ALPN with TLS (the
+        first connect decides), else the app's own protocol (`h2_app`)."""
+        protocol = self.protocol
+        if protocol == "http2":
+            return True
+        if protocol == "http1":
+            return False
+        if self.tls is not None:
+            return self.alpn_h2 is True
+        return h2_app
+
     def acquire(
-        self, waiter: StreamWaiter, user: EndpointUser, method: bytes, fresh: bool = False
+        self, waiter: StreamWaiter, user: EndpointUser, method: bytes, fresh: bool = False,
+        h2_app: bool = False,
     ) -> EndpointStream | None:
         """A stream bound to `user` now (`method`: the request's, for the response parser),
         or None after queueing `waiter` (it is then called back exactly once with
         `on_pool_stream` or `on_pool_error`, unless it cancels). Raises PoolTimeout when the
-        queue is full. `fresh`: skip idle connections and open a new one (after a stale one)."""
+        queue is full. `fresh`: skip idle connections and open a new one (after a stale one).
+        `h2_app`: the app sent the request over HTTP/2 (see `wants_mux`)."""
+        if self.protocol != "http1" and self.wants_mux(h2_app):
+            return self._acquire_mux(waiter, user, method)
         now = self._now()
         if not fresh:
             conn = self.take_idle(now)
@@ -300,7 +349,9 @@ class Pool(Timed, CarrierOwner):
         self._waiters.append(pending)
         self._wheel.schedule(pending)
         # Open a connection for every waiter not already covered by a connect in flight.
-        if self._connecting < len(self._waiters) and self.total < self.settings.max_connections:
+        if self._h1_connecting() < self._h1_waiting() and (
+            self.total < self.settings.max_connections
+        ):
             self._start_connect()
         elif fresh and self.total >= self.settings.max_connections and self._idle:
             # A fresh connection is wanted but the pool is full: make room by closing the
@@ -310,6 +361,85 @@ class Pool(Timed, CarrierOwner):
         # No min_idle refill from here: with no idle connection to take, the endpoint may well
         # be down, and refills per request would multiply the connects it refuses.
         return None
+
+    def _h1_waiting(self) -> int:
+        return len(self._waiters) - self._mux_waiting
+
+    def _h1_connecting(self) -> int:
+        return self._connecting - self._mux_connecting
+
+    # --- HTTP/2: streams on few multiplexed connections ------------------------------------------
+    def _acquire_mux(
+        self, waiter: StreamWaiter, user: EndpointUser, method: bytes
+    ) -> EndpointStream | None:
+        """A stream on an open HTTP/2 connection with room, or None after queueing `waiter`.
+        A new connection opens only when every open one carries as many streams as the peer
+        allows (capped by `http2.max_concurrent_streams`), up to `max_connections`."""
+        now = self._now()
+        for conn in self._mux:
+            if conn.capacity() > 0:
+                if conn.past_lifetime(now):
+                    conn.retire("max_lifetime")
+                    continue
+                return conn.open_stream(user, method, now)
+        if self.closing:
+            raise ConnectFailed(f"{self.key}: endpoint is being removed", self.cluster)
+        if len(self._waiters) >= self.settings.max_pending:
+            raise PoolTimeout(f"{self.key}: max_pending ({self.settings.max_pending}) reached")
+        pending = _Pending(waiter, user, method, now, now + self.settings.pending_timeout, self,
+                           True)
+        self._waiters.append(pending)
+        self._mux_waiting += 1
+        self._wheel.schedule(pending)
+        self._mux_connect_if_needed()
+        return None
+
+    def _mux_connect_if_needed(self) -> None:
+        """Connects for the HTTP/2 waiters no open connection or connect in flight covers."""
+        if self.closing or not self._mux_waiting:
+            return
+        per_conn = self.h2.max_concurrent_streams
+        while (self._mux_waiting > self._mux_connecting * per_conn
+               and self.total < self.settings.max_connections):
+            self._start_connect(True)
+
+    def _serve_mux(self, conn: H2Connection) -> None:
+        """Give `conn`'s free streams to the oldest HTTP/2 waiters (with TLS `auto`, to any
+        waiter: the endpoint chose h2 for all)."""
+        any_kind = self.protocol != "auto" or self.tls is not None
+        while self._waiters and conn.capacity() > 0:
+            pending = self._next_waiter(None if any_kind else True)
+            if pending is None:
+                return
+            now = self._now()
+            self.stats.pool_wait.observe(now - pending.since)
+            pending.waiter.on_pool_stream(conn.open_stream(pending.user, pending.method, now))
+
+    def mux_capacity(self, conn: H2Connection) -> None:
+        """`conn`'s room changed (the peer's SETTINGS, its GOAWAY): serve or connect."""
+        if not conn.is_closed():
+            self._serve_mux(conn)
+        self._mux_connect_if_needed()
+
+    def _mux_stream_ended(self, conn: H2Connection, now: float) -> None:
+        if conn.is_closed():
+            self._mux_connect_if_needed()
+            return
+        if conn.is_reusable() and conn.past_lifetime(now):
+            conn.retire("max_lifetime")
+        if conn.is_closed():
+            self._mux_connect_if_needed()
+            return
+        if conn.is_idle() and (self.closing or self.terminating):
+            conn.close("drain" if self.closing else "endpoint_removed")
+            return
+        self._serve_mux(conn)
+        if conn.is_idle():
+            expiry = conn.expiry(self._idle_timeout())
+            if expiry < self.deadline:
+                self.deadline = expiry
+                self._wheel.schedule(self)
+        self._mux_connect_if_needed()
 
     def cancel(self, waiter: StreamWaiter) -> None:
         """The waiter went away (the app disconnected, or its deadline passed)."""
@@ -322,6 +452,8 @@ class Pool(Timed, CarrierOwner):
     def _settle(self, pending: _Pending) -> None:
         """`pending` is answered (or gone): the wheel lets go of it, and of the waiter's
         exchange it holds, now rather than at its pending_timeout."""
+        if pending.mux and not pending.done:
+            self._mux_waiting -= 1
         pending.done = True
         self._wheel.cancel(pending)
 
@@ -339,10 +471,27 @@ class Pool(Timed, CarrierOwner):
             )
         )
 
-    def _next_waiter(self) -> _Pending | None:
-        while self._waiters:
-            pending = self._waiters.popleft()
-            if not pending.done:
+    def _next_waiter(self, mux: bool | None = False) -> _Pending | None:
+        """The oldest waiter for an HTTP/1.1 connection (`mux` False), an HTTP/2 stream
+        (True) or either (None)."""
+        waiters = self._waiters
+        while waiters:
+            pending = waiters[0]
+            if pending.done:
+                waiters.popleft()
+                continue
+            if mux is None or pending.mux is mux:
+                waiters.popleft()
+                self._settle(pending)
+                return pending
+            break
+        if not waiters or (mux is False and not self._h1_waiting()):
+            return None
+        if mux is True and not self._mux_waiting:
+            return None
+        for pending in waiters:  # both kinds queued (auto in cleartext): the oldest of its kind
+            if not pending.done and pending.mux is mux:
+                waiters.remove(pending)
                 self._settle(pending)
                 return pending
         return None
@@ -350,7 +499,7 @@ class Pool(Timed, CarrierOwner):
     def _hand_over(self, conn: Carrier) -> bool:
         """Open a stream on `conn` (already counted active) for the oldest waiter. False when
         there is none."""
-        pending = self._next_waiter()
+        pending = self._next_waiter(None if self.tls is not None else False)
         if pending is None:
             return False
         now = self._now()
@@ -359,9 +508,11 @@ class Pool(Timed, CarrierOwner):
         return True
 
     # --- connecting -----------------------------------------------------------------------------
-    def _start_connect(self) -> None:
+    def _start_connect(self, mux: bool = False) -> None:
         self._connecting += 1
-        task = self._loop.create_task(self._connect())
+        if mux:
+            self._mux_connecting += 1
+        task = self._loop.create_task(self._connect(mux))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -370,13 +521,19 @@ class Pool(Timed, CarrierOwner):
         beyond those the waiters will take). Never while not warm, terminating or closing."""
         if not self.warm or self.terminating or self.closing:
             return
+        if self.protocol == "http2" or self.alpn_h2:
+            # One HTTP/2 connection carries many streams: keep one open ahead of requests.
+            if (self.settings.min_idle > 0 and not self._mux and not self._mux_connecting
+                    and self.total < self.settings.max_connections):
+                self._start_connect(True)
+            return
         spare = self._connecting - len(self._waiters)  # connects that will end up idle
         missing = self.settings.min_idle - len(self._idle) - (spare if spare > 0 else 0)
         room = self.settings.max_connections - self.total
         for _ in range(missing if missing < room else room):
             self._start_connect()
 
-    async def _open(self, conn: UpstreamConnection) -> None:
+    async def _open(self, conn: asyncio.Protocol) -> None:
         """Connect `conn`'s socket (and its TLS), within `connect_timeout`: the one place a
         socket to the endpoint is opened, for pooled and dedicated connections alike."""
         loop = self._loop
@@ -400,7 +557,23 @@ class Pool(Timed, CarrierOwner):
             total,
         )
 
-    def _connected(self, conn: UpstreamConnection, started: float) -> None:
+    async def _first_settings(self, conn: H2Connection, started: float) -> None:
+        """Wait (within what is left of `connect_timeout`) for the endpoint's first SETTINGS:
+        its stream limit is known before any stream is handed out, and an endpoint that does
+        not speak HTTP/2 fails here, as a connect."""
+        seen = conn.settings_seen
+        if seen is None or seen.done():
+            return
+        left = started + self.settings.connect_timeout - self._now()
+        try:
+            await asyncio.wait_for(seen, left if left > 0.05 else 0.05)
+        except TimeoutError:
+            raise ConnectionError("no HTTP/2 SETTINGS from the endpoint in time") from None
+        if conn.is_closed():
+            raise ConnectionError("the endpoint closed the connection before its HTTP/2 "
+                                  "SETTINGS (does it speak HTTP/2?)")
+
+    def _connected(self, conn: UpstreamConnection | H2Connection, started: float) -> None:
         """A connect succeeded: count it, its duration and its TLS handshake (resumed or not),
         and hand the TLS session to the cache."""
         self.stats.connections_opened += 1
@@ -420,24 +593,45 @@ class Pool(Timed, CarrierOwner):
             return LocalResourcesExhausted(self._describe(exc), self.cluster)
         return ConnectFailed(self._describe(exc), self.cluster)
 
-    async def _connect(self) -> None:
+    async def _connect(self, mux: bool = False) -> None:
         settings = self.settings
         started = self._now()
         # Jitter max_lifetime by up to -20 % so connections opened together do not all
         # expire (and reconnect) together.
         lifetime = settings.max_lifetime * (1.0 - 0.2 * random.random())
-        conn = UpstreamConnection(self, self.key, started, started + lifetime)
+        probe: _AlpnProbe | None = None
+        proto: asyncio.Protocol
+        if self.tls is not None and (mux or (self.protocol == "auto" and self.alpn_h2 is None)):
+            # The handshake's ALPN decides which carrier gets the socket: nothing is sent
+            # before it (an endpoint that did not choose h2 never sees the HTTP/2 preface).
+            proto = probe = _AlpnProbe(self, started, started + lifetime)
+        elif mux:
+            proto = _h2_connection(self, started, started + lifetime)
+        else:
+            proto = UpstreamConnection(self, self.key, started, started + lifetime)
         try:
-            await self._open(conn)
+            await self._open(proto)
+            if probe is not None:
+                proto = probe.chosen()
+                spoken = not isinstance(proto, UpstreamConnection)
+                if mux and not spoken:
+                    raise ConnectionError(
+                        f"TLS ALPN: the endpoint chose {probe.alpn or 'no protocol'}, not h2")
+                if self.protocol == "auto":
+                    self.alpn_h2 = spoken
+            if not isinstance(proto, UpstreamConnection):
+                await self._first_settings(cast("H2Connection", proto), started)
         except asyncio.CancelledError:
-            self._connecting -= 1
-            conn.abort("drain")
+            self._connect_done(mux)
+            _abort(proto, "drain")
             raise
         except Exception as exc:
-            self._connecting -= 1
-            self._connect_failed(self._connect_error(exc))
+            self._connect_done(mux)
+            self._connect_failed(self._connect_error(exc), mux)
+            _abort(proto, "error")  # connected, but not to a protocol we may speak
             return
-        self._connecting -= 1
+        self._connect_done(mux)
+        conn = cast("UpstreamConnection | H2Connection", proto)
         self._connected(conn, started)
         if conn.is_closed():
             return  # lost between connect and now
@@ -445,6 +639,12 @@ class Pool(Timed, CarrierOwner):
             conn.close("endpoint_removed")
             return
         conn.connected(self._now())
+        if not isinstance(conn, UpstreamConnection):
+            self._mux.append(conn)
+            conn.on_capacity = self.mux_capacity
+            self._serve_mux(conn)
+            self._mux_stream_ended(conn, self._now())  # idle: its expiry on the timer
+            return
         self._active.add(conn)
         if not self._hand_over(conn):
             self._active.discard(conn)
@@ -510,13 +710,33 @@ class Pool(Timed, CarrierOwner):
             return f"{self.key}: {exc.strerror or exc}"
         return f"{self.key}: {type(exc).__name__}: {exc}"
 
-    def _connect_failed(self, exc: SidecarError) -> None:
+    def _connect_done(self, mux: bool) -> None:
+        self._connecting -= 1
+        if mux:
+            self._mux_connecting -= 1
+
+    def _connect_failed(self, exc: SidecarError, mux: bool = False) -> None:
+        if mux:
+            # The connect would have carried every HTTP/2 waiter no other connect covers: they
+            # fail (the exchange retries elsewhere: nothing was written).
+            room = self._mux_connecting * self.h2.max_concurrent_streams
+            for conn in self._mux:
+                room += conn.capacity()
+            while self._mux_waiting > room:
+                pending = self._next_waiter(True)
+                if pending is None:
+                    break
+                self.stats.pool_wait.observe(self._now() - pending.since)
+                pending.waiter.on_pool_error(exc)
+            return
         pending = self._next_waiter()
         if pending is not None:
             self.stats.pool_wait.observe(self._now() - pending.since)
             pending.waiter.on_pool_error(exc)
         # Waiters beyond those covered by connects in flight get a connect of their own.
-        if self._connecting < len(self._waiters) and self.total < self.settings.max_connections:
+        if self._h1_connecting() < self._h1_waiting() and (
+            self.total < self.settings.max_connections
+        ):
             self._start_connect()
 
     # --- returning ------------------------------------------------------------------------------
@@ -526,6 +746,9 @@ class Pool(Timed, CarrierOwner):
 
     # --- CarrierOwner: a connection tells the pool about itself ----------------------------------
     def stream_released(self, conn: Carrier, now: float, reusable: bool) -> None:
+        if self._mux and conn in self._mux:
+            self._mux_stream_ended(conn, now)
+            return
         self._active.discard(conn)
         if conn.is_closed():
             return
@@ -554,6 +777,9 @@ class Pool(Timed, CarrierOwner):
         self._park(conn)
 
     def stream_reset(self, conn: Carrier, reason: str) -> None:
+        if self._mux and conn in self._mux:
+            self._mux_stream_ended(conn, self._now())
+            return
         self._active.discard(conn)
         if conn.is_closed():
             return  # carrier_closed already counted why
@@ -596,9 +822,10 @@ class Pool(Timed, CarrierOwner):
             conn.close(reason)
 
     def _maybe_connect_for_waiters(self) -> None:
+        self._mux_connect_if_needed()
         if (
             self._waiters
-            and self._connecting < len(self._waiters)
+            and self._h1_connecting() < self._h1_waiting()
             and self.total < self.settings.max_connections
             and not self.closing
         ):
@@ -606,6 +833,14 @@ class Pool(Timed, CarrierOwner):
 
     def carrier_closed(self, conn: Carrier, was_idle: bool) -> None:
         """Called by a connection whose socket closed (by us or by the upstream)."""
+        if self._mux and conn in self._mux:
+            h2conn = conn
+            self._mux.remove(h2conn)
+            self.stats.closed(h2conn.close_reason or "remote_closed")
+            if self.on_connection_closed is not None:
+                self.on_connection_closed(self)
+            self._mux_connect_if_needed()
+            return
         if was_idle:
             try:
                 self._idle.remove(conn)
@@ -693,6 +928,17 @@ class Pool(Timed, CarrierOwner):
         if excess > 0:
             nxt = min(nxt, keep[0].idle_since() + EXCESS_IDLE)
         self._idle = keep
+        for h2conn in list(self._mux):
+            if not h2conn.is_reusable():
+                continue
+            expiry = h2conn.expiry(idle_timeout)
+            if expiry <= now:
+                if h2conn.is_idle():
+                    h2conn.close("max_lifetime" if h2conn.past_lifetime(now) else "idle_timeout")
+                else:
+                    h2conn.retire("max_lifetime")  # no new streams; the open ones finish
+            else:
+                nxt = min(nxt, expiry)
         self.deadline = nxt
         self._wheel.schedule(self)
         self.prewarm()
@@ -707,7 +953,15 @@ class Pool(Timed, CarrierOwner):
             else:
                 conn.close(reason)
             self.stats.closed(reason)
-        return len(idle)
+        closed = len(idle)
+        for h2conn in list(self._mux):
+            if h2conn.is_idle():
+                closed += 1
+                if linger is not None:
+                    h2conn.close_within(reason, linger)
+                else:
+                    h2conn.close(reason)  # counted by carrier_closed
+        return closed
 
     def rotate_oldest(self, count: int) -> int:
         """Close up to `count` of the oldest idle connections, so that new requests open
@@ -741,6 +995,8 @@ class Pool(Timed, CarrierOwner):
                     ConnectFailed(f"{self.key}: endpoint removed while waiting", self.cluster)
                 )
         self.close_idle(reason)
+        for h2conn in list(self._mux):
+            h2conn.retire(reason)  # its streams finish, then it closes
 
     def abort_all(self, reason: str) -> int:
         """Abort every connection (RST). Returns how many were active."""
@@ -749,6 +1005,10 @@ class Pool(Timed, CarrierOwner):
             conn.abort(reason)
             self.stats.closed(reason)
         self._active.clear()
+        for h2conn in list(self._mux):
+            if not h2conn.is_idle():
+                busy += 1
+            h2conn.abort(reason)
         self.close_idle(reason)
         for task in list(self._tasks):
             task.cancel()
@@ -756,7 +1016,61 @@ class Pool(Timed, CarrierOwner):
 
     @property
     def empty(self) -> bool:
-        return not self._active and not self._idle and not self._connecting
+        return not self._active and not self._idle and not self._connecting and not self._mux
+
+
+class _AlpnProbe(asyncio.Protocol):
+    """The protocol of a TLS connection whose application protocol the handshake decides
+    (`auto`, and `http2`, which requires h2): once the handshake is done it hands the transport
+    to the carrier that speaks what ALPN selected, before any byte is read or written."""
+
+
+    def __init__(self, pool: Pool, now: float, expires_at: float) -> None:
+        self.pool = pool
+        self.now = now
+        self.expires_at = expires_at
+        self.carrier: UpstreamConnection | H2Connection | None = None
+        self.alpn: str | None = None  # what the endpoint chose
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        ssl_object = transport.get_extra_info("ssl_object")
+        alpn = self.alpn = ssl_object.selected_alpn_protocol() if ssl_object else None
+        pool = self.pool
+        carrier: UpstreamConnection | H2Connection
+        if alpn == "h2":
+            carrier = _h2_connection(pool, self.now, self.expires_at)
+        else:
+            carrier = UpstreamConnection(pool, pool.key, self.now, self.expires_at)
+        self.carrier = carrier
+        transport.set_protocol(carrier)
+        carrier.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass
+
+    def chosen(self) -> UpstreamConnection | H2Connection:
+        carrier = self.carrier
+        if carrier is None:
+            raise ConnectionError("TLS connection lost before the handshake ended")
+        return carrier
+
+
+def _h2_connection(pool: Pool, now: float, expires_at: float) -> H2Connection:
+    """A new HTTP/2 carrier; its module (and the nghttp2 binding) is imported on first use."""
+    from sidecar.upstream.http2 import H2Connection
+
+    return H2Connection(pool, pool.key, now, expires_at, pool.h2)
+
+
+def _abort(proto: asyncio.Protocol, reason: str) -> None:
+    if isinstance(proto, _AlpnProbe):
+        carrier = proto.carrier
+        if carrier is None:
+            return
+        proto = carrier
+    carrier = cast("UpstreamConnection | H2Connection", proto)
+    if carrier.transport is not None:
+        carrier.abort(reason)
 
 
 class _TunnelUser(EndpointUser):

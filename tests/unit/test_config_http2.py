@@ -410,12 +410,14 @@ def test_an_unknown_balancer_name_is_not_silently_least_request() -> None:
 
 
 def test_the_tls_origin_offers_only_what_the_upstream_leg_speaks() -> None:
-    # `protocol: auto` configures h2 and http/1.1; until the HTTP/2 upstream exists, an endpoint
-    # must not be able to pick h2 (app.py passes UPSTREAM_ALPN).
+    # `protocol: auto` configures h2 and http/1.1, and the upstream leg speaks both (app.py
+    # passes UPSTREAM_ALPN): both are offered. A protocol it did not speak would be filtered.
     tls = one_cluster("    tls: {enabled: true, sni: orders.svc}\n").tls
     assert tls.alpn == ["h2", "http/1.1"]
     offered = TlsOrigin.from_config(tls, "orders.svc", speaks=UPSTREAM_ALPN)
-    assert offered is not None and offered.alpn == ["http/1.1"]
+    assert offered is not None and offered.alpn == ["h2", "http/1.1"]
+    narrow = TlsOrigin.from_config(tls, "orders.svc", speaks=frozenset({"http/1.1"}))
+    assert narrow is not None and narrow.alpn == ["http/1.1"]
     unfiltered = TlsOrigin.from_config(tls, "orders.svc")
     assert unfiltered is not None and unfiltered.alpn == ["h2", "http/1.1"]
     assert TlsOrigin.from_config(TlsConfig(), "orders.svc") is None  # TLS off

@@ -100,9 +100,22 @@ def test_abuse_series_exist_from_start_per_listener_and_count() -> None:
     assert nonzero == {("grpc", "rapid_reset"): 2, ("grpc", "ping_flood"): 1}
 
 
+class _Streams:
+    """An HTTP/2 connection as `Pool.streams` reads it: how many streams it carries."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def stream_count(self) -> int:
+        return self.n
+
+    def is_idle(self) -> bool:  # the gauges also count idle and active connections
+        return False
+
+
 def test_upstream_streams_is_the_sum_of_the_pools_streams_read_at_scrape() -> None:
     """A real Cluster with two endpoints (no connection opened: the pools only exist): the gauge
-    is 0 from start, then whatever the HTTP/2 endpoint side keeps in `Pool.streams`."""
+    is 0 from start, then the streams the pools' HTTP/2 connections carry (`Pool.streams`)."""
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -119,8 +132,10 @@ def test_upstream_streams_is_the_sum_of_the_pools_streams_read_at_scrape() -> No
         assert streams == {(("cluster", "orders"),): 0.0}
         pools = list(cluster.pools.values())
         assert len(pools) == 2
-        pools[0].streams = 3
-        pools[1].streams = 4
+        # `Pool.streams` sums its HTTP/2 connections' open streams (sidecar/upstream/http2.py);
+        # stand-ins that carry 3 and 4 streams, no socket needed.
+        pools[0]._mux.append(_Streams(3))  # type: ignore[arg-type]
+        pools[1]._mux.append(_Streams(4))  # type: ignore[arg-type]
         assert samples(scrape(stats), "sidecar_upstream_streams") == {
             (("cluster", "orders"),): 7.0
         }
