@@ -10,13 +10,17 @@ clients would not), curl for HTTP/1.1. Every wait is bounded.
 from __future__ import annotations
 
 import subprocess
+import threading
 from collections.abc import Iterator
+from concurrent import futures
 from dataclasses import dataclass
+from typing import Any
 
+import grpc
 import pytest
 
-from tests.harness import LOOPS, Sidecar, require_tool
-from tests.integration.test_h2_app import H2Client, TrailerOrigin
+from tests.harness import LOOPS, Sidecar, free_port, http_get, require_tool
+from tests.integration.test_h2_app import GRPC_OPTIONS, TIMEOUT, H2Client, TrailerOrigin
 
 PROTOCOL_ERROR = 0x1
 
@@ -124,3 +128,66 @@ def test_oversized_header_block_is_refused_on_its_stream_only(env: Env) -> None:
         assert client.resets.get(big) is not None or client.status(big) == 431
     finally:
         client.close()
+
+
+# --- gRPC: the sidecar's error after the answer began ---------------------------------------------
+class StreamingServer:
+    """A grpcio server whose server-streaming `svc/Watch` sends `n` messages (query in the
+    request: b"<n>") and then waits (until `stop`), as a watch stream does."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+
+        def watch(req: bytes, ctx: Any) -> Iterator[bytes]:
+            for i in range(int(req or b"1")):
+                yield b"message %d" % i
+            self.stop.wait(TIMEOUT)
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(4))
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("svc", {
+            "Watch": grpc.unary_stream_rpc_method_handler(watch),
+        }),))
+        self.port = self.server.add_insecure_port(f"127.0.0.1:{free_port()}")
+        self.server.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.server.stop(0).wait(TIMEOUT)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_grpc_stream_past_its_deadline_ends_with_deadline_exceeded_trailers(loop: str) -> None:
+    """A server-streaming call whose deadline (the cluster's timeouts.request here) passes after
+    messages reached the app: the sidecar cannot answer Trailers-Only any more, but it ends the
+    stream at a message boundary with trailers `grpc-status: 4` and `x-sidecar-error:
+    upstream_timeout` (SPEC 11's mapping), so the app's library says DEADLINE_EXCEEDED with the
+    messages it got, not INTERNAL ("RST_STREAM with error code 2") as before."""
+    server = StreamingServer()
+    config = {
+        "listeners": [{"name": "grpc", "protocol": "http", "cluster": "orders"}],
+        "clusters": [{
+            "name": "orders",
+            "protocol": "http2",
+            "timeouts": {"request": "500ms"},
+            "discovery": {"type": "static", "endpoints": [f"127.0.0.1:{server.port}"]},
+        }],
+    }
+    try:
+        with Sidecar(config, loop=loop) as sc, grpc.insecure_channel(
+                f"127.0.0.1:{sc.port('grpc')}", options=GRPC_OPTIONS) as channel:
+            call = channel.unary_stream("/svc/Watch")(b"3", timeout=TIMEOUT)
+            got: list[bytes] = []
+            with pytest.raises(grpc.RpcError) as raised:
+                for message in call:
+                    got.append(message)
+            err = raised.value
+            assert got == [b"message 0", b"message 1", b"message 2"]
+            assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err.details()
+            assert dict(err.trailing_metadata() or ())["x-sidecar-error"] == "upstream_timeout"
+            # Counted as the sidecar's gRPC answer, like a Trailers-Only one.
+            status, metrics = http_get(sc.admin + "/metrics")
+            assert status == 200
+            assert (b'sidecar_grpc_responses_total{cluster="orders",status="deadline_exceeded"}'
+                    b" 1.0") in metrics
+    finally:
+        server.close()
