@@ -191,3 +191,70 @@ def test_grpc_stream_past_its_deadline_ends_with_deadline_exceeded_trailers(loop
                     b" 1.0") in metrics
     finally:
         server.close()
+
+
+# --- gRPC statuses as the endpoint's failures (SPEC 5 and 11) ------------------------------------
+class StatusServer:
+    """A grpcio server whose unary `svc/Fail` answers the status named in the request
+    (Trailers-Only, as `abort` does), counting its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.lock = threading.Lock()
+
+        def fail(req: bytes, ctx: Any) -> bytes:
+            with self.lock:
+                self.calls += 1
+            ctx.abort(getattr(grpc.StatusCode, req.decode()), "as asked")
+            raise AssertionError
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(4))
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("svc", {
+            "Fail": grpc.unary_unary_rpc_method_handler(fail),
+        }),))
+        self.port = self.server.add_insecure_port(f"127.0.0.1:{free_port()}")
+        self.server.start()
+
+    def close(self) -> None:
+        self.server.stop(0).wait(TIMEOUT)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_grpc_failure_statuses_eject_an_endpoint_and_others_do_not(loop: str) -> None:
+    """Outlier detection counts `unavailable` (and unknown, internal, deadline_exceeded) as the
+    endpoint's failures, as a 5xx, though the HTTP status is 200; `invalid_argument` is the
+    caller's problem and ejects nobody. grpc_on is off so every answer reaches the app."""
+    servers = [StatusServer(), StatusServer()]
+    config = {
+        "listeners": [{"name": "grpc", "protocol": "http", "cluster": "orders"}],
+        "clusters": [{
+            "name": "orders",
+            "protocol": "http2",
+            "load_balancer": "round_robin",
+            "retry": {"attempts": 1, "grpc_on": []},
+            "outlier_detection": {"consecutive_failures": 2, "max_ejection_percent": 50},
+            "discovery": {"type": "static",
+                          "endpoints": [f"127.0.0.1:{s.port}" for s in servers]},
+        }],
+    }
+
+    def ejected(sc: Sidecar) -> list[bool]:
+        return [bool(ep["ejected"]) for ep in sc.clusters()["orders"]["endpoints"]]
+
+    try:
+        with Sidecar(config, loop=loop) as sc, grpc.insecure_channel(
+                f"127.0.0.1:{sc.port('grpc')}", options=GRPC_OPTIONS) as channel:
+            call = channel.unary_unary("/svc/Fail")
+            for _ in range(6):
+                with pytest.raises(grpc.RpcError) as raised:
+                    call(b"INVALID_ARGUMENT", timeout=TIMEOUT)
+                assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert ejected(sc) == [False, False]
+            for _ in range(6):
+                with pytest.raises(grpc.RpcError) as raised:
+                    call(b"UNAVAILABLE", timeout=TIMEOUT)
+                assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert sorted(ejected(sc)) == [False, True]
+    finally:
+        for s in servers:
+            s.close()
