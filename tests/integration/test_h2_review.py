@@ -19,8 +19,14 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.harness import LOOPS, Sidecar, free_port, http_get, require_tool
-from tests.integration.test_h2_app import GRPC_OPTIONS, TIMEOUT, H2Client, TrailerOrigin
+from tests.harness import LOOPS, Sidecar, SilentListener, free_port, http_get, require_tool
+from tests.integration.test_h2_app import (
+    GRPC_OPTIONS,
+    REFUSED_STREAM,
+    TIMEOUT,
+    H2Client,
+    TrailerOrigin,
+)
 
 PROTOCOL_ERROR = 0x1
 
@@ -258,3 +264,48 @@ def test_grpc_failure_statuses_eject_an_endpoint_and_others_do_not(loop: str) ->
     finally:
         for s in servers:
             s.close()
+
+
+# --- limits.max_concurrent_streams ---------------------------------------------------------------
+def _headers_frame(encoder: Any, sid: int) -> bytes:
+    """A HEADERS frame (END_STREAM, END_HEADERS) for GET / built by hand: the h2 library will
+    not open a stream beyond the peer's limit."""
+    block = encoder.encode([(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"x"),
+                            (b":path", b"/")])
+    return len(block).to_bytes(3, "big") + bytes([0x1, 0x5]) + sid.to_bytes(4, "big") + block
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "a stream beyond the acknowledged SETTINGS_MAX_CONCURRENT_STREAMS ends the whole "
+        "connection (nghttp2: GOAWAY PROTOCOL_ERROR), though RFC 9113 5.1.2 makes it a stream "
+        "error and limits.max_concurrent_streams' description promises REFUSED_STREAM; only a "
+        "stream sent before the app acknowledged the SETTINGS is refused that way"
+    ),
+)
+def test_a_stream_beyond_the_limit_is_refused_and_the_others_go_on() -> None:
+    import hpack
+
+    silent = SilentListener()
+    config = {
+        "listeners": [{"name": "app", "protocol": "http", "cluster": "silent",
+                       "limits": {"max_concurrent_streams": 2}}],
+        "clusters": [{"name": "silent", "protocol": "http1",
+                      "discovery": {"type": "static",
+                                    "endpoints": [f"127.0.0.1:{silent.port}"]}}],
+    }
+    try:
+        with Sidecar(config) as sc:
+            client = H2Client(sc.port("app"))
+            try:
+                client.pump(lambda: client.max_streams == 2)  # read, and acknowledged
+                encoder = hpack.Encoder()
+                client.sock.sendall(b"".join(_headers_frame(encoder, sid) for sid in (1, 3, 5)))
+                client.pump(lambda: 5 in client.resets or client.goaway is not None)
+                assert client.goaway is None
+                assert client.resets[5] == REFUSED_STREAM
+            finally:
+                client.close()
+    finally:
+        silent.close()
