@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Any
 import grpc
 import pytest
 
+from tests.h2origin import h2_origin
 from tests.harness import LOOPS, Sidecar, SilentListener, free_port, http_get, require_tool
 from tests.integration.test_h2_app import (
     GRPC_OPTIONS,
@@ -309,3 +311,37 @@ def test_a_stream_beyond_the_limit_is_refused_and_the_others_go_on() -> None:
                 client.close()
     finally:
         silent.close()
+
+
+# --- flow control across two HTTP/2 legs ----------------------------------------------------------
+@pytest.mark.parametrize("loop", LOOPS)
+def test_slow_h2_app_holds_an_h2_endpoint_to_about_a_window(loop: str) -> None:
+    """The server-streaming case (h2 app, h2 endpoint) the other flow-control tests leave out
+    (an HTTP/1.1 app in front of an h2 endpoint; an h2 app in front of an HTTP/1.1 origin): an
+    app that never opens its window past the first 64 KiB holds the endpoint after about one
+    stream window (1 MiB) plus socket buffers, not after the 64 MiB body; once it reads, all
+    of it arrives."""
+    total = 64 << 20
+    with h2_origin() as origin, Sidecar({
+        "listeners": [{"name": "app", "protocol": "http", "cluster": "up"}],
+        "clusters": [{"name": "up", "protocol": "http2",
+                      "discovery": {"type": "static",
+                                    "endpoints": [f"127.0.0.1:{origin.port}"]}}],
+    }, loop=loop) as sc:
+        client = H2Client(sc.port("app"))
+        try:
+            sid = client.request("GET", f"/big/{total}")
+            client.pump(lambda: client.received > 0, ack=False)
+            deadline = time.monotonic() + TIMEOUT
+            previous = -1
+            while previous != sum(origin.sent.values()):  # until the endpoint is held back
+                assert time.monotonic() < deadline, "the endpoint was never held back"
+                previous = sum(origin.sent.values())
+                time.sleep(0.3)
+            assert previous < 8 << 20, previous
+            assert client.received <= 64 * 1024  # the app's window: nothing more was pushed
+            client.ack_all()
+            client.pump(lambda: client.done(sid), within=60)
+            assert client.received == total and sid in client.ended
+        finally:
+            client.close()
