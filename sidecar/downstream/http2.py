@@ -240,7 +240,7 @@ class H2AppStream(AppStreamBase):
     __slots__ = (
         "conn", "sid", "exchange", "grpc", "paused", "unconsumed", "pending", "end_pending",
         "trailers_pending", "head_pending", "head_sent", "local_done", "over",
-        "deadline", "told_paused", "blocked_since", "counted",
+        "deadline", "told_paused", "blocked_since", "counted", "msg_left", "msg_prefix",
     )
 
     def __init__(self, conn: H2AppConnection, sid: int) -> None:
@@ -261,6 +261,11 @@ class H2AppStream(AppStreamBase):
         self.told_paused = False  # the exchange was told app_write_paused
         self.blocked_since = math.inf  # when `pending` last stopped moving
         self.counted = False
+        # gRPC responses: where the body handed to the app stands in its length-prefixed
+        # messages (bytes left of the current one; its 5-byte prefix read so far), so that an
+        # error after the answer began can end it with trailers at a message boundary.
+        self.msg_left = 0
+        self.msg_prefix = b""
 
     def __repr__(self) -> str:
         return f"<H2AppStream {self.sid} exchange={self.exchange!r}>"
@@ -455,6 +460,8 @@ class H2AppStream(AppStreamBase):
             self.send_head_due()
         if not data:
             return
+        if self.grpc:
+            self._track_messages(data)
         if self.pending:
             self.pending.append(data)
             return
@@ -539,7 +546,38 @@ class H2AppStream(AppStreamBase):
         self.send_response_body(body)
         self.send_response_end(None)
 
+    def _track_messages(self, data: bytes) -> None:
+        """Move the gRPC message position past `data` (5-byte prefix: flag, big-endian
+        length; then the message)."""
+        i = 0
+        n = len(data)
+        while i < n:
+            left = self.msg_left
+            if left:
+                take = left if left < n - i else n - i
+                self.msg_left = left - take
+                i += take
+                continue
+            need = 5 - len(self.msg_prefix)
+            self.msg_prefix += data[i:i + need]
+            i += need
+            if len(self.msg_prefix) == 5:
+                self.msg_left = int.from_bytes(self.msg_prefix[1:5], "big")
+                self.msg_prefix = b""
+
     def abort_partial(self, exc: SidecarError) -> None:
+        """The answer began and cannot be completed. A gRPC answer standing at a message
+        boundary ends with the sidecar's error as trailers (`grpc-status` per SPEC 11's
+        mapping, `grpc-message`, `x-sidecar-error`): the app keeps the messages it got and
+        learns why the rest is missing. Anything else is cut (RST_STREAM INTERNAL_ERROR)."""
+        if (self.grpc and not self.local_done and not self.end_pending
+                and not self.msg_left and not self.msg_prefix):
+            fields = error_headers(exc)
+            _count_grpc(self.exchange, int(fields[2][1]))
+            self.send_response_end(fields[2:])  # after any bytes the app's window holds back
+            self._exchange_over()
+            self._maybe_gone()
+            return
         self._cut()
 
     def _cut(self) -> None:
