@@ -35,6 +35,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import grpc
 import pytest
 import requests
 import trustme
@@ -52,7 +53,7 @@ APT_PACKAGE = "prometheus"  # Debian's, with promtool
 SCRAPE_INTERVAL = "1s"
 FIRST_SAMPLES_WAIT = 30.0  # the first sample shows ~5-6 s after start (SD throttle)
 SNI = "payments.shop.svc"
-CLUSTERS = ("backend", "flaky", "payments", "dead")
+CLUSTERS = ("backend", "flaky", "payments", "dead", "orders")
 # Panels that must show the traffic we made: title -> the cluster with a positive value.
 MUST_SHOW = {
     "Request rate by cluster": "backend",
@@ -65,6 +66,9 @@ MUST_SHOW = {
     "Retries by reason": "flaky",
     "Healthy endpoints [A]": "backend",
     "Health checks by result": "backend",
+    "gRPC responses by status": "orders",
+    "gRPC error ratio (not ok)": "orders",
+    "Open upstream streams": "orders",
 }
 
 
@@ -113,6 +117,37 @@ def upstream_app(status: int = 200, close: bool = False) -> web.Application:
     return app
 
 
+def grpc_upstream() -> tuple[grpc.Server, int]:
+    """A grpcio server (h2c) with no generated code: `/orders.Orders/Get` answers OK, and every
+    fourth call UNAVAILABLE (a Trailers-Only answer); `/orders.Orders/Watch` streams a message
+    every 100 ms for about 3 s, so that upstream streams stay open while Prometheus scrapes."""
+    from concurrent import futures
+
+    calls = Counter[str]()
+
+    def get(request: bytes, context: grpc.ServicerContext) -> bytes:
+        calls["get"] += 1
+        if calls["get"] % 4 == 0:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "try another")
+        return b"order:" + request
+
+    def watch(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        for n in range(30):
+            if not context.is_active():
+                return
+            yield b"event %d" % n
+            time.sleep(0.1)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("orders.Orders", {
+        "Get": grpc.unary_unary_rpc_method_handler(get),
+        "Watch": grpc.unary_stream_rpc_method_handler(watch),
+    })])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
+
+
 @contextlib.contextmanager
 def upstreams(tmp: Path) -> Iterator[tuple[dict[str, list[str]], Path]]:
     """(cluster -> local endpoints, the CA file the TLS one is signed by)."""
@@ -127,14 +162,17 @@ def upstreams(tmp: Path) -> Iterator[tuple[dict[str, list[str]], Path]]:
         ThreadedServer(upstream_app(503)),
         ThreadedServer(upstream_app(close=True), ssl_context=context),
     ]
+    orders, orders_port = grpc_upstream()
     try:
         yield {
             "backend": [f"127.0.0.1:{servers[0].port}", f"127.0.0.1:{servers[1].port}"],
             "flaky": [f"127.0.0.1:{servers[2].port}"],
             "payments": [f"127.0.0.1:{servers[3].port}"],
             "dead": [f"127.0.0.1:{free_port()}"],  # nobody listens there
+            "orders": [f"127.0.0.1:{orders_port}"],
         }, ca_file
     finally:
+        orders.stop(grace=None)
         for server in servers:
             server.stop()
 
@@ -170,6 +208,56 @@ class Traffic:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(10)
+
+
+class GrpcTraffic:
+    """A gRPC app: one channel to the egress listener (h2c, authority `orders`), unary calls
+    in a loop and two overlapping server-streaming calls at all times. Counts the statuses."""
+
+    def __init__(self, address: str) -> None:
+        self.channel = grpc.insecure_channel(address, options=[
+            ("grpc.default_authority", "orders"),
+            ("grpc.enable_http_proxy", 0),
+            ("grpc.enable_retries", 0),
+        ])
+        self.codes: Counter[str] = Counter()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._unary, daemon=True)] + [
+            threading.Thread(target=self._watch, args=(delay,), daemon=True)
+            for delay in (0.0, 1.5)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _unary(self) -> None:
+        get = self.channel.unary_unary("/orders.Orders/Get")
+        n = 0
+        while not self._stop.is_set():
+            try:
+                get(b"%d" % n, timeout=5)
+                self.codes["ok"] += 1
+            except grpc.RpcError as exc:
+                self.codes[exc.code().name.lower()] += 1
+            n += 1
+            self._stop.wait(0.02)
+
+    def _watch(self, delay: float) -> None:
+        watch = self.channel.unary_stream("/orders.Orders/Watch")
+        self._stop.wait(delay)
+        while not self._stop.is_set():
+            try:
+                for _ in watch(b"", timeout=10):
+                    if self._stop.is_set():
+                        break
+                self.codes["watch"] += 1
+            except grpc.RpcError as exc:
+                self.codes["watch_" + exc.code().name.lower()] += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.channel.close()
+        for thread in self._threads:
+            thread.join(10)
 
 
 # --- Prometheus -------------------------------------------------------------------------------
@@ -265,12 +353,14 @@ def test_every_dashboard_query_returns_data(e2e_helm: Helm, tmp_path: Path) -> N
     sidecar: Container | None = None
     prometheus: Prometheus | None = None
     traffic: Traffic | None = None
+    grpc_traffic: GrpcTraffic | None = None
     with upstreams(tmp_path) as (endpoints, ca_file):
         try:
             sidecar, config = start_sidecar(pod, ports, tmp_path, endpoints, ca_file)
             run_startup_probe(pod.sidecar["startupProbe"], ports, sidecar)
             egress = next(lst for lst in config["listeners"] if lst["name"] == "egress")
             traffic = Traffic(f"http://{egress['address']}")
+            grpc_traffic = GrpcTraffic(egress["address"])
             target, path = scrape_target(rendered.one("PodMonitor"), pod, ports)
             labels = {"namespace": NAMESPACE, "pod": FAKE_POD_NAME,
                       "container": pod.sidecar["name"]}
@@ -290,6 +380,8 @@ def test_every_dashboard_query_returns_data(e2e_helm: Helm, tmp_path: Path) -> N
         finally:
             if traffic is not None:
                 traffic.stop()
+            if grpc_traffic is not None:
+                grpc_traffic.stop()
             if prometheus is not None:
                 prometheus.stop()
             stop_all(sidecar)
@@ -298,6 +390,10 @@ def test_every_dashboard_query_returns_data(e2e_helm: Helm, tmp_path: Path) -> N
     assert not traffic.errors, traffic.errors[:5]
     assert traffic.codes[("backend", 200)] > 0 and traffic.codes[("payments", 200)] > 0
     assert traffic.codes[("flaky", 503)] > 0 and traffic.codes[("dead", 503)] > 0
+    assert grpc_traffic is not None
+    print("gRPC traffic:", dict(grpc_traffic.codes))
+    assert grpc_traffic.codes["ok"] > 0 and grpc_traffic.codes["unavailable"] > 0
+    assert grpc_traffic.codes["watch"] > 0
 
 
 def check_queries(prometheus: Prometheus, queries: list[tuple[str, str]]) -> None:
