@@ -44,8 +44,8 @@ Counters the drain reads, as in protocol.py: the listener's in-flight count chan
 `H2AppStream._begin` (+1) and `_exchange_over` (-1), its connection count only in
 `connection_made` and `connection_lost`.
 
-Interpreted for now (the streams.py `*Base` classes): ready for mypyc once the engine's
-binding is (its callbacks reach this module through plain Python calls).
+Compiled with mypyc (setup.py): the classes implement `sidecar.streams`' traits directly; the
+engine's callbacks (compiled too) reach them through `H2Sink`.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ from sidecar.http.headers import Headers
 from sidecar.http.parser import RequestHead, ResponseHead
 from sidecar.log import Throttled
 from sidecar.rescue import error_body, internal_error
-from sidecar.streams import AppExchange, AppStreamBase, Cancellable
+from sidecar.streams import AppExchange, AppStream, Cancellable
 from sidecar.upstream.connection import reset, set_nodelay
 
 log = logging.getLogger("sidecar.access")
@@ -234,7 +234,7 @@ def _count_grpc(ex: Exchange | None, code: int) -> None:
         cluster.stats.grpc_response(code)
 
 
-class H2AppStream(AppStreamBase):
+class H2AppStream(AppStream):
     """One request stream of an app connection: the `AppStream` of its exchange."""
 
     __slots__ = (

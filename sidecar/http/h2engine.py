@@ -33,6 +33,8 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+from mypy_extensions import mypyc_attr
+
 from sidecar.http import _nghttp2
 
 ffi: Final[Any] = _nghttp2.ffi
@@ -88,8 +90,10 @@ class H2ProtocolError(Exception):
     """A connection error: the caller writes `data_to_send()` (GOAWAY), then closes."""
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class H2Sink:
-    """What the engine calls. The connection Protocol implements it; defaults ignore."""
+    """What the engine calls. The connection Protocol implements it; defaults ignore. The HTTP/2
+    legs subclass it compiled; the tests' recording sinks subclass it interpreted."""
 
     def on_h2_headers(
         self, stream_id: int, headers: list[tuple[bytes, bytes]], end_stream: bool
@@ -229,6 +233,10 @@ class H2Session:
         self._goaway_received = False
         callbacks = _callbacks(lib)
         self._handle = ffi.new_handle(self)
+        # The buffer under the last nghttp2_nv array submitted (`_nva`): nghttp2 copies the
+        # fields on submit, so it must live across that call. Kept here, not in a local: the
+        # compiled module frees a local after its last use, before the call that reads it.
+        self._nva_keep: Any = None
         self._pp = ffi.new("char **")
         self._prd = ffi.new("nghttp2_data_provider *")
         self._prd.read_callback = _C_CALLBACKS["read"]
@@ -371,7 +379,7 @@ class H2Session:
     ) -> None:
         """Request head (client: opens stream_id), response head, or a 1xx (server)."""
         lib = self._lib
-        nva, keep = _nva(headers)
+        nva, self._nva_keep = _nva(headers)
         prd = ffi.NULL if end_stream else self._prd
         if self._client:
             st = _Stream()
@@ -392,7 +400,6 @@ class H2Session:
             return
         st2.end = end_stream
         self._check(lib.nghttp2_submit_response(self._s, stream_id, nva, len(headers), prd))
-        del keep
 
     def send_data(self, stream_id: int, data: bytes, end_stream: bool) -> int:
         """Queue what the peer's windows allow now; returns how many bytes were taken. The
@@ -693,10 +700,9 @@ def _on_read(session: Any, stream_id: int, buf: Any, length: int, flags: Any, so
             trailers = st.trailers
             if trailers is not None:
                 flags[0] = _DATA_FLAG_EOF | _DATA_FLAG_NO_END_STREAM
-                nva, keep = _nva(trailers)
+                nva, self._nva_keep = _nva(trailers)
                 st.trailers = None
                 rv = self._lib.nghttp2_submit_trailer(session, stream_id, nva, len(trailers))
-                del keep
                 if rv < 0:
                     return _ERR_TEMPORAL_CALLBACK_FAILURE
             else:

@@ -32,7 +32,7 @@ connection closes. `retire` (max_lifetime, rotation) does the same from our side
 connection is PINGed every `keepalive_interval` when nothing was read for that long; no ACK
 within `keepalive_timeout` and it is aborted.
 
-Interpreted for now (subclasses of the `*Base` classes of `sidecar.streams`).
+Compiled with mypyc (setup.py): the classes implement `sidecar.streams`' traits directly.
 """
 
 from __future__ import annotations
@@ -50,11 +50,10 @@ from sidecar.http.headers import HOP_BY_HOP, Headers
 from sidecar.http.parser import RequestHead, ResponseHead
 from sidecar.streams import (
     CARRIER_TRANSITIONS,
-    CarrierBase,
+    Carrier,
     CarrierOwner,
     CarrierState,
     EndpointStream,
-    EndpointStreamBase,
     EndpointUser,
 )
 from sidecar.upstream.connection import reset as reset_transport
@@ -168,7 +167,7 @@ def response_head(fields: Headers, head_request: bool, end_stream: bool,
     return head, trailers
 
 
-class H2Stream(EndpointStreamBase):
+class H2Stream(EndpointStream):
     """One try of one request on an `H2Connection`."""
 
     __slots__ = ("conn", "user", "sid", "method", "grpc", "_taken_at", "_response_begun",
@@ -411,7 +410,7 @@ class H2Stream(EndpointStreamBase):
                 user.on_internal_error(failure)
 
 
-class H2Connection(H2Sink, CarrierBase, asyncio.Protocol):
+class H2Connection(H2Sink, Carrier, asyncio.Protocol):
     """One HTTP/2 connection to an endpoint, carrying up to its capacity of streams."""
 
     def __init__(self, owner: CarrierOwner, key: str, now: float, expires_at: float,

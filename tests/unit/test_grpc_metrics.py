@@ -6,6 +6,7 @@ a real sidecar process exports them for every configured cluster and listener.""
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Iterator
 
 import pytest
@@ -18,6 +19,8 @@ from sidecar.observe.metrics import StatsCollector, build_registry, render
 from sidecar.observe.stats import HTTP2_ABUSE_KINDS, Stats
 from sidecar.timers import Wheel
 from sidecar.upstream.cluster import Cluster
+from sidecar.upstream.http2 import H2Connection
+from sidecar.upstream.pool import Pool
 from tests.harness import LOOPS, Sidecar, free_port
 
 # SPEC section 8's `status` values, in the order of the numbers on the wire (grpc statuscodes.md).
@@ -100,17 +103,13 @@ def test_abuse_series_exist_from_start_per_listener_and_count() -> None:
     assert nonzero == {("grpc", "rapid_reset"): 2, ("grpc", "ping_flood"): 1}
 
 
-class _Streams:
-    """An HTTP/2 connection as `Pool.streams` reads it: how many streams it carries."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def stream_count(self) -> int:
-        return self.n
-
-    def is_idle(self) -> bool:  # the gauges also count idle and active connections
-        return False
+def _carrying(pool: Pool, n: int) -> H2Connection:
+    """A real HTTP/2 connection object of `pool`, never connected, counting n streams as being
+    opened (`Pool.streams` reads `stream_count`). A real one, not a stand-in: compiled, the
+    pool's list of connections holds `H2Connection`s only."""
+    conn = H2Connection(pool, pool.key, 0.0, math.inf, pool.h2)
+    conn.opening = n
+    return conn
 
 
 def test_upstream_streams_is_the_sum_of_the_pools_streams_read_at_scrape() -> None:
@@ -132,10 +131,10 @@ def test_upstream_streams_is_the_sum_of_the_pools_streams_read_at_scrape() -> No
         assert streams == {(("cluster", "orders"),): 0.0}
         pools = list(cluster.pools.values())
         assert len(pools) == 2
-        # `Pool.streams` sums its HTTP/2 connections' open streams (sidecar/upstream/http2.py);
-        # stand-ins that carry 3 and 4 streams, no socket needed.
-        pools[0]._mux.append(_Streams(3))  # type: ignore[arg-type]
-        pools[1]._mux.append(_Streams(4))  # type: ignore[arg-type]
+        # `Pool.streams` sums its HTTP/2 connections' open streams (sidecar/upstream/http2.py):
+        # connections carrying 3 and 4 streams, no socket needed.
+        pools[0]._mux.append(_carrying(pools[0], 3))
+        pools[1]._mux.append(_carrying(pools[1], 4))
         assert samples(scrape(stats), "sidecar_upstream_streams") == {
             (("cluster", "orders"),): 7.0
         }
