@@ -52,39 +52,11 @@ _.build_registry  # observe/metrics.py: the reference registry the scrape is com
 # (test_scrape.py), and the admin tests' /metrics (test_admin.py, test_metrics_names.py)
 _.in_progress  # http/parser.py ResponseParser: a response begun, not ended (test_http_parser.py)
 _.connecting_count  # upstream/pool.py: refills in flight (test_min_idle, test_terminating_endpoint)
+_.send_window  # http/h2engine.py H2Session: the send window now (test_h2engine flow-control tests)
+_.open_streams  # http/h2engine.py H2Session: streams open now (test_h2engine*, after a drain)
 _.resumption_ratio  # upstream/tls.py TlsOrigin: its count against the client's (test_tls.py)
 
-# --- hooks for the HTTP/2 helpers (issue 15): the data path calls them once h2app/h2up land;
-# tests/unit/test_grpc_metrics.py uses them now. Delete these entries at merge. ---------------
-_.grpc_response  # observe/stats.py ClusterStats: one gRPC answer by its grpc-status number
-_.CODES  # grpc_status.py: status name -> number (retry.grpc_on)
-_.format_timeout  # grpc.py: the remaining deadline as grpc-timeout, sent by h2up
-
-# --- TODO(reshape/tlsrate): dead code in files other helpers own, removed on their branches
-# (issue 14, finding 5). Delete these entries at merge; the gate then shows any that are left.
-_.request_sent  # downstream/exchange.py: written, never read
-_.is_idle  # upstream/connection.py
-_.is_closed  # upstream/connection.py
-_.has_expired  # upstream/connection.py
-_.tls_resumed  # upstream/connection.py:175, upstream/pool.py:389: written, never read
-
-# --- the HTTP/2 engine's API (sidecar/http/h2engine.py), called by the app-side and
-# endpoint-side HTTP/2 protocols (h2app/h2up); tests/unit/test_h2engine.py drives it now.
-# Delete these entries when those land. --------------------------------------------------------
-_.initiate
-_.receive
-_.data_to_send
-_.ping
-_.open_streams
-_.goaway_received
-_.new_stream_id
-_.send_headers
-_.send_data
-_.send_trailers
-_.consume
-_.send_window
-_.keepalive_interval  # config/clusters.py Http2Config: read by the HTTP/2 pool (h2up)
-# Kept for good:
+# --- the HTTP/2 engine (sidecar/http/h2engine.py), kept for good:
 _.read_callback  # h2engine.py: a cffi struct field (nghttp2_data_provider), read by C
 _.MODE  # http/_nghttp2.py: which binding loaded (api/abi); the Dockerfile and tests assert it
 _.builder  # http/_nghttp2_cdef.py: the cffi FFI builder, loaded by path from setup.py
@@ -104,3 +76,5 @@ _.AttemptBase  # policy/resilience.py, the same for the policies' view of an att
 _.carrier
 _.capacity  # Carrier: what the HTTP/2 pool asks a multiplexed carrier (h2up)
 _.stream_step  # streams.py: a step checked against STREAM_TRANSITIONS (the HTTP/2 legs)
+_._nva_keep  # h2engine.py: holds the nghttp2_nv buffers across the submit call (compiled
+# code frees a local after its last use; C reads them through a pointer)

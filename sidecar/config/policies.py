@@ -9,6 +9,7 @@ from typing import Annotated, Any, Final, Literal, Self
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
+from sidecar import grpc_status
 from sidecar.config.base import _default_when_absent, _Model
 from sidecar.config.errors import _raise_problems
 from sidecar.config.units import Duration, Size, parse_duration
@@ -164,24 +165,10 @@ def _retry_condition(value: object) -> str:
     )
 
 
-# gRPC status codes by their snake_case name (grpc/doc/statuscodes.md); `ok` cannot fail a try.
+# gRPC status codes by their snake_case name (one table: sidecar/grpc_status.py); `ok` cannot
+# fail a try, so it is not a retry condition.
 GRPC_STATUS_CODES: Final[Mapping[str, int]] = {
-    "cancelled": 1,
-    "unknown": 2,
-    "invalid_argument": 3,
-    "deadline_exceeded": 4,
-    "not_found": 5,
-    "already_exists": 6,
-    "permission_denied": 7,
-    "resource_exhausted": 8,
-    "failed_precondition": 9,
-    "aborted": 10,
-    "out_of_range": 11,
-    "unimplemented": 12,
-    "internal": 13,
-    "unavailable": 14,
-    "data_loss": 15,
-    "unauthenticated": 16,
+    name: code for name, code in grpc_status.CODES.items() if code
 }
 _GRPC_NAMES: Final = {code: name for name, code in GRPC_STATUS_CODES.items()}
 
