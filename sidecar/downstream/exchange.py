@@ -48,6 +48,7 @@ from sidecar.upstream.cluster import Cluster
 from sidecar.upstream.pool import Pool
 
 log = logging.getLogger("sidecar.exchange")
+_ACCESS: Final = logging.getLogger("sidecar.access")
 
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _MAX_REPLAY: Final = 64 * 1024
@@ -444,6 +445,30 @@ class Exchange(AppExchange, EndpointUser, StreamWaiter, Attempt):
         self._settle(None)
         if not self.app.start_tunnel(self, transport, to_app, established):
             self._phase(Phase.DONE)
+
+    def log_access(self, listener: str, protocol: str, now: float) -> None:
+        """The request's one `access` line (docs/operations.md), whichever leg carried it:
+        `protocol` is the app's (`http/1.1`, `h2`); `now` ends its duration."""
+        head = self.head
+        error = self.last_error
+        _ACCESS.info(
+            "access",
+            extra={
+                "fields": {
+                    "listener": listener,
+                    "protocol": protocol,
+                    "method": head.method.decode("latin-1"),
+                    "authority": head.authority.decode("latin-1"),
+                    "path": head.target.decode("latin-1")[:256],
+                    "status": self.status,
+                    "cluster": self.cluster.name if self.cluster else None,
+                    "endpoint": self.pool.key if self.pool else None,
+                    "attempts": self.attempt,
+                    "duration_ms": round((now - self.started) * 1000, 3),
+                    "error": error.code if error and self.status >= 400 else None,
+                }
+            },
+        )
 
     def tunnel_closed(self, now: float) -> None:
         cluster = self.cluster

@@ -71,7 +71,6 @@ from sidecar.rescue import error_body, internal_error
 from sidecar.streams import AppExchange, AppStream, Cancellable
 from sidecar.upstream.connection import reset, set_nodelay
 
-log = logging.getLogger("sidecar.access")
 _ABUSE_LOG: Final = Throttled(logging.getLogger("sidecar.http2"), interval=10.0)
 
 NO_ERROR: Final = 0x0
@@ -627,7 +626,7 @@ class H2AppStream(AppStream):
             ctx.stats.inflight -= 1
             ex = self.exchange
             if ctx.access_log and ex is not None:
-                conn.access_log(ex)
+                ex.log_access(ctx.name, "h2", conn.clock.now())
             if ctx.watch_requests:
                 ctx.changed()
 
@@ -1004,24 +1003,3 @@ class H2AppConnection(H2Sink, asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None and not self.closed:
             reset(self.transport)
-
-    def access_log(self, ex: Exchange) -> None:
-        head = ex.head
-        log.info(
-            "access",
-            extra={
-                "fields": {
-                    "listener": self.ctx.name,
-                    "protocol": "h2",
-                    "method": head.method.decode("latin-1"),
-                    "authority": head.authority.decode("latin-1"),
-                    "path": head.target.decode("latin-1")[:256],
-                    "status": ex.status,
-                    "cluster": ex.cluster.name if ex.cluster else None,
-                    "endpoint": ex.pool.key if ex.pool else None,
-                    "attempts": ex.attempt,
-                    "duration_ms": round((self.clock.now() - ex.started) * 1000, 3),
-                    "error": ex.last_error.code if ex.last_error and ex.status >= 400 else None,
-                }
-            },
-        )

@@ -15,7 +15,6 @@ its connection count only in `connection_made` and `connection_lost` (or handed 
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 from collections import deque
 from collections.abc import Callable
@@ -42,7 +41,6 @@ from sidecar.streams import AppExchange, AppStream, Cancellable
 from sidecar.timers import Timed
 from sidecar.upstream.connection import reset, set_nodelay
 
-log = logging.getLogger("sidecar.access")
 _DISCARD_GRACE: Final = 2.0  # how long we keep reading an unwanted request body before closing
 _CONNECTION_ESTABLISHED: Final = b"HTTP/1.1 200 Connection Established\r\n\r\n"
 
@@ -405,7 +403,7 @@ class DownstreamProtocol(RequestSink, AppStream, Timed, asyncio.Protocol):
         self._let_go(ex)
         ctx = self.ctx
         if ctx.access_log:
-            self._access_log(ex)
+            ex.log_access(self.listener_name, "http/1.1", self.loop.time())
         if self.closed:
             ctx.changed()
             return
@@ -687,26 +685,6 @@ class DownstreamProtocol(RequestSink, AppStream, Timed, asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None and not self.closed:
             reset(self.transport)
-
-    def _access_log(self, ex: Exchange) -> None:
-        head = ex.head
-        log.info(
-            "access",
-            extra={
-                "fields": {
-                    "listener": self.listener_name,
-                    "method": head.method.decode("latin-1"),
-                    "authority": head.authority.decode("latin-1"),
-                    "path": head.target.decode("latin-1")[:256],
-                    "status": ex.status,
-                    "cluster": ex.cluster.name if ex.cluster else None,
-                    "endpoint": ex.pool.key if ex.pool else None,
-                    "attempts": ex.attempt,
-                    "duration_ms": round((self.loop.time() - ex.started) * 1000, 3),
-                    "error": ex.last_error.code if ex.last_error and ex.status >= 400 else None,
-                }
-            },
-        )
 
     def __repr__(self) -> str:
         return f"<DownstreamProtocol {self.listener_name} exchange={self.exchange!r}>"

@@ -500,6 +500,38 @@ def test_curl_prior_knowledge_and_http11_on_the_same_port(env: Env) -> None:
     assert got["sha"] == hashlib.sha256(payload).hexdigest()
 
 
+@pytest.mark.parametrize("loop", LOOPS)
+def test_one_access_line_per_request_whichever_protocol(env: Env, loop: str) -> None:
+    """HTTP/1.1 and HTTP/2 requests are logged by the same writer (Exchange.log_access): the
+    same fields, and `protocol` says which the app spoke."""
+    config = {
+        "access_log": True,
+        "listeners": [{"name": "fixed", "protocol": "http", "cluster": "echo"}],
+        "clusters": [cluster("echo", env.origins["a"].server.port)],
+    }
+    seen = {}
+    with Sidecar(config, loop=loop) as sc:
+        for args, protocol in ((["--http2-prior-knowledge"], "h2"), ([], "http/1.1")):
+            path = f"/access-{protocol.replace('/', '')}"
+            subprocess.run(["curl", "-sS", "--noproxy", "*", "-o", "/dev/null", *args,
+                            sc.url("fixed", path)], capture_output=True, timeout=TIMEOUT,
+                           check=True)
+
+            def lines(path: str = path) -> list[dict[str, Any]]:
+                return [json.loads(line) for line in sc.logs().splitlines()
+                        if '"access"' in line and path in line]
+
+            wait_until(lambda: bool(lines()), what=f"the access line of {path}")
+            seen[protocol] = lines()[0]
+    fields = {"listener", "protocol", "method", "authority", "path", "status", "cluster",
+              "endpoint", "attempts", "duration_ms", "error"}
+    for protocol, line in seen.items():
+        assert fields <= set(line), line
+        assert line["protocol"] == protocol and line["status"] == 200, line
+        assert line["listener"] == "fixed" and line["cluster"] == "echo" and line["attempts"] == 1
+        assert line["method"] == "GET" and line["error"] is None and line["duration_ms"] >= 0
+
+
 def test_httpx_h2_many_requests_on_one_connection(env: Env) -> None:
     with httpx.Client(http1=False, http2=True, trust_env=False, timeout=TIMEOUT) as client:
         for i in range(20):
