@@ -3,7 +3,7 @@ loop, on 127.0.0.1. It records what it receives (header lists as sent on the wir
 `h2`, bodies, which connection carried each stream) and answers by path:
 
 - `/hold` (unless `hold=False`): held until `release_held()` (or until `goaway_at` held
-  streams arrived: then GOAWAY with last-stream-id the first held stream's, which is
+  streams arrived: then GOAWAY with last-stream-id the lowest held stream's, which is
   answered; the others were refused);
 - `/big/N`: N bytes, sent as fast as the client's windows allow (`sent[stream]` counts them);
 - `/grpc/unavailable`: a gRPC Trailers-Only answer, grpc-status 14;
@@ -125,7 +125,9 @@ class _Conn(asyncio.Protocol):
         if path == b"/hold" and origin.hold:
             self.held.append(sid)
             if origin.goaway_at and len(self.held) >= origin.goaway_at:
-                first = self.held[0]
+                # The lowest stream id, not the first to end: a request's body may end after
+                # a later stream's whole request did (the sidecar opens a stream at the head).
+                first = min(self.held)
                 # GOAWAY first, framed by hand (h2 sends nothing more after its own), then
                 # the answer to the stream it lets finish.
                 self.flush()
