@@ -54,7 +54,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Callable
-from typing import Any, Final, cast
+from typing import Final, cast
 
 from sidecar.clock import MONOTONIC, Clock
 from sidecar.downstream.context import ListenerContext
@@ -309,7 +309,7 @@ class H2AppStream(AppStream):
                 limit = math.ceil(cluster.request_timeout * 1000)
                 head.timeout_ms = ms if ms < limit else limit
             if not cluster.has_answer:
-                self._await_discovery(ex, cluster)
+                ex.await_discovery(cluster)
             else:
                 ex.start(cluster)
         except SidecarError as exc:
@@ -317,26 +317,6 @@ class H2AppStream(AppStream):
                 ex.fail(exc)
         if end_stream and not _done(ex):  # a call: mypy would keep `phase` narrowed
             ex.request_end(None)
-
-    def _await_discovery(self, ex: Exchange, cluster: Any) -> None:
-        """A forward-proxy destination still resolving: start once it answers, or fail at
-        connect_timeout (as downstream/protocol.py does)."""
-        ex.cluster = cluster
-        ex.deadline = ex.started + cluster.settings.connect_timeout
-        self.set_deadline(ex.next_deadline())
-
-        def go() -> None:
-            if ex.phase is not Phase.ROUTED or self.exchange is not ex:
-                return
-            try:
-                ex.start(cluster)
-            except SidecarError as exc:
-                ex.fail(exc)
-            except Exception as exc:  # a loop callback: nobody above us would answer the app
-                self.rescue(exc, "discovery_wait")
-            self.conn.wrote()
-
-        cluster.when_ready(go)
 
     def request_data(self, data: bytes, end: bool) -> None:
         ex = self.exchange

@@ -370,31 +370,12 @@ class DownstreamProtocol(RequestSink, AppStream, Timed, asyncio.Protocol):
                     raise NoRoute(f"cluster {target} does not exist", target)
                 cluster = found
             if not cluster.has_answer:
-                self._await_discovery(ex, cluster)
+                ex.await_discovery(cluster)
                 return
             ex.start(cluster)  # sets this connection's deadline to the request's
         except SidecarError as exc:
             if ex.phase is not Phase.DONE:
                 ex.fail(exc)
-
-    def _await_discovery(self, ex: Exchange, cluster: Any) -> None:
-        """A dynamic cluster whose name is still resolving: start once it answers, or fail at
-        connect_timeout."""
-        ex.cluster = cluster
-        ex.deadline = ex.started + cluster.settings.connect_timeout
-        self.deadline_changed()
-
-        def go() -> None:
-            if ex.phase is not Phase.ROUTED or self.exchange is not ex:
-                return
-            try:
-                ex.start(cluster)
-            except SidecarError as exc:
-                ex.fail(exc)
-            except Exception as exc:  # a loop callback: nobody above us would answer the app
-                self.rescue(exc, "discovery_wait")
-
-        cluster.when_ready(go)
 
     def exchange_done(self, ex: Exchange, keep_alive: bool) -> None:
         """The exchange finished (response written, or failed and answered)."""
