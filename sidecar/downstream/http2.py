@@ -59,8 +59,7 @@ from typing import Final, cast
 from sidecar.clock import MONOTONIC, Clock
 from sidecar.downstream.context import ListenerContext
 from sidecar.downstream.exchange import Exchange, Phase
-from sidecar.downstream.router import ForwardTarget, route
-from sidecar.errors import NoRoute, ProtocolError, SidecarError
+from sidecar.errors import ProtocolError, SidecarError
 from sidecar.flow_control import WRITE_HIGH_WATER, WRITE_LOW_WATER
 from sidecar.grpc import error_headers, is_grpc, parse_timeout
 from sidecar.http.h2engine import H2ProtocolError, H2Session, H2Sink
@@ -291,14 +290,7 @@ class H2AppStream(AppStream):
         self.counted = True
         ctx.stats.inflight += 1
         try:
-            target = route(ctx.table, head.authority, head.target, False)
-            if isinstance(target, ForwardTarget):
-                cluster = ctx.clusters.forward(target)
-            else:
-                found = ctx.clusters.get(target)
-                if found is None:
-                    raise NoRoute(f"cluster {target} does not exist", target)
-                cluster = found
+            cluster = ctx.cluster_for(head.authority, head.target, False)
             if grpc_timeout is not None:
                 # SPEC 11: the smallest of grpc-timeout, x-sidecar-timeout-ms and the
                 # cluster's timeouts.request (the exchange takes timeout_ms as given).

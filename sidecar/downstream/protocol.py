@@ -22,9 +22,8 @@ from typing import Any, Final, cast
 
 from sidecar.downstream.context import ListenerContext
 from sidecar.downstream.exchange import Exchange, Phase
-from sidecar.downstream.router import ForwardTarget, route
 from sidecar.downstream.tunnel import splice
-from sidecar.errors import HeadTimeout, NoRoute, ProtocolError, SidecarError
+from sidecar.errors import HeadTimeout, ProtocolError, SidecarError
 from sidecar.flow_control import (
     PEER_WRITE_FULL,
     PIPELINED,
@@ -361,14 +360,7 @@ class DownstreamProtocol(RequestSink, AppStream, Timed, asyncio.Protocol):
             refusal = ctx.admit()
             if refusal is not None:
                 raise refusal
-            target = route(ctx.table, head.authority, head.target, head.method == b"CONNECT")
-            if isinstance(target, ForwardTarget):
-                cluster = ctx.clusters.forward(target)
-            else:
-                found = ctx.clusters.get(target)
-                if found is None:
-                    raise NoRoute(f"cluster {target} does not exist", target)
-                cluster = found
+            cluster = ctx.cluster_for(head.authority, head.target, head.method == b"CONNECT")
             if not cluster.has_answer:
                 ex.await_discovery(cluster)
                 return
