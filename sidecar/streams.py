@@ -563,7 +563,6 @@ class Carrier:
 
     __slots__ = ()
 
-    key: str  # the endpoint, `ip:port`
     state: CarrierState
     reusable: bool  # see `is_reusable`
     created_at: float
