@@ -747,7 +747,7 @@ def test_new_forward_proxy_destinations_wait_for_their_discovery(loop: str) -> N
             assert bytes(c.bodies[later]) == b"origin b /later"
         finally:
             c.close()
-        assert sc.metric("sidecar_forward_proxy_destination_events", event="created") == 2
+        assert sc.metric("sidecar_forward_proxy_destination_events_total", event="created") == 2
 
 
 def test_grpc_no_route_is_unimplemented_trailers_only(env: Env) -> None:
