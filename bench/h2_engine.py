@@ -101,22 +101,24 @@ def run_h2(n: int, batch: int, validate: bool) -> tuple[float, float]:
             normalize_outbound_headers=False,
         )
 
-    # Both connections are made before the clock runs: once per run, nothing per request.
-    c = h2.connection.H2Connection(config(True))
-    s = h2.connection.H2Connection(config(False))
+    # The connections are made on the clock (in the openings), as the sessions below are.
+    made: dict[bool, h2.connection.H2Connection] = {}
 
     def open_client() -> bytes:
+        c = made[True] = h2.connection.H2Connection(config(True))
         c.initiate_connection()
         c.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
         return c.data_to_send()
 
     def open_server(to_server: bytes) -> bytes:
+        s = made[False] = h2.connection.H2Connection(config(False))
         s.initiate_connection()
         s.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
         s.receive_data(to_server)
         return s.data_to_send()
 
     def client_send(k: int) -> bytes:
+        c = made[True]
         for _ in range(k):
             sid = c.get_next_available_stream_id()
             c.send_headers(sid, REQ_HEADERS)
@@ -124,6 +126,7 @@ def run_h2(n: int, batch: int, validate: bool) -> tuple[float, float]:
         return c.data_to_send()
 
     def server_answer(to_server: bytes) -> bytes:
+        s = made[False]
         for ev in s.receive_data(to_server):
             if isinstance(ev, h2.events.DataReceived):
                 s.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
@@ -135,6 +138,7 @@ def run_h2(n: int, batch: int, validate: bool) -> tuple[float, float]:
         return s.data_to_send()
 
     def client_read(to_client: bytes) -> tuple[int, bytes]:
+        c = made[True]
         ended = 0
         for ev in c.receive_data(to_client):
             if isinstance(ev, h2.events.DataReceived):
@@ -177,20 +181,21 @@ def run_engine(n: int, batch: int) -> tuple[float, float]:
                 s.send_trailers(stream_id, TRAILERS)
 
     cs, ss = Client(), Server()
-    # Both sessions are made before the clock runs: once per run, nothing per request.
-    c = cs.session = H2Session(cs, True)
-    s = ss.session = H2Session(ss, False)
+    made: dict[bool, H2Session] = {}  # the sessions, made on the clock (in the openings)
 
     def open_client() -> bytes:
+        c = made[True] = cs.session = H2Session(cs, True)
         c.initiate()
         return c.data_to_send()
 
     def open_server(to_server: bytes) -> bytes:
+        s = made[False] = ss.session = H2Session(ss, False)
         s.initiate()
         s.receive(to_server)
         return s.data_to_send()
 
     def client_send(k: int) -> bytes:
+        c = made[True]
         for _ in range(k):
             sid = c.new_stream_id()
             c.send_headers(sid, REQ_HEADERS, False)
@@ -198,10 +203,12 @@ def run_engine(n: int, batch: int) -> tuple[float, float]:
         return c.data_to_send()
 
     def server_answer(to_server: bytes) -> bytes:
+        s = made[False]
         s.receive(to_server)
         return s.data_to_send()
 
     def client_read(to_client: bytes) -> tuple[int, bytes]:
+        c = made[True]
         before = cs.ended
         c.receive(to_client)
         return cs.ended - before, c.data_to_send()
