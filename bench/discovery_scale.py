@@ -355,18 +355,12 @@ def main() -> None:
     table = markdown(rows, args)
     print()
     print(table)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    results = ROOT / "bench" / "results"
-    out = args.out or results / f"discovery-{stamp}.json"
-    given = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    record = {"args": given | {"out": str(out)}, "rows": rows, "markdown": table}
+    out = report.result_path("discovery", args.out)
+    record = {"args": report.args_record(args) | {"out": str(out)}, "rows": rows,
+              "markdown": table}
     if args.compare:
         record["markdown"] = table + "\n\n" + args.compare.read_text().strip()
-    out.write_text(json.dumps(record, indent=1))
-    print(f"\nwrote {out}")
-    if args.out is None and (results / "latest.json").exists():
-        report.rewrite_docs(results, ROOT / "docs" / "benchmarks.md")
-        print("docs:  docs/benchmarks.md")
+    report.record_run(out, record, args.out is not None)
 
 
 if __name__ == "__main__":

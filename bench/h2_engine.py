@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 BODY = b"x" * 100
 REQ_HEADERS = [
@@ -42,12 +43,45 @@ REQ_HEADERS = [
 ]
 RESP_HEADERS = [(b":status", b"200"), (b"content-type", b"application/grpc")]
 TRAILERS = [(b"grpc-status", b"0")]
+CLIENT, SERVER = 0, 1
+T = TypeVar("T")
 
 
-class Meter:
-    def __init__(self) -> None:
-        self.client = 0.0
-        self.server = 0.0
+def drive(
+    n: int,
+    batch: int,
+    open_client: Callable[[], bytes],
+    open_server: Callable[[bytes], bytes],
+    client_send: Callable[[int], bytes],
+    server_answer: Callable[[bytes], bytes],
+    client_read: Callable[[bytes], tuple[int, bytes]],
+) -> tuple[float, float]:
+    """One engine's client and server sessions, talking through byte strings: the prefaces,
+    then `n` requests in batches of `batch`. Each callable is one side's work in its engine
+    and returns what that side has to send: `open_client` (its preface and SETTINGS),
+    `open_server` (reads the client's, sends its own), `client_send` (k requests),
+    `server_answer` (reads requests, answers those complete), `client_read` (reads answers:
+    how many streams ended, and what it sends back). (client, server) CPU us per request."""
+    cpu = [0.0, 0.0]  # process_time spent by the client, by the server
+
+    def timed(side: int, work: Callable[..., T], *args: Any) -> T:
+        t0 = time.process_time()
+        out = work(*args)
+        cpu[side] += time.process_time() - t0
+        return out
+
+    to_server = timed(CLIENT, open_client)
+    to_client = timed(SERVER, open_server, to_server)
+    _, to_server = timed(CLIENT, client_read, to_client)
+    done = 0
+    while done < n:
+        k = min(batch, n - done)
+        to_server += timed(CLIENT, client_send, k)
+        to_client = timed(SERVER, server_answer, to_server)
+        ended, to_server = timed(CLIENT, client_read, to_client)
+        assert ended == k, (ended, k)
+        done += k
+    return cpu[CLIENT] / n * 1e6, cpu[SERVER] / n * 1e6
 
 
 def run_h2(n: int, batch: int, validate: bool) -> tuple[float, float]:
@@ -67,41 +101,33 @@ def run_h2(n: int, batch: int, validate: bool) -> tuple[float, float]:
             normalize_outbound_headers=False,
         )
 
-    m = Meter()
-    t = time.process_time
-    t0 = t()
-    c = h2.connection.H2Connection(config(True))
-    c.initiate_connection()
-    c.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
-    to_server = c.data_to_send()
-    m.client += t() - t0
-    t0 = t()
-    s = h2.connection.H2Connection(config(False))
-    s.initiate_connection()
-    s.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
-    s.receive_data(to_server)
-    to_client = s.data_to_send()
-    m.server += t() - t0
-    t0 = t()
-    c.receive_data(to_client)
-    to_server = c.data_to_send()
-    m.client += t() - t0
-    done = 0
-    while done < n:
-        k = min(batch, n - done)
-        # client: k requests
-        t0 = t()
+    # The connections are made on the clock (in the openings), as the sessions below are.
+    made: dict[bool, h2.connection.H2Connection] = {}
+
+    def open_client() -> bytes:
+        c = made[True] = h2.connection.H2Connection(config(True))
+        c.initiate_connection()
+        c.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
+        return c.data_to_send()
+
+    def open_server(to_server: bytes) -> bytes:
+        s = made[False] = h2.connection.H2Connection(config(False))
+        s.initiate_connection()
+        s.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
+        s.receive_data(to_server)
+        return s.data_to_send()
+
+    def client_send(k: int) -> bytes:
+        c = made[True]
         for _ in range(k):
             sid = c.get_next_available_stream_id()
             c.send_headers(sid, REQ_HEADERS)
             c.send_data(sid, BODY, end_stream=True)
-        to_server += c.data_to_send()
-        m.client += t() - t0
-        # server: read, answer
-        t0 = t()
-        events = s.receive_data(to_server)
-        to_server = b""
-        for ev in events:
+        return c.data_to_send()
+
+    def server_answer(to_server: bytes) -> bytes:
+        s = made[False]
+        for ev in s.receive_data(to_server):
             if isinstance(ev, h2.events.DataReceived):
                 s.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
             elif isinstance(ev, h2.events.StreamEnded):
@@ -109,21 +135,19 @@ def run_h2(n: int, batch: int, validate: bool) -> tuple[float, float]:
                 s.send_headers(sid, RESP_HEADERS)
                 s.send_data(sid, BODY)
                 s.send_headers(sid, TRAILERS, end_stream=True)
-        to_client = s.data_to_send()
-        m.server += t() - t0
-        # client: read answers
-        t0 = t()
+        return s.data_to_send()
+
+    def client_read(to_client: bytes) -> tuple[int, bytes]:
+        c = made[True]
         ended = 0
         for ev in c.receive_data(to_client):
             if isinstance(ev, h2.events.DataReceived):
                 c.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
             elif isinstance(ev, h2.events.StreamEnded):
                 ended += 1
-        to_server = c.data_to_send()
-        m.client += t() - t0
-        assert ended == k, (ended, k)
-        done += k
-    return m.client / n * 1e6, m.server / n * 1e6
+        return ended, c.data_to_send()
+
+    return drive(n, batch, open_client, open_server, client_send, server_answer, client_read)
 
 
 def run_engine(n: int, batch: int) -> tuple[float, float]:
@@ -156,48 +180,40 @@ def run_engine(n: int, batch: int) -> tuple[float, float]:
                 s.send_data(stream_id, BODY, False)
                 s.send_trailers(stream_id, TRAILERS)
 
-    m = Meter()
-    t = time.process_time
     cs, ss = Client(), Server()
-    t0 = t()
-    c = H2Session(cs, True)
-    cs.session = c
-    c.initiate()
-    to_server = c.data_to_send()
-    m.client += t() - t0
-    t0 = t()
-    s = H2Session(ss, False)
-    ss.session = s
-    s.initiate()
-    s.receive(to_server)
-    to_client = s.data_to_send()
-    m.server += t() - t0
-    t0 = t()
-    c.receive(to_client)
-    to_server = c.data_to_send()
-    m.client += t() - t0
-    done = 0
-    while done < n:
-        k = min(batch, n - done)
-        t0 = t()
+    made: dict[bool, H2Session] = {}  # the sessions, made on the clock (in the openings)
+
+    def open_client() -> bytes:
+        c = made[True] = cs.session = H2Session(cs, True)
+        c.initiate()
+        return c.data_to_send()
+
+    def open_server(to_server: bytes) -> bytes:
+        s = made[False] = ss.session = H2Session(ss, False)
+        s.initiate()
+        s.receive(to_server)
+        return s.data_to_send()
+
+    def client_send(k: int) -> bytes:
+        c = made[True]
         for _ in range(k):
             sid = c.new_stream_id()
             c.send_headers(sid, REQ_HEADERS, False)
             c.send_data(sid, BODY, True)
-        to_server += c.data_to_send()
-        m.client += t() - t0
-        t0 = t()
+        return c.data_to_send()
+
+    def server_answer(to_server: bytes) -> bytes:
+        s = made[False]
         s.receive(to_server)
-        to_client = s.data_to_send()
-        m.server += t() - t0
-        t0 = t()
+        return s.data_to_send()
+
+    def client_read(to_client: bytes) -> tuple[int, bytes]:
+        c = made[True]
         before = cs.ended
         c.receive(to_client)
-        to_server = c.data_to_send()
-        m.client += t() - t0
-        assert cs.ended - before == k, (cs.ended - before, k)
-        done += k
-    return m.client / n * 1e6, m.server / n * 1e6
+        return cs.ended - before, c.data_to_send()
+
+    return drive(n, batch, open_client, open_server, client_send, server_answer, client_read)
 
 
 def main() -> None:

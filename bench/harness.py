@@ -103,6 +103,20 @@ def pick_cores() -> tuple[frozenset[int], frozenset[int], list[str]]:
     return only, only, ["only one CPU available: proxy and load generator share it"]
 
 
+def pin_self(load_cores: frozenset[int], priority: int = 0) -> None:
+    """This script's own process, before it starts any other: the nice value `priority` for
+    it and for every process it starts (0: unchanged; not allowed: it stops here), and the
+    load core(s), off the proxy's."""
+    if priority:
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, priority)
+        except OSError as exc:
+            raise SystemExit(f"--priority {priority}: {exc}") from exc
+        set_child_priority(priority)
+    with contextlib.suppress(OSError):
+        os.sched_setaffinity(0, load_cores)
+
+
 class Runner:
     def __init__(self, plan: Plan, workdir: Path, verbose: bool = True) -> None:
         self.plan = plan
@@ -503,15 +517,22 @@ def _envoy_handshakes(target: Target, cluster: str) -> tuple[float, float] | Non
     return resumed, stats["handshake"] - resumed
 
 
-def _sidecar_handshakes(target: Target, cluster: str) -> tuple[float, float] | None:
-    """(resumed, full) from sidecar_tls_handshakes_total for `cluster` (cumulative, this run
-    includes warm-up: callers take differences)."""
+def _sidecar_metrics(target: Target) -> str | None:
+    """The sidecar's /metrics text (None: no port to ask, or no answer)."""
     port = target.admin_port or target.status_port
     if port is None:
         return None
     try:
-        text = http_request(port, "/metrics").body.decode()
+        return http_request(port, "/metrics").body.decode()
     except (OSError, BenchError):
+        return None
+
+
+def _sidecar_handshakes(target: Target, cluster: str) -> tuple[float, float] | None:
+    """(resumed, full) from sidecar_tls_handshakes_total for `cluster` (cumulative, this run
+    includes warm-up: callers take differences)."""
+    text = _sidecar_metrics(target)
+    if text is None:
         return None
     resumed = full = 0.0
     found = False
@@ -550,12 +571,8 @@ def _sidecar_local_errors(target: Target) -> dict[str, float] | None:
     """sidecar_local_errors_total by code, all clusters summed (None: not a sidecar)."""
     if not target.name.startswith("sidecar"):
         return None
-    port = target.admin_port or target.status_port
-    if port is None:
-        return None
-    try:
-        text = http_request(port, "/metrics").body.decode()
-    except (OSError, BenchError):
+    text = _sidecar_metrics(target)
+    if text is None:
         return None
     counts: dict[str, float] = {}
     for line in text.splitlines():
@@ -737,18 +754,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plan = plan_from_args(args)
     signal.signal(signal.SIGTERM, _sigterm)
-    if args.priority:
-        try:
-            os.setpriority(os.PRIO_PROCESS, 0, args.priority)  # fails early if not allowed
-        except OSError as exc:
-            raise SystemExit(f"--priority {args.priority}: {exc}") from exc
-        set_child_priority(args.priority)
+    # This runner off the proxy's core (the cores the Runner picks again), at --priority.
+    pin_self(pick_cores()[1], args.priority)
     workdir = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
     workdir.chmod(0o755)  # nginx workers may run as another user
     runner = Runner(plan, workdir, verbose=not args.quiet)
     runner.profile_out = args.profile_out
-    with contextlib.suppress(OSError):
-        os.sched_setaffinity(0, runner.load_cores)  # keep this runner off the proxy's core
     start_load = loadavg()
     started = dt.datetime.now(dt.UTC)
     status, fatal = 0, None

@@ -386,16 +386,9 @@ def main() -> None:
     print(json.dumps(result, indent=1))
     print()
     print(table)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    results = ROOT / "bench" / "results"
-    out = args.out or results / f"memory-{stamp}.json"
-    given = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    out.write_text(json.dumps({"args": given | {"out": str(out)}, **result,
-                               "markdown": table}, indent=1))
-    print(f"\nwrote {out}")
-    if args.out is None and (results / "latest.json").exists():
-        report.rewrite_docs(results, ROOT / "docs" / "benchmarks.md")
-        print("docs:  docs/benchmarks.md")
+    out = report.result_path("memory", args.out)
+    report.record_run(out, {"args": report.args_record(args) | {"out": str(out)}, **result,
+                            "markdown": table}, args.out is not None)
 
 
 if __name__ == "__main__":

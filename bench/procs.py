@@ -13,8 +13,9 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -219,6 +220,21 @@ class Procs:
     def stop_all(self) -> None:
         while self.started:
             self.started.pop().stop()
+
+
+@contextlib.contextmanager
+def workspace(prefix: str, keep: Path | None = None) -> Iterator[Procs]:
+    """A `Procs` working in `keep` (created if need be, and left in place), else in a temporary
+    directory named `prefix`... that is removed at the end; every process started through it
+    is stopped by its PID on the way out, whatever happened."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        work = keep or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        procs = Procs(work)
+        try:
+            yield procs
+        finally:
+            procs.stop_all()
 
 
 def wait_ready(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -400,3 +402,28 @@ def rewrite_docs(results_dir: Path, docs: Path) -> None:
     latest = results_dir / "latest.json"
     result = json.loads(latest.read_text())
     docs.write_text(markdown(result, history(results_dir), other_benchmarks(results_dir)))
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+
+
+def result_path(kind: str, out: Path | None) -> Path:
+    """Where a benchmark other than bench/run.py records a run: `out` when given, else
+    bench/results/<kind>-<UTC stamp>.json."""
+    return out or RESULTS / f"{kind}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+
+
+def args_record(args: argparse.Namespace) -> dict[str, Any]:
+    """A script's arguments as JSON can hold them (paths as strings)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+def record_run(out: Path, record: dict[str, Any], chosen: bool) -> None:
+    """Write `record` to `out`; unless the caller chose `out` (`chosen`: a scratch run),
+    docs/benchmarks.md is regenerated with it, once a full run of bench/run.py is on record."""
+    out.write_text(json.dumps(record, indent=1))
+    print(f"\nwrote {out}")
+    if not chosen and (RESULTS / "latest.json").exists():
+        rewrite_docs(RESULTS, DOCS)
+        print("docs:  docs/benchmarks.md")

@@ -78,6 +78,20 @@ def _http(method: str, url: str, timeout: float) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
+def _admin_ok(command: str, method: str, admin: str, path: str, timeout: float) -> bytes | None:
+    """The body of the admin server's 200 answer; else None, having said why on stderr as
+    `sidecar <command>: ...`."""
+    try:
+        status, body = _http(method, f"{admin}{path}", timeout)
+    except OSError as exc:
+        print(f"sidecar {command}: cannot reach {admin}: {exc}", file=sys.stderr)
+        return None
+    if status != 200:
+        print(f"sidecar {command}: {status} {body.decode(errors='replace')}", file=sys.stderr)
+        return None
+    return body
+
+
 def cmd_check(path: str) -> int:
     from sidecar import config
 
@@ -112,13 +126,7 @@ def cmd_drain(admin: str, timeout: float) -> int:
     `timeout` passes while the sidecar says its own deadline is at most DRAIN_SETTLE seconds
     away, we wait for it instead of failing a hook that is about to succeed."""
     deadline = time.monotonic() + timeout
-    try:
-        status, body = _http("POST", f"{admin}/drain", max(0.5, min(5.0, timeout)))
-    except OSError as exc:
-        print(f"sidecar drain: cannot reach {admin}: {exc}", file=sys.stderr)
-        return 1
-    if status != 200:
-        print(f"sidecar drain: {status} {body.decode(errors='replace')}", file=sys.stderr)
+    if _admin_ok("drain", "POST", admin, "/drain", max(0.5, min(5.0, timeout))) is None:
         return 1
     last_key: tuple[object, ...] | None = None
     last_print = 0.0
@@ -166,13 +174,8 @@ def _sidecar_left(info: dict[str, object]) -> float | None:
 
 
 def cmd_config_dump(admin: str) -> int:
-    try:
-        status, body = _http("GET", f"{admin}/config", 5.0)
-    except OSError as exc:
-        print(f"sidecar config-dump: cannot reach {admin}: {exc}", file=sys.stderr)
-        return 1
-    if status != 200:
-        print(f"sidecar config-dump: {status}", file=sys.stderr)
+    body = _admin_ok("config-dump", "GET", admin, "/config", 5.0)
+    if body is None:
         return 1
     print(json.dumps(json.loads(body), indent=2, sort_keys=False))
     return 0

@@ -268,8 +268,9 @@ class AppStream:
         raise NotImplementedError
 
     def batch_begin(self) -> None:
-        """What follows until `batch_end` comes from one read on the endpoint side: the leg
-        may hold its writes and send them in one (corking)."""
+        """What follows until `batch_end` comes from one read on the endpoint side (or one
+        loop callback, such as a discovery answer): the leg may hold its writes and send them
+        in one (corking); HTTP/2 flushes its connection at `batch_end`."""
         raise NotImplementedError
 
     def batch_end(self) -> None:
@@ -400,9 +401,15 @@ class EndpointStream:
     one of `release` (the response ended: the carrier may take another stream), `reset`
     (abandon it: the carrier is not reused for HTTP/1.1, RST_STREAM for HTTP/2) or `detach`
     (HTTP/1.1 only: the socket becomes a tunnel).
+
+    Every stream keeps the two fields below; the methods that only read them are written
+    once here (the trait's default methods).
     """
 
     __slots__ = ()
+
+    _taken_at: float  # see `taken_at`
+    _response_begun: bool  # see `response_started`
 
     # --- what retry classification reads ------------------------------------------------------
     def endpoint(self) -> str:
@@ -416,11 +423,11 @@ class EndpointStream:
 
     def response_started(self) -> bool:
         """Whether a byte of the response has been received on this stream."""
-        raise NotImplementedError
+        return self._response_begun
 
     def taken_at(self) -> float:
         """When the pool handed this stream out (the request's write followed at once)."""
-        raise NotImplementedError
+        return self._taken_at
 
     def race_lost(self, now: float) -> None:
         """The exchange judged this stream's failure a keep-alive race (a reused carrier the
@@ -548,9 +555,20 @@ class CarrierOwner:
 @mypyc_attr(allow_interpreted_subclasses=True)
 class Carrier:
     """A connection the pool keeps, carrying streams to one endpoint. Its state follows
-    `CARRIER_TRANSITIONS`; it changes only inside the carrier, through its methods."""
+    `CARRIER_TRANSITIONS`; it changes only inside the carrier, through its methods.
+
+    The fields below are every carrier's (each protocol's `__init__` sets them), and the
+    methods that only read them are written once here, as the trait's default methods; the
+    rest each protocol overrides."""
 
     __slots__ = ()
+
+    state: CarrierState
+    reusable: bool  # see `is_reusable`
+    created_at: float
+    expires_at: float  # the (jittered) end of its max_lifetime
+    _idle_since: float  # see `idle_since`
+    close_reason: str  # why it closed or is closing ("" while open)
 
     def capacity(self) -> int:
         """How many more streams it can open now: HTTP/1.1 1 when IDLE and reusable, else 0;
@@ -575,27 +593,27 @@ class Carrier:
         raise NotImplementedError
 
     def is_closed(self) -> bool:
-        raise NotImplementedError
+        return self.state is CarrierState.CLOSED
 
     def is_idle(self) -> bool:
         """In IDLE: open, no stream."""
-        raise NotImplementedError
+        return self.state is CarrierState.IDLE
 
     def is_reusable(self) -> bool:
         """Whether it may carry another stream once its current ones end (False after the
         peer's `Connection: close`, an unsolicited byte, an error, `retire`)."""
-        raise NotImplementedError
+        return self.reusable
 
     def past_lifetime(self, now: float) -> bool:
         """Past its (jittered) `max_lifetime`."""
-        raise NotImplementedError
+        return now >= self.expires_at
 
     def opened_at(self) -> float:
-        raise NotImplementedError
+        return self.created_at
 
     def idle_since(self) -> float:
         """When it last became idle (its last stream ended, or it connected)."""
-        raise NotImplementedError
+        return self._idle_since
 
     def idle_for(self, now: float) -> float:
         raise NotImplementedError
@@ -606,7 +624,7 @@ class Carrier:
 
     def closed_by_peer(self) -> bool:
         """It closed because the peer closed it (not by us)."""
-        raise NotImplementedError
+        return self.close_reason == "remote_closed"
 
     def peer_gone(self) -> bool:
         """Ask the kernel whether the peer has closed (or written to) this idle carrier

@@ -7,9 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from sidecar.downstream.router import ForwardTarget, RouteTable
+from sidecar.downstream.router import ForwardTarget, RouteTable, route
 from sidecar.downstream.tunnel import Tunnel
-from sidecar.errors import SidecarError
+from sidecar.errors import NoRoute, SidecarError
 from sidecar.observe.stats import ListenerStats
 from sidecar.timers import Wheel
 from sidecar.upstream.cluster import Cluster
@@ -60,6 +60,17 @@ class ListenerContext:
     # when requests finish.
     on_change: Callable[[], None] | None = None
     watch_requests: bool = False
+
+    def cluster_for(self, authority: bytes, path: bytes, connect: bool) -> Cluster:
+        """The cluster a request goes to (a forward-proxy destination's is made on first use).
+        Raises NoRoute, or the router's refusals (HostNotAllowed, ProtocolError)."""
+        target = route(self.table, authority, path, connect)
+        if isinstance(target, ForwardTarget):
+            return self.clusters.forward(target)
+        found = self.clusters.get(target)
+        if found is None:
+            raise NoRoute(f"cluster {target} does not exist", target)
+        return found
 
     def changed(self) -> None:
         if self.on_change is not None:

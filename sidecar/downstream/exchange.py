@@ -171,6 +171,32 @@ class Exchange(AppExchange, EndpointUser, StreamWaiter, Attempt):
             self.keep_body = False
         self._attempt()
 
+    def await_discovery(self, cluster: Cluster) -> None:
+        """Routing chose `cluster`, whose discovery has not answered yet (a forward-proxy
+        destination still resolving): start once it answers, or fail at its connect_timeout
+        (`on_deadline`). Either leg calls this instead of `start`."""
+        self.cluster = cluster
+        self.deadline = self.started + cluster.settings.connect_timeout
+        self.app.set_deadline(self.next_deadline())
+        cluster.when_ready(self._discovered)
+
+    def _discovered(self) -> None:
+        """The cluster's first discovery answer came (a loop callback). Phases never go back
+        to ROUTED: any other phase means the exchange ended (app gone, timed out) meanwhile."""
+        cluster = self.cluster
+        if self.phase is not Phase.ROUTED or cluster is None:
+            return
+        app = self.app
+        app.batch_begin()  # HTTP/2: the stream's frames go out once this callback is over
+        try:
+            self.start(cluster)
+        except SidecarError as exc:
+            self.fail(exc)
+        except Exception as exc:  # a loop callback: nobody above us would answer the app
+            app.rescue(exc, "discovery_wait")
+        finally:
+            app.batch_end()
+
     def max_replay(self) -> int:
         cluster = self.cluster
         if cluster is not None and cluster.policies is not None:

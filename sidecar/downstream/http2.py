@@ -54,13 +54,12 @@ import asyncio
 import logging
 import math
 from collections.abc import Callable
-from typing import Any, Final, cast
+from typing import Final, cast
 
 from sidecar.clock import MONOTONIC, Clock
 from sidecar.downstream.context import ListenerContext
 from sidecar.downstream.exchange import Exchange, Phase
-from sidecar.downstream.router import ForwardTarget, route
-from sidecar.errors import NoRoute, ProtocolError, SidecarError
+from sidecar.errors import ProtocolError, SidecarError
 from sidecar.flow_control import WRITE_HIGH_WATER, WRITE_LOW_WATER
 from sidecar.grpc import error_headers, is_grpc, parse_timeout
 from sidecar.http.h2engine import H2ProtocolError, H2Session, H2Sink
@@ -291,14 +290,7 @@ class H2AppStream(AppStream):
         self.counted = True
         ctx.stats.inflight += 1
         try:
-            target = route(ctx.table, head.authority, head.target, False)
-            if isinstance(target, ForwardTarget):
-                cluster = ctx.clusters.forward(target)
-            else:
-                found = ctx.clusters.get(target)
-                if found is None:
-                    raise NoRoute(f"cluster {target} does not exist", target)
-                cluster = found
+            cluster = ctx.cluster_for(head.authority, head.target, False)
             if grpc_timeout is not None:
                 # SPEC 11: the smallest of grpc-timeout, x-sidecar-timeout-ms and the
                 # cluster's timeouts.request (the exchange takes timeout_ms as given).
@@ -309,7 +301,7 @@ class H2AppStream(AppStream):
                 limit = math.ceil(cluster.request_timeout * 1000)
                 head.timeout_ms = ms if ms < limit else limit
             if not cluster.has_answer:
-                self._await_discovery(ex, cluster)
+                ex.await_discovery(cluster)
             else:
                 ex.start(cluster)
         except SidecarError as exc:
@@ -317,26 +309,6 @@ class H2AppStream(AppStream):
                 ex.fail(exc)
         if end_stream and not _done(ex):  # a call: mypy would keep `phase` narrowed
             ex.request_end(None)
-
-    def _await_discovery(self, ex: Exchange, cluster: Any) -> None:
-        """A forward-proxy destination still resolving: start once it answers, or fail at
-        connect_timeout (as downstream/protocol.py does)."""
-        ex.cluster = cluster
-        ex.deadline = ex.started + cluster.settings.connect_timeout
-        self.set_deadline(ex.next_deadline())
-
-        def go() -> None:
-            if ex.phase is not Phase.ROUTED or self.exchange is not ex:
-                return
-            try:
-                ex.start(cluster)
-            except SidecarError as exc:
-                ex.fail(exc)
-            except Exception as exc:  # a loop callback: nobody above us would answer the app
-                self.rescue(exc, "discovery_wait")
-            self.conn.wrote()
-
-        cluster.when_ready(go)
 
     def request_data(self, data: bytes, end: bool) -> None:
         ex = self.exchange

@@ -22,9 +22,8 @@ from typing import Any, Final, cast
 
 from sidecar.downstream.context import ListenerContext
 from sidecar.downstream.exchange import Exchange, Phase
-from sidecar.downstream.router import ForwardTarget, route
 from sidecar.downstream.tunnel import splice
-from sidecar.errors import HeadTimeout, NoRoute, ProtocolError, SidecarError
+from sidecar.errors import HeadTimeout, ProtocolError, SidecarError
 from sidecar.flow_control import (
     PEER_WRITE_FULL,
     PIPELINED,
@@ -361,40 +360,14 @@ class DownstreamProtocol(RequestSink, AppStream, Timed, asyncio.Protocol):
             refusal = ctx.admit()
             if refusal is not None:
                 raise refusal
-            target = route(ctx.table, head.authority, head.target, head.method == b"CONNECT")
-            if isinstance(target, ForwardTarget):
-                cluster = ctx.clusters.forward(target)
-            else:
-                found = ctx.clusters.get(target)
-                if found is None:
-                    raise NoRoute(f"cluster {target} does not exist", target)
-                cluster = found
+            cluster = ctx.cluster_for(head.authority, head.target, head.method == b"CONNECT")
             if not cluster.has_answer:
-                self._await_discovery(ex, cluster)
+                ex.await_discovery(cluster)
                 return
             ex.start(cluster)  # sets this connection's deadline to the request's
         except SidecarError as exc:
             if ex.phase is not Phase.DONE:
                 ex.fail(exc)
-
-    def _await_discovery(self, ex: Exchange, cluster: Any) -> None:
-        """A dynamic cluster whose name is still resolving: start once it answers, or fail at
-        connect_timeout."""
-        ex.cluster = cluster
-        ex.deadline = ex.started + cluster.settings.connect_timeout
-        self.deadline_changed()
-
-        def go() -> None:
-            if ex.phase is not Phase.ROUTED or self.exchange is not ex:
-                return
-            try:
-                ex.start(cluster)
-            except SidecarError as exc:
-                ex.fail(exc)
-            except Exception as exc:  # a loop callback: nobody above us would answer the app
-                self.rescue(exc, "discovery_wait")
-
-        cluster.when_ready(go)
 
     def exchange_done(self, ex: Exchange, keep_alive: bool) -> None:
         """The exchange finished (response written, or failed and answered)."""

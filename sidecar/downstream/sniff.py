@@ -65,12 +65,7 @@ class SniffProtocol(asyncio.Protocol):
         it (down here, up in its `connection_made`, with nothing run in between)."""
         self.handed = True
         self.buffered = b""
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        ctx = self.ctx
-        ctx.connections.discard(self)
-        ctx.stats.downstream_connections -= 1
+        self._leave()
         transport = self.transport
         assert transport is not None
         transport.set_protocol(proto)
@@ -84,13 +79,18 @@ class SniffProtocol(asyncio.Protocol):
         if self.handed or self.closed:
             return
         self.closed = True
+        self._leave()
+        self.ctx.changed()
+
+    def _leave(self) -> None:
+        """The sniffer no longer holds the connection: its timer and its place in the
+        listener's connections and count go."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         ctx = self.ctx
         ctx.connections.discard(self)
         ctx.stats.downstream_connections -= 1
-        ctx.changed()
 
     def _too_slow(self) -> None:
         self.timer = None

@@ -158,33 +158,12 @@ class UpstreamConnection(ResponseSink, EndpointStream, Carrier, asyncio.Protocol
             when = self.keepalive_until
         return self.expires_at if self.expires_at < when else when
 
-    def is_closed(self) -> bool:
-        return self.state is CarrierState.CLOSED
-
-    def is_idle(self) -> bool:
-        return self.state is CarrierState.IDLE
-
-    def is_reusable(self) -> bool:
-        return self.reusable
-
-    def past_lifetime(self, now: float) -> bool:
-        return now >= self.expires_at
-
-    def idle_since(self) -> float:
-        return self._idle_since
-
-    def opened_at(self) -> float:
-        return self.created_at
-
     def streams_opened(self) -> int:
         return self.requests
 
     def idle_for(self, now: float) -> float:
         """Seconds since it last became idle (its response ended, or it connected)."""
         return now - self._idle_since
-
-    def closed_by_peer(self) -> bool:
-        return self.close_reason == "remote_closed"
 
     def connected(self, now: float) -> None:
         """The connect (and TLS handshake) succeeded: IDLE, ready for a stream."""
@@ -262,12 +241,6 @@ class UpstreamConnection(ResponseSink, EndpointStream, Carrier, asyncio.Protocol
 
     def reused(self) -> bool:
         return self.requests > 1
-
-    def response_started(self) -> bool:
-        return self._response_begun
-
-    def taken_at(self) -> float:
-        return self._taken_at
 
     def race_lost(self, now: float) -> None:
         self.owner.race_lost(self, self._taken_at - self._idle_since, now)

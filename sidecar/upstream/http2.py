@@ -205,12 +205,6 @@ class H2Stream(EndpointStream):
     def reused(self) -> bool:
         return self.reuse_index > 1
 
-    def response_started(self) -> bool:
-        return self._response_begun
-
-    def taken_at(self) -> float:
-        return self._taken_at
-
     def race_lost(self, now: float) -> None:
         pass  # HTTP/2 has no keep-alive race: a closing endpoint sends GOAWAY
 
@@ -482,32 +476,11 @@ class H2Connection(H2Sink, Carrier, asyncio.Protocol):
             return self.expires_at if self.expires_at < when else when
         return self.expires_at
 
-    def is_closed(self) -> bool:
-        return self.state is CarrierState.CLOSED
-
-    def is_idle(self) -> bool:
-        return self.state is CarrierState.IDLE
-
-    def is_reusable(self) -> bool:
-        return self.reusable
-
-    def past_lifetime(self, now: float) -> bool:
-        return now >= self.expires_at
-
-    def opened_at(self) -> float:
-        return self.created_at
-
-    def idle_since(self) -> float:
-        return self._idle_since
-
     def idle_for(self, now: float) -> float:
         return now - self._idle_since if self.state is CarrierState.IDLE else 0.0
 
     def streams_opened(self) -> int:
         return self.opened
-
-    def closed_by_peer(self) -> bool:
-        return self.close_reason == "remote_closed"
 
     def peer_gone(self) -> bool:
         return False  # a closing HTTP/2 endpoint says so with GOAWAY

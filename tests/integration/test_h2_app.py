@@ -33,6 +33,7 @@ import httpx
 import pytest
 from aiohttp import web
 
+from tests.h2origin import h2_origin
 from tests.harness import LOOPS, Sidecar, SilentListener, ThreadedServer, http_get, nginx
 
 TIMEOUT = 10.0
@@ -720,6 +721,33 @@ def grpc_call(port: int, method: str, timeout: float,
         with pytest.raises(grpc.RpcError) as info:
             call(b"ping", timeout=timeout, metadata=metadata)
     return info.value
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_new_forward_proxy_destinations_wait_for_their_discovery(loop: str) -> None:
+    """h2c through the forward proxy: each new host:port becomes a dynamic cluster whose
+    discovery has not answered when its first request arrives. Those streams wait on one app
+    connection (Exchange.await_discovery), are started by the discovery callback and
+    answered; later ones to a known destination go at once. The destinations are HTTP/2-only
+    origins (a cleartext `auto` cluster keeps an h2 app's protocol)."""
+    with h2_origin(name="a") as a, h2_origin(name="b") as b, Sidecar({
+        "listeners": [{"name": "egress", "protocol": "http", "forward_proxy": {
+            "enabled": True, "allowed_hosts": ["127.0.0.1"]}}],
+    }, loop=loop) as sc:
+        c = H2Client(sc.port("egress"))
+        try:
+            plan = [(a, "/first"), (b, "/first"), (a, "/second")]
+            sids = [c.request("GET", path, authority=f"127.0.0.1:{o.port}") for o, path in plan]
+            c.pump(lambda: all(c.done(s) for s in sids))
+            for sid, (origin, path) in zip(sids, plan, strict=True):
+                assert c.status(sid) == 200, (sid, c.resets)
+                assert bytes(c.bodies[sid]) == f"origin {origin.name} {path}".encode()
+            later = c.request("GET", "/later", authority=f"127.0.0.1:{b.port}")
+            c.pump(lambda: c.done(later))
+            assert bytes(c.bodies[later]) == b"origin b /later"
+        finally:
+            c.close()
+        assert sc.metric("sidecar_forward_proxy_destination_events_total", event="created") == 2
 
 
 def test_grpc_no_route_is_unimplemented_trailers_only(env: Env) -> None:

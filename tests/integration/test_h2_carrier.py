@@ -10,13 +10,9 @@ the carrier and its streams; the sidecar-level tests are in test_h2_upstream.py.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import Iterator
-from concurrent import futures
 from typing import Any
 
-import grpc
 import pytest
 
 from sidecar.errors import SidecarError, UpstreamRefused, UpstreamReset
@@ -25,7 +21,8 @@ from sidecar.http.parser import RequestHead, ResponseHead
 from sidecar.streams import CarrierOwnerBase, CarrierState, EndpointUserBase
 from sidecar.upstream.http2 import H2Connection, H2Settings, H2Stream
 from tests.h2origin import h2_origin
-from tests.harness import LOOPS, free_port, nginx
+from tests.harness import LOOPS, nginx
+from tests.integration.grpc_servers import grpc_frame, grpc_server
 
 
 def new_loop(name: str) -> asyncio.AbstractEventLoop:
@@ -320,35 +317,6 @@ def test_reset_frees_the_stream_and_keeps_the_connection(loop_name: str) -> None
         run(loop_name, main(origin.port, origin))
 
 
-@contextlib.contextmanager
-def grpc_server(seen: list[float]) -> Iterator[int]:
-    def echo(req: bytes, ctx: grpc.ServicerContext) -> bytes:
-        seen.append(ctx.time_remaining() or -1.0)
-        ctx.set_trailing_metadata((("x-trail", "t"),))
-        return req
-
-    def abort(req: bytes, ctx: grpc.ServicerContext) -> bytes:
-        ctx.abort(grpc.StatusCode.UNAVAILABLE, "go elsewhere")
-        raise AssertionError("unreachable")
-
-    handler = grpc.method_handlers_generic_handler("svc", {
-        "M": grpc.unary_unary_rpc_method_handler(echo),
-        "Abort": grpc.unary_unary_rpc_method_handler(abort),
-    })
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port(f"127.0.0.1:{free_port()}")
-    server.start()
-    try:
-        yield port
-    finally:
-        server.stop(0).wait(10)
-
-
-def frame(msg: bytes) -> bytes:
-    return b"\0" + len(msg).to_bytes(4, "big") + msg
-
-
 @pytest.mark.parametrize("loop_name", LOOPS)
 def test_grpc_deadline_trailers_and_trailers_only(loop_name: str) -> None:
     seen: list[float] = []
@@ -356,16 +324,16 @@ def test_grpc_deadline_trailers_and_trailers_only(loop_name: str) -> None:
     async def main(port: int) -> None:
         conn, owner = await connect(port)
         grpc_fields = [(b"content-type", b"application/grpc")]
-        user, stream = request(conn, b"/svc/M", b"POST", grpc_fields, frame(b"hi"),
+        user, stream = request(conn, b"/svc/M", b"POST", grpc_fields, grpc_frame(b"hi"),
                                deadline_ms=3000)
         assert await user.done
         assert user.head is not None and user.head.status == 200
-        assert bytes(user.body) == frame(b"hi")
+        assert bytes(user.body) == grpc_frame(b"hi")
         assert user.trailers is not None and dict(user.trailers)[b"grpc-status"] == b"0"
         assert dict(user.trailers)[b"x-trail"] == b"t"
         stream.release(asyncio.get_running_loop().time(), True)
         assert 2.0 < seen[0] <= 3.0  # the deadline left, as grpc-timeout
-        user, stream = request(conn, b"/svc/Abort", b"POST", grpc_fields, frame(b"a"))
+        user, stream = request(conn, b"/svc/Abort", b"POST", grpc_fields, grpc_frame(b"a"))
         assert await user.done
         assert user.head is not None and user.head.status == 200
         # Trailers-Only: the head keeps grpc-status for the retry policy, the app gets it

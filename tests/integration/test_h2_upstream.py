@@ -8,11 +8,9 @@ and grpcio servers (cleartext, and TLS with a trustme certificate: grpcio requir
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import math
 import time
-from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,8 @@ import grpc
 import pytest
 
 from tests.h2origin import h2_origin
-from tests.harness import LOOPS, Sidecar, free_port, nginx
+from tests.harness import LOOPS, Sidecar, nginx
+from tests.integration.grpc_servers import grpc_frame, grpc_server
 from tests.integration.tls_servers import Pki
 
 
@@ -227,47 +226,6 @@ def test_per_request_balancing_over_three_endpoints(loop: str) -> None:
         assert [o.connections for o in (a, b, c)] == [1, 1, 1]
 
 
-@contextlib.contextmanager
-def grpc_server(seen: list[float], creds: grpc.ServerCredentials | None = None,
-                abort_first: int = 0) -> Iterator[int]:
-    aborts = [abort_first]
-
-    def echo(req: bytes, ctx: grpc.ServicerContext) -> bytes:
-        seen.append(ctx.time_remaining() or -1.0)
-        if aborts[0] > 0:
-            aborts[0] -= 1
-            ctx.abort(grpc.StatusCode.UNAVAILABLE, "go elsewhere")
-        return req
-
-    def count(reqs: Iterator[bytes], ctx: grpc.ServicerContext) -> bytes:
-        n = sum(1 for _ in reqs)
-        seen.append(float(n))
-        if aborts[0] > 0:
-            aborts[0] -= 1
-            ctx.abort(grpc.StatusCode.UNAVAILABLE, "go elsewhere")
-        return b"n=%d" % n
-
-    handler = grpc.method_handlers_generic_handler("svc", {
-        "M": grpc.unary_unary_rpc_method_handler(echo),
-        "Count": grpc.stream_unary_rpc_method_handler(count)})
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    server.add_generic_rpc_handlers((handler,))
-    address = f"127.0.0.1:{free_port()}"
-    if creds is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, creds)
-    server.start()
-    try:
-        yield port
-    finally:
-        server.stop(0).wait(10)
-
-
-def frame(msg: bytes) -> bytes:
-    return b"\0" + len(msg).to_bytes(4, "big") + msg
-
-
 GRPC_HEADERS = {"Content-Type": "application/grpc", "TE": "trailers"}
 
 
@@ -282,10 +240,10 @@ def test_tls_alpn_h2_to_grpcio(loop: str, tmp_path: Path) -> None:
             [f"127.0.0.1:{port}"], "auto",
             tls={"enabled": True, "ca_file": str(pki.ca_file), "sni": "upstream.test"}),
             loop=loop) as sc:
-        status, headers, body = call(sc.port("app"), "POST", "/svc/M", frame(b"hello"),
+        status, headers, body = call(sc.port("app"), "POST", "/svc/M", grpc_frame(b"hello"),
                                      GRPC_HEADERS)
         assert status == 200, (headers, body)
-        assert body == frame(b"hello")
+        assert body == grpc_frame(b"hello")
         assert headers["content-type"] == "application/grpc"
         assert sc.clusters()["up"]["endpoints"][0]["protocol"] == "http2"
 
@@ -311,7 +269,7 @@ def test_http2_cluster_refuses_an_endpoint_that_does_not_choose_h2(loop: str,
 def test_http1_cluster_refuses_grpc(loop: str) -> None:
     with h2_origin() as origin, Sidecar(config([f"127.0.0.1:{origin.port}"], "http1"),
                                         loop=loop) as sc:
-        status, headers, _ = call(sc.port("app"), "POST", "/svc/M", frame(b"x"), GRPC_HEADERS)
+        status, headers, _ = call(sc.port("app"), "POST", "/svc/M", grpc_frame(b"x"), GRPC_HEADERS)
         assert status == 502 and headers["x-sidecar-error"] == "protocol_mismatch"
         assert origin.connections == 0
 
@@ -319,9 +277,9 @@ def test_http1_cluster_refuses_grpc(loop: str) -> None:
 def test_grpc_timeout_carries_the_deadline_left(loop: str) -> None:
     seen: list[float] = []
     with grpc_server(seen) as port, Sidecar(config([f"127.0.0.1:{port}"]), loop=loop) as sc:
-        status, headers, body = call(sc.port("app"), "POST", "/svc/M", frame(b"t"),
+        status, headers, body = call(sc.port("app"), "POST", "/svc/M", grpc_frame(b"t"),
                                      {**GRPC_HEADERS, "x-sidecar-timeout-ms": "3000"})
-        assert status == 200 and body == frame(b"t")
+        assert status == 200 and body == grpc_frame(b"t")
         assert 2.0 < seen[0] <= 3.0
         assert sc.metric("sidecar_grpc_responses_total", cluster="up", status="ok") == 1
 
@@ -335,9 +293,9 @@ def test_grpc_on_retries_trailers_only_unavailable(loop: str) -> None:
             [f"127.0.0.1:{pa}", f"127.0.0.1:{pb}"], load_balancer="round_robin"),
             loop=loop) as sc:
         for i in range(4):
-            status, headers, body = call(sc.port("app"), "POST", "/svc/M", frame(b"%d" % i),
+            status, headers, body = call(sc.port("app"), "POST", "/svc/M", grpc_frame(b"%d" % i),
                                          GRPC_HEADERS)
-            assert status == 200 and body == frame(b"%d" % i), (headers, body)
+            assert status == 200 and body == grpc_frame(b"%d" % i), (headers, body)
         assert len(seen_b) == 4 and len(seen_a) >= 1
         # only the answers the app got are counted; the retried UNAVAILABLEs are not
         assert sc.metric("sidecar_grpc_responses_total", cluster="up", status="ok") == 4
@@ -358,7 +316,7 @@ def test_grpc_on_spares_a_streaming_call_that_sent_a_message(loop: str) -> None:
         hit_a = {1: 0, 2: 0}
         for messages in (2, 2, 2, 1, 1, 1):  # round robin: some of each reach A
             a_before, b_before = len(seen_a), len(seen_b)
-            status, _, body = call(0, "POST", "/svc/Count", frame(b"a") * messages,
+            status, _, body = call(0, "POST", "/svc/Count", grpc_frame(b"a") * messages,
                                    GRPC_HEADERS, app)
             assert status == 200
             if len(seen_a) > a_before:
@@ -366,9 +324,9 @@ def test_grpc_on_spares_a_streaming_call_that_sent_a_message(loop: str) -> None:
                 if messages == 2:  # not sent again: the app has A's UNAVAILABLE (trailers)
                     assert body == b"" and len(seen_b) == b_before
                 else:  # sent again, to B
-                    assert body == frame(b"n=1") and seen_b[b_before:] == [1.0]
+                    assert body == grpc_frame(b"n=1") and seen_b[b_before:] == [1.0]
             else:
-                assert body == frame(b"n=%d" % messages)
+                assert body == grpc_frame(b"n=%d" % messages)
         app.close()
         assert hit_a[1] >= 1 and hit_a[2] >= 1
 

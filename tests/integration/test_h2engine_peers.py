@@ -15,7 +15,6 @@ import struct
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from typing import Any, cast
 
 import grpc
@@ -23,6 +22,7 @@ import pytest
 
 from sidecar.http.h2engine import H2ProtocolError, H2Session, H2Sink
 from tests.harness import LOOPS, free_port, nginx, require_tool
+from tests.integration.grpc_servers import grpc_frame, grpc_server
 
 GRPC_OPTIONS = [("grpc.enable_http_proxy", 0), ("grpc.enable_retries", 0)]
 Headers = list[tuple[bytes, bytes]]
@@ -34,10 +34,6 @@ def new_loop(name: str) -> asyncio.AbstractEventLoop:
 
         return uvloop.new_event_loop()
     return asyncio.new_event_loop()
-
-
-def grpc_frame(msg: bytes) -> bytes:
-    return b"\x00" + struct.pack(">I", len(msg)) + msg
 
 
 def grpc_messages(data: bytes) -> list[bytes]:
@@ -342,35 +338,6 @@ def test_client_against_nginx_h2c(loop_name: str) -> None:
             loop.run_until_complete(asyncio.wait_for(main(port), 60))
     finally:
         loop.close()
-
-
-@contextlib.contextmanager
-def grpc_server() -> Iterator[int]:
-    def echo(req: bytes, ctx: grpc.ServicerContext) -> bytes:
-        ctx.set_trailing_metadata((("x-trail", "t"),))
-        return req
-
-    def stream(req: bytes, ctx: grpc.ServicerContext) -> Iterator[bytes]:
-        for i in range(5):
-            yield req + b"-%d" % i
-
-    def abort(req: bytes, ctx: grpc.ServicerContext) -> bytes:
-        ctx.abort(grpc.StatusCode.UNAVAILABLE, "go elsewhere")
-        raise AssertionError("unreachable")
-
-    handler = grpc.method_handlers_generic_handler("svc", {
-        "M": grpc.unary_unary_rpc_method_handler(echo),
-        "Stream": grpc.unary_stream_rpc_method_handler(stream),
-        "Abort": grpc.unary_unary_rpc_method_handler(abort),
-    })
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port(f"127.0.0.1:{free_port()}")
-    server.start()
-    try:
-        yield port
-    finally:
-        server.stop(0).wait(10)
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
