@@ -209,6 +209,33 @@ def test_oversized_header_blocks_repeated_are_an_hpack_bomb(env: Env) -> None:
     wait_until(lambda: abuse(env.sc, "hpack_bomb") == before + 1, what="hpack_bomb counted")
 
 
+def test_curl_gets_the_same_431_over_http2_as_over_http11() -> None:
+    """A real client: curl's request head over a listener's limits.max_header_bytes (16 KiB
+    here: curl's own libnghttp2 sends no header block over 64 KiB) gets the answer HTTP/1.1
+    gets, 431 header_too_large, over HTTP/2 too (before: curl exit 56, the connection cut)."""
+    curl = require_tool("/usr/bin/curl", "apt-get install curl")
+    origin = TrailerOrigin()
+    config = {
+        "listeners": [{"name": "app", "protocol": "http", "cluster": "origin",
+                       "limits": {"max_header_bytes": "16KiB"}}],
+        "clusters": [{"name": "origin", "protocol": "http1",
+                      "discovery": {"type": "static", "endpoints": [f"127.0.0.1:{origin.port}"]}}],
+    }
+    try:
+        with Sidecar(config) as sc:
+            for version in ("--http2-prior-knowledge", "--http1.1"):
+                out = subprocess.run(
+                    [curl, "-sS", version, "-H", "x-big: " + "a" * (30 * 1024), "-w",
+                     "\n%{http_version} %{http_code}", sc.url("app", "/big")],
+                    capture_output=True, timeout=10, check=True,
+                ).stdout
+                body, _, status = out.rpartition(b"\n")
+                assert status == (b"2 431" if version.startswith("--http2") else b"1.1 431")
+                assert b'"error":"header_too_large"' in body
+    finally:
+        origin.close()
+
+
 @pytest.mark.parametrize("loop", LOOPS)
 def test_an_oversized_response_head_fails_its_stream_only(loop: str) -> None:
     """An endpoint's response head over the limits the sidecar advertised to it (64 KiB): that
