@@ -7,6 +7,7 @@ loop, on 127.0.0.1. It records what it receives (header lists as sent on the wir
   answered; the others were refused);
 - `/big/N`: N bytes, sent as fast as the client's windows allow (`sent[stream]` counts them);
 - `/grpc/unavailable`: a gRPC Trailers-Only answer, grpc-status 14;
+- `/fields/N`: 200 with N extra response fields of 1000 bytes each (a head over a limit);
 - anything else: 200, `origin NAME PATH`, content-length set.
 
 `max_concurrent_streams` is advertised in SETTINGS. `silent=True`: accepts connections and
@@ -149,6 +150,10 @@ class _Conn(asyncio.Protocol):
                                        (b"content-type", b"application/grpc"),
                                        (b"grpc-status", b"14"),
                                        (b"grpc-message", b"go elsewhere")], end_stream=True)
+            return
+        if path.startswith(b"/fields/"):
+            fields = [(b"x-f-%d" % i, b"f" * 1000) for i in range(int(path[8:]))]
+            self.h2.send_headers(sid, [(b":status", b"200"), *fields], end_stream=True)
             return
         self.answer(sid, b"origin %s %s" % (origin.name.encode(), path))
 

@@ -69,7 +69,11 @@ class ListenerLimits(_Model):
     max_header_bytes: Size = Field(
         default=64 * 1024,
         gt=0,
-        description="Largest request head accepted; a larger one gets 431.",
+        description=(
+            "Largest request head accepted; a larger one gets 431 (over HTTP/2, on its stream "
+            "only: a gRPC call gets the Trailers-Only error; one block over 4 times this, or "
+            "32 oversized blocks in a row, ends the connection as an HPACK bomb)."
+        ),
     )
     max_headers: int = Field(
         default=200,
@@ -82,7 +86,8 @@ class ListenerLimits(_Model):
         description=(
             "HTTP/2 streams (requests) one app connection may have open at once, advertised in "
             "SETTINGS_MAX_CONCURRENT_STREAMS; a stream beyond it is refused (REFUSED_STREAM, "
-            "which the app's HTTP/2 or gRPC library retries)."
+            "which the app's HTTP/2 or gRPC library retries) and the connection's other "
+            "streams go on; refusals count towards the rapid-reset limit."
         ),
     )
 

@@ -36,6 +36,11 @@ a stream the drain refuses is reset with REFUSED_STREAM (never processed: the ap
 send it elsewhere) and the connection gets GOAWAY, as it does from `close_if_idle`; open
 streams finish, then the connection closes.
 
+Limits: a stream beyond `limits.max_concurrent_streams` is refused by the engine
+(REFUSED_STREAM) before it reaches here; a head over `limits.max_header_bytes` or
+`max_headers` arrives as `on_h2_too_large` and is answered 431 `header_too_large` on its
+stream (a gRPC call: SPEC 11's Trailers-Only answer), never routed.
+
 Abuse: the engine detects rapid reset, CONTINUATION floods, HPACK bombs, SETTINGS and PING
 floods (`on_h2_abuse`, GOAWAY ENHANCE_YOUR_CALM queued); each is counted per listener, the
 GOAWAY written and the connection closed.
@@ -59,7 +64,7 @@ from typing import Final, cast
 from sidecar.clock import MONOTONIC, Clock
 from sidecar.downstream.context import ListenerContext
 from sidecar.downstream.exchange import Exchange, Phase
-from sidecar.errors import ProtocolError, SidecarError
+from sidecar.errors import HeadTooLarge, ProtocolError, SidecarError
 from sidecar.flow_control import WRITE_HIGH_WATER, WRITE_LOW_WATER
 from sidecar.grpc import error_headers, is_grpc, parse_timeout
 from sidecar.http.h2engine import H2ProtocolError, H2Session, H2Sink
@@ -275,8 +280,7 @@ class H2AppStream(AppStream):
         try:
             head, grpc, grpc_timeout = request_head(headers, end_stream)
         except ProtocolError as exc:
-            self.grpc = any(n == b"content-type" and is_grpc(v) for n, v in headers)
-            self._answer(exc, head_only=False)
+            self.refuse_head(headers, exc)
             return
         self.grpc = grpc
         refusal = ctx.admit()
@@ -309,6 +313,22 @@ class H2AppStream(AppStream):
                 ex.fail(exc)
         if end_stream and not _done(ex):  # a call: mypy would keep `phase` narrowed
             ex.request_end(None)
+
+    def refuse_head(self, headers: list[tuple[bytes, bytes]], exc: ProtocolError) -> None:
+        """A request head the sidecar will not route (malformed, or over the header limits):
+        SPEC section 5's answer on this stream, a gRPC one for a gRPC call; the connection
+        and its other streams go on."""
+        self.grpc = any(n == b"content-type" and is_grpc(v) for n, v in headers)
+        self._answer(exc, head_only=(b":method", b"HEAD") in headers)
+
+    def trailers_too_large(self) -> None:
+        """Request trailers over the header limits: the request fails as an HTTP/1.1 one whose
+        trailers are too large does (431 if no answer began)."""
+        ex = self.exchange
+        if ex is not None and ex.phase is not Phase.DONE:
+            ex.fail(HeadTooLarge("request trailers over max_header_bytes or max_headers"))
+        else:
+            self._maybe_gone()
 
     def request_data(self, data: bytes, end: bool) -> None:
         ex = self.exchange
@@ -803,6 +823,26 @@ class H2AppConnection(H2Sink, asyncio.Protocol):
         self.streams[stream_id] = st
         try:
             st.begin(headers, end_stream)
+        except Exception as exc:
+            st.rescue(exc, "request")
+
+    def on_h2_too_large(self, stream_id: int, headers: list[tuple[bytes, bytes]],
+                        end_stream: bool, trailers: bool) -> None:
+        """A header block over limits.max_header_bytes or max_headers: 431 header_too_large
+        on its stream (as HTTP/1.1 answers), never routed; the connection goes on."""
+        if trailers:
+            found = self.streams.get(stream_id)
+            if found is not None:
+                try:
+                    found.trailers_too_large()
+                except Exception as exc:
+                    found.rescue(exc, "request")
+            return
+        st = H2AppStream(self, stream_id)
+        self.streams[stream_id] = st
+        try:
+            st.refuse_head(headers, HeadTooLarge(
+                "request head over max_header_bytes or max_headers"))
         except Exception as exc:
             st.rescue(exc, "request")
 

@@ -22,11 +22,30 @@ H2ProtocolError, with GOAWAY(ENHANCE_YOUR_CALM) queued:
   those it completes; a debt above RAPID_RESET_DEBT (server role) ends the connection
   (CVE-2023-44487); nghttp2's own reset rate limit (1000 burst, 33/s) stays as a backstop;
 - continuation_flood: more CONTINUATION frames than MAX_CONTINUATIONS after one HEADERS;
-- hpack_bomb: a decoded header list over `max_header_bytes` (32 bytes per field counted, as
-  SETTINGS_MAX_HEADER_LIST_SIZE, which we advertise) or over `max_headers` fields;
+- hpack_bomb: one decoded header list over HEADER_BOMB_FACTOR (4) times `max_header_bytes`
+  (32 bytes per field counted, as SETTINGS_MAX_HEADER_LIST_SIZE, which we advertise) or times
+  `max_headers` fields, or more than OVERSIZED_HEADER_DEBT oversized blocks (below) not paid
+  back by blocks within the limits;
 - settings_flood / ping_flood: more than MAX_OUTBOUND_ACK ACKs owed (the peer sends faster
   than it reads), or more than MAX_SETTINGS entries in one SETTINGS frame.
 Zero-window stalls are the caller's (it owns the timers): `send_window` tells it.
+
+Stream errors, where RFC 9113 makes them so (the connection and its other streams go on):
+- a header block over `max_header_bytes` or `max_headers` but within HEADER_BOMB_FACTOR times
+  them: nghttp2 keeps decoding it (HPACK state is the connection's), the fields past the limit
+  are dropped (`content-type` excepted, so that a gRPC call is answered in kind), and the sink
+  gets `on_h2_too_large` instead of the head or trailers: the server answers 431 on that
+  stream, the client fails that stream. Each such block adds one to a debt that each block
+  within the limits pays back; a debt over OVERSIZED_HEADER_DEBT is `hpack_bomb`. A name or
+  value over 64 KiB as encoded stays a connection error (COMPRESSION_ERROR): nghttp2's decoder
+  refuses it (NGHTTP2_HD_MAX_NV), whatever our limits.
+- a stream beyond our SETTINGS_MAX_CONCURRENT_STREAMS (server role): RST_STREAM
+  REFUSED_STREAM at its first HEADERS, before the sink sees it (RFC 9113 5.1.2). nghttp2 makes
+  a stream beyond its *acknowledged* local limit a connection error, so it is given a backstop
+  above ours (ours + STREAM_LIMIT_MARGIN) while the peer is told ours: the SETTINGS frame's
+  bytes are rewritten on the way out (the ACK carries no values, so nghttp2's accounting of it
+  holds). A refused stream adds one to the rapid-reset debt: a peer that keeps opening streams
+  beyond the limit is cut off as rapid_reset before it reaches the backstop.
 """
 
 from __future__ import annotations
@@ -84,6 +103,15 @@ MAX_CONTINUATIONS: Final = 8  # nghttp2's default: 8 x 16 KiB frames > any sane 
 MAX_OUTBOUND_ACK: Final = 1000  # PING/SETTINGS ACKs owed before the peer counts as flooding
 MAX_SETTINGS: Final = 32  # entries in one SETTINGS frame
 _FIELD_OVERHEAD: Final = 32  # RFC 9113 section 6.5.2: a field costs its name + value + 32
+# A header block over the limits is the one stream's error up to this many times them; beyond,
+# the peer is decoding-amplifying (HPACK bomb) and the connection ends.
+HEADER_BOMB_FACTOR: Final = 4
+# Oversized header blocks (each answered 431) a connection may send beyond those within the
+# limits before it counts as an HPACK bomb: each costs us a whole decode and an answer.
+OVERSIZED_HEADER_DEBT: Final = 32
+# nghttp2's own stream limit (a connection error once acknowledged) sits this far above ours,
+# beyond the rapid-reset debt, so that our refusals (REFUSED_STREAM, counted) come first.
+STREAM_LIMIT_MARGIN: Final = RAPID_RESET_DEBT + 56
 
 
 class H2ProtocolError(Exception):
@@ -120,6 +148,12 @@ class H2Sink:
 
     def on_h2_settings(self, peer_max_concurrent_streams: int) -> None:
         """The peer's SETTINGS arrived (or changed)."""
+
+    def on_h2_too_large(self, stream_id: int, headers: list[tuple[bytes, bytes]],
+                        end_stream: bool, trailers: bool) -> None:
+        """A head (`trailers` False) or trailers over `max_header_bytes` or `max_headers`, in
+        place of on_h2_headers / on_h2_trailers: `headers` holds the fields within the limits
+        (and any `content-type`). The stream is still open: answer or reset it."""
 
     def on_h2_abuse(self, kind: str) -> None:
         """'rapid_reset' | 'continuation_flood' | 'hpack_bomb' | 'settings_flood' |
@@ -179,6 +213,21 @@ def _goaway_frame(last_stream_id: int, error_code: int) -> bytes:
     )
 
 
+def _with_setting(out: bytes, setting: int, value: int) -> bytes:
+    """out with `setting` of its first SETTINGS frame (not an ACK) set to value."""
+    i = 0
+    buf = bytearray(out)
+    while i + 9 <= len(buf):
+        n = int.from_bytes(buf[i:i + 3], "big")
+        if buf[i + 3] == _SETTINGS and not buf[i + 4] & _FLAG_ACK:
+            for e in range(i + 9, i + 9 + n - 5, 6):
+                if int.from_bytes(buf[e:e + 2], "big") == setting:
+                    buf[e + 2:e + 6] = value.to_bytes(4, "big")
+            return bytes(buf)
+        i += 9 + n
+    raise RuntimeError("no SETTINGS frame to rewrite")
+
+
 def _goaway_in(out: bytes) -> tuple[int, bytes]:
     """The error code and debug data of the GOAWAY frame in out (-1 when none)."""
     i = 0
@@ -219,6 +268,8 @@ class H2Session:
         self._blocked: set[int] = set()
         self._hdr: list[tuple[bytes, bytes]] = []
         self._hdr_bytes = 0
+        self._hdr_dropped = 0  # fields of the current block past the limits (not kept)
+        self._oversized_debt = 0
         self._pending_sid = 0  # a DATA frame's chunk held until its END_STREAM flag is known
         self._pending: bytes = b""
         self._exc: BaseException | None = None
@@ -269,8 +320,11 @@ class H2Session:
     def initiate(self) -> None:
         """Queue our SETTINGS (the client preface goes first, by nghttp2) and the connection
         window."""
+        ours = self._max_concurrent
+        # Server: nghttp2 gets the backstop, the peer is told ours (module docstring).
+        local = ours if self._client else min(ours + STREAM_LIMIT_MARGIN, (1 << 31) - 1)
         iv = [
-            (_SETTINGS_MAX_CONCURRENT_STREAMS, self._max_concurrent),
+            (_SETTINGS_MAX_CONCURRENT_STREAMS, local),
             (_SETTINGS_INITIAL_WINDOW_SIZE, self._initial_window),
             (_SETTINGS_MAX_HEADER_LIST_SIZE, self._max_header_bytes),
             (_SETTINGS_HEADER_TABLE_SIZE, 4096),
@@ -279,6 +333,8 @@ class H2Session:
             iv.append((_SETTINGS_ENABLE_PUSH, 0))
         self._check(self._lib.nghttp2_submit_settings(
             self._s, 0, ffi.new("nghttp2_settings_entry[]", iv), len(iv)))
+        if local != ours:
+            self._early += _with_setting(self._frames(), _SETTINGS_MAX_CONCURRENT_STREAMS, ours)
         if self._conn_window > 65535:
             self._check(self._lib.nghttp2_session_set_local_window_size(
                 self._s, 0, 0, self._conn_window))
@@ -527,9 +583,26 @@ def _on_begin_headers(session: Any, frame: Any, ud: Any) -> int:
     self: H2Session = _from_handle(ud)
     self._hdr = []
     self._hdr_bytes = 0
+    self._hdr_dropped = 0
     if frame.headers.cat == _HCAT_REQUEST:
-        self._streams[frame.hd.stream_id] = _Stream()
+        sid = frame.hd.stream_id
+        if len(self._streams) >= self._max_concurrent:
+            return _refuse(self, sid)
+        self._streams[sid] = _Stream()
     return 0
+
+
+def _refuse(self: H2Session, sid: int) -> int:
+    """A stream beyond our SETTINGS_MAX_CONCURRENT_STREAMS: RST_STREAM(REFUSED_STREAM), a
+    stream error (RFC 9113 5.1.2), counted as a reset. The RST_STREAM queued first is the one
+    nghttp2 sends; it ignores the rest of the block (decoding it) and never calls on_header or
+    on_frame_recv for it, so the sink never sees the stream."""
+    self._reset_debt += 1
+    if self._reset_debt > RAPID_RESET_DEBT:
+        self._abuse = "rapid_reset"
+        return _ERR_CALLBACK_FAILURE
+    self._lib.nghttp2_submit_rst_stream(self._s, 0, sid, REFUSED_STREAM)
+    return _ERR_TEMPORAL_CALLBACK_FAILURE
 
 
 def _on_header(session: Any, frame: Any, name: Any, namelen: int, value: Any, valuelen: int,
@@ -538,9 +611,25 @@ def _on_header(session: Any, frame: Any, name: Any, namelen: int, value: Any, va
     hdr = self._hdr
     self._hdr_bytes += namelen + valuelen + _FIELD_OVERHEAD
     if self._hdr_bytes > self._max_header_bytes or len(hdr) >= self._max_headers:
+        return _header_over(self, name, namelen, value, valuelen)
+    hdr.append((_unpack(name, namelen), _unpack(value, valuelen)))
+    return 0
+
+
+def _header_over(self: H2Session, name: Any, namelen: int, value: Any, valuelen: int) -> int:
+    """A field past the limits (module docstring): dropped, the block's stream refused at its
+    end, unless the block or the connection's debt of oversized blocks is an HPACK bomb."""
+    dropped = self._hdr_dropped + 1
+    self._hdr_dropped = dropped
+    if dropped == 1:
+        self._oversized_debt += 1
+    if (self._oversized_debt > OVERSIZED_HEADER_DEBT
+            or self._hdr_bytes > HEADER_BOMB_FACTOR * self._max_header_bytes
+            or len(self._hdr) + dropped > HEADER_BOMB_FACTOR * self._max_headers):
         self._abuse = "hpack_bomb"
         return _ERR_CALLBACK_FAILURE
-    hdr.append((_unpack(name, namelen), _unpack(value, valuelen)))
+    if namelen == 12 and _unpack(name, namelen) == b"content-type":
+        self._hdr.append((b"content-type", _unpack(value, valuelen)))
     return 0
 
 
@@ -579,18 +668,26 @@ def _on_frame_recv(session: Any, frame: Any, ud: Any) -> int:
             self._hdr = []
             cat = frame.headers.cat
             end = bool(hd.flags & _FLAG_END_STREAM)
-            if cat == _HCAT_REQUEST:
-                self._sink.on_h2_headers(sid, hdr, end)
-            else:
+            trailers = False
+            if cat != _HCAT_REQUEST:
                 st = self._streams.get(sid)
                 if st is None:
                     return 0
                 if cat == _HCAT_RESPONSE or (self._client and not st.final):
                     if hdr and hdr[0][1][:1] != b"1":
                         st.final = True
-                    self._sink.on_h2_headers(sid, hdr, end)
                 else:
-                    self._sink.on_h2_trailers(sid, hdr)
+                    trailers = True
+            if self._hdr_dropped:  # the block went over the limits: a stream error
+                self._hdr_dropped = 0
+                self._sink.on_h2_too_large(sid, hdr, end, trailers)
+                return 0
+            if self._oversized_debt:
+                self._oversized_debt -= 1
+            if trailers:
+                self._sink.on_h2_trailers(sid, hdr)
+            else:
+                self._sink.on_h2_headers(sid, hdr, end)
         elif t == _WINDOW_UPDATE:
             sid = hd.stream_id
             blocked = self._blocked

@@ -30,7 +30,9 @@ last-stream-id come back from the engine as REFUSED_STREAM and fail with `Upstre
 (`never_processed`: retried anywhere whatever the method); the others finish, then the
 connection closes. `retire` (max_lifetime, rotation) does the same from our side. An idle
 connection is PINGed every `keepalive_interval` when nothing was read for that long; no ACK
-within `keepalive_timeout` and it is aborted.
+within `keepalive_timeout` and it is aborted. A response head or trailers over the limits
+advertised to the endpoint (MAX_RESPONSE_HEADER_BYTES, MAX_RESPONSE_HEADERS) fails its stream
+only (`bad_upstream_response`), as a malformed head does.
 
 Compiled with mypyc (setup.py): the classes implement `sidecar.streams`' traits directly.
 """
@@ -76,6 +78,10 @@ _HELD_HIGH: Final = WRITE_HIGH_WATER
 _HELD_LOW: Final = WRITE_LOW_WATER
 CANCEL: Final = 0x8
 NO_ERROR: Final = 0x0
+# The response header limits advertised to endpoints (SETTINGS_MAX_HEADER_LIST_SIZE): a head or
+# trailers over them fail that stream (bad_upstream_response); the engine's defaults.
+MAX_RESPONSE_HEADER_BYTES: Final = 65536
+MAX_RESPONSE_HEADERS: Final = 200
 
 
 def request_fields(
@@ -415,7 +421,9 @@ class H2Connection(H2Sink, Carrier, asyncio.Protocol):
         self.state = CarrierState.CONNECTING
         self.transport: asyncio.Transport | None = None
         self.session = H2Session(self, True, max_concurrent_streams=100,
-                                 initial_window=settings.initial_window)
+                                 initial_window=settings.initial_window,
+                                 max_header_bytes=MAX_RESPONSE_HEADER_BYTES,
+                                 max_headers=MAX_RESPONSE_HEADERS)
         self.streams: dict[int, H2Stream] = {}
         self.opening = 0  # streams handed out whose HEADERS are not sent yet
         self.created_at = now
@@ -713,15 +721,31 @@ class H2Connection(H2Sink, Carrier, asyncio.Protocol):
         try:
             stream.on_headers(headers, end_stream)
         except BadUpstreamResponse as exc:
-            self.streams.pop(stream_id, None)
-            stream.ended = True
-            self.session.reset(stream_id, 0x1)
-            stream.fail(exc)
-            self._after_stream_end(stream)
+            self._bad_response(stream, exc)
             return
         except Exception as exc:  # noqa: BLE001 (a bug under the user's callbacks)
             self._user_failed(stream, exc)
             return
+
+    def on_h2_too_large(self, stream_id: int, headers: list[tuple[bytes, bytes]],
+                        end_stream: bool, trailers: bool) -> None:
+        """A response head or trailers over the limits we advertised: that stream fails
+        (bad_upstream_response), the connection's other streams go on."""
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            what = "trailers" if trailers else "head"
+            self._bad_response(stream, BadUpstreamResponse(
+                f"HTTP/2 response {what} over {MAX_RESPONSE_HEADER_BYTES} bytes or "
+                f"{MAX_RESPONSE_HEADERS} fields"))
+
+    def _bad_response(self, stream: H2Stream, exc: BadUpstreamResponse) -> None:
+        """The endpoint's answer on this stream cannot be read: reset it (PROTOCOL_ERROR) and
+        fail the try."""
+        self.streams.pop(stream.sid, None)
+        stream.ended = True
+        self.session.reset(stream.sid, 0x1)
+        stream.fail(exc)
+        self._after_stream_end(stream)
 
     def on_h2_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
         stream = self.streams.get(stream_id)

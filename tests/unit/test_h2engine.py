@@ -17,7 +17,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.http.h2engine import ENHANCE_YOUR_CALM, H2ProtocolError, H2Session, H2Sink
+from sidecar.http.h2engine import (
+    ENHANCE_YOUR_CALM,
+    OVERSIZED_HEADER_DEBT,
+    RAPID_RESET_DEBT,
+    REFUSED_STREAM,
+    H2ProtocolError,
+    H2Session,
+    H2Sink,
+)
 
 REQ = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/svc/M"),
        (b":authority", b"127.0.0.1"), (b"content-type", b"application/grpc"),
@@ -63,6 +71,10 @@ class Rec(H2Sink):
 
     def on_h2_settings(self, peer_max_concurrent_streams: int) -> None:
         self.events.append(("settings", peer_max_concurrent_streams))
+
+    def on_h2_too_large(self, stream_id: int, headers: list[tuple[bytes, bytes]],
+                        end_stream: bool, trailers: bool) -> None:
+        self.events.append(("too_large", stream_id, headers, end_stream, trailers))
 
     def on_h2_abuse(self, kind: str) -> None:
         self.events.append(("abuse", kind))
@@ -324,6 +336,18 @@ def frame(ftype: int, flags: int, sid: int, payload: bytes) -> bytes:
         ">I", sid) + payload
 
 
+def frames(out: bytes) -> list[tuple[int, int, int, bytes]]:
+    """The frames in out: (type, flags, stream id, payload)."""
+    got = []
+    i = 0
+    while i + 9 <= len(out):
+        n = int.from_bytes(out[i:i + 3], "big")
+        got.append((out[i + 3], out[i + 4], int.from_bytes(out[i + 5:i + 9], "big"),
+                    out[i + 9:i + 9 + n]))
+        i += 9 + n
+    return got
+
+
 def test_rapid_reset_is_cut_off_with_enhance_your_calm() -> None:
     s, sr = make(False)
     s.data_to_send()
@@ -383,17 +407,20 @@ def test_continuation_flood() -> None:
     assert goaway_code(s.data_to_send()) == ENHANCE_YOUR_CALM
 
 
+def bomb(refs: int) -> bytes:
+    """A request header block of one 4000-byte field into the dynamic table, then referenced
+    `refs` times by a one-byte index: 32 bytes on the wire per 128 KiB decoded."""
+    big = b"v" * 4000
+    literal = b"\x40\x03x-a\x7f" + _hpack_int(len(big) - 127) + big
+    return b"\x82\x86\x84\x41\x01a" + literal + bytes([0x80 | 62]) * refs
+
+
 def test_hpack_bomb_decoded_size_is_bounded() -> None:
     s, sr = make(False, max_header_bytes=65536)
     s.data_to_send()
     a = attacker()
     wire = a.data_to_send()
-    # One 4000-byte field into the dynamic table, then referenced by a one-byte index: 60
-    # bytes on the wire per 128 KiB decoded.
-    big = b"v" * 4000
-    literal = b"\x40\x03x-a\x7f" + _hpack_int(len(big) - 127) + big
-    block = b"\x82\x86\x84\x41\x01a" + literal + bytes([0x80 | 62]) * 40
-    wire += frame(1, 0x5, 1, block)
+    wire += frame(1, 0x5, 1, bomb(70))  # 280 KiB decoded: over 4 times the limit
     with pytest.raises(H2ProtocolError):
         s.receive(wire)
     assert sr.kinds("abuse") == [("abuse", "hpack_bomb")]
@@ -414,11 +441,102 @@ def test_too_many_header_fields_is_bounded() -> None:
     s.data_to_send()
     a = attacker()
     wire = a.data_to_send()
-    block = b"\x82\x86\x84\x41\x01a" + b"\x40\x03x-a\x01b" + bytes([0x80 | 62]) * 200
-    wire += frame(1, 0x5, 1, block)
+    block = b"\x82\x86\x84\x41\x01a" + b"\x40\x03x-a\x01b" + bytes([0x80 | 62]) * 400
+    wire += frame(1, 0x5, 1, block)  # 405 fields: over 4 times the limit
     with pytest.raises(H2ProtocolError):
         s.receive(wire)
     assert sr.kinds("abuse") == [("abuse", "hpack_bomb")]
+
+
+def test_a_header_block_over_the_limits_refuses_its_stream_only() -> None:
+    # 2.5 times max_header_bytes decoded: the one stream's error, the connection goes on.
+    s, sr = make(False, max_header_bytes=65536)
+    s.data_to_send()
+    a = attacker()
+    s.receive(a.data_to_send() + frame(1, 0x5, 1, bomb(40)))
+    assert not sr.kinds("abuse") and not sr.kinds("headers")
+    [(_, sid, fields, end, trailers)] = sr.kinds("too_large")
+    assert (sid, end, trailers) == (1, True, False)
+    assert fields[:4] == [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),
+                          (b":authority", b"a")]
+    assert len(fields) == 20  # what fits the limit (16 of the 41 x-a): the rest was not kept
+    s.send_headers(1, [(b":status", b"431")], True)
+    # The dynamic table stayed in step: the next block refers to the entry the big one made.
+    sent = [f[0] for f in frames(s.data_to_send())]
+    assert 1 in sent and 7 not in sent  # our 431, no GOAWAY
+    # (Its own :authority literal is entry 62 now, the big field 63.)
+    s.receive(frame(1, 0x5, 3, b"\x82\x86\x84\x41\x01a" + bytes([0x80 | 63])))
+    assert sr.kinds("headers") == [("headers", 3, [
+        (b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b":authority", b"a"),
+        (b"x-a", b"v" * 4000)], True)]
+
+
+def test_too_many_fields_refuses_the_stream_and_keeps_its_content_type() -> None:
+    c, cr, s, sr = pair(max_headers=20)
+    sid = c.new_stream_id()
+    many = [(b"x-%d" % i, b"v") for i in range(30)]
+    c.send_headers(sid, REQ[:4] + many + [(b"content-type", b"application/grpc")], True)
+    pump(c, s)
+    [(_, got, fields, end, trailers)] = sr.kinds("too_large")
+    assert (got, end, trailers) == (sid, True, False)
+    assert len(fields) == 21 and fields[-1] == (b"content-type", b"application/grpc")
+    s.send_headers(sid, [(b":status", b"431")], True)
+    pump(c, s)
+    assert ("headers", sid, [(b":status", b"431")], True) in cr.events
+    assert not sr.kinds("abuse") and not cr.kinds("abuse")
+
+
+def test_oversized_request_trailers_and_response_blocks_are_stream_errors() -> None:
+    c, cr, s, sr = pair(max_header_bytes=4096)
+    big = [(b"x-%d" % i, b"v" * 1000) for i in range(5)]
+    sid = request(c, b"body", False)
+    c.send_trailers(sid, big)
+    pump(c, s)
+    assert [e[1:] for e in sr.kinds("too_large")] == [(sid, big[:3], True, True)]
+    s.send_headers(sid, [(b":status", b"200")] + big, False)  # a response head over them
+    pump(c, s)
+    assert [e[1:] for e in cr.kinds("too_large")] == [
+        (sid, [(b":status", b"200")] + big[:3], False, False)]
+    assert not sr.kinds("abuse") and not cr.kinds("abuse")
+
+
+def test_repeated_oversized_blocks_are_an_hpack_bomb_unless_paid_back() -> None:
+    s, sr = make(False, max_header_bytes=65536)
+    s.data_to_send()
+    a = attacker()
+    s.receive(a.data_to_send())
+    small = b"\x82\x86\x84\x41\x01a"
+    sid = 1
+    for _ in range(3 * OVERSIZED_HEADER_DEBT):  # each oversized block paid back by a good one
+        s.receive(frame(1, 0x5, sid, bomb(20)) + frame(1, 0x5, sid + 2, small))
+        s.send_headers(sid, [(b":status", b"431")], True)
+        s.send_headers(sid + 2, [(b":status", b"200")], True)
+        s.data_to_send()
+        sid += 4
+    assert len(sr.kinds("too_large")) == 3 * OVERSIZED_HEADER_DEBT and not sr.kinds("abuse")
+    with pytest.raises(H2ProtocolError, match="hpack_bomb"):
+        for _ in range(OVERSIZED_HEADER_DEBT + 1):  # never paid back
+            s.receive(frame(1, 0x5, sid, bomb(20)))
+            s.send_headers(sid, [(b":status", b"431")], True)
+            sid += 2
+    assert sr.kinds("abuse") == [("abuse", "hpack_bomb")]
+    assert goaway_code(s.data_to_send()) == ENHANCE_YOUR_CALM
+
+
+def test_one_field_over_64_kib_on_the_wire_is_a_compression_error_whatever_the_limits() -> None:
+    # nghttp2's decoder refuses a field whose encoded length is over NGHTTP2_HD_MAX_NV (64 KiB):
+    # a connection error. (70000 `~`: 13 bits each once Huffman coded, so sent as they are.)
+    c, cr, s, sr = pair(max_header_bytes=1 << 20)
+    c.send_headers(c.new_stream_id(), REQ + [(b"x-big", b"~" * 70000)], True)
+    with pytest.raises(H2ProtocolError):
+        s.receive(c.data_to_send())
+    assert goaway_code(s.data_to_send()) == 0x9  # COMPRESSION_ERROR
+    assert not sr.kinds("too_large") and not sr.kinds("abuse")
+    # The same length of `v` is ~44 KiB on the wire: just a big field.
+    c, cr, s, sr = pair(max_header_bytes=1 << 20)
+    c.send_headers(c.new_stream_id(), REQ + [(b"x-big", b"v" * 70000)], True)
+    s.receive(c.data_to_send())
+    assert sr.kinds("headers")[0][2][-1] == (b"x-big", b"v" * 70000)
 
 
 def test_a_big_but_allowed_header_block_passes() -> None:
@@ -463,6 +581,51 @@ def test_pings_read_at_a_normal_pace_are_answered() -> None:
         s.receive(frame(6, 0, 0, b"12345678") * 3)
         assert s.data_to_send()
     assert not sr.kinds("abuse")
+
+
+# -- SETTINGS_MAX_CONCURRENT_STREAMS ---------------------------------------------------------
+
+
+def test_streams_beyond_our_limit_are_refused_after_the_ack_too() -> None:
+    c, cr, s, sr = pair(max_concurrent_streams=2)
+    assert ("settings", 2) in cr.events  # the peer is told ours, not nghttp2's backstop
+    a = attacker()  # a peer that ignores the limit, its SETTINGS acknowledged first
+    s2, sr2 = make(False, max_concurrent_streams=2)
+    s2.receive(a.data_to_send())
+    a.receive_data(s2.data_to_send())
+    assert a.remote_settings.max_concurrent_streams == 2
+    enc = a.encoder
+    wire = a.data_to_send()
+    for sid in (1, 3, 5, 7):
+        wire += frame(1, 0x5, sid, enc.encode(REQ))
+    s2.receive(wire)
+    assert [e[1] for e in sr2.kinds("headers")] == [1, 3]  # 5 and 7 never reach the sink
+    out = frames(s2.data_to_send())
+    # One RST_STREAM each (not nghttp2's INTERNAL_ERROR after ours), and no GOAWAY.
+    assert [(t, sid, p) for t, _, sid, p in out if t in (3, 7)] == [
+        (3, 5, REFUSED_STREAM.to_bytes(4, "big")), (3, 7, REFUSED_STREAM.to_bytes(4, "big"))]
+    # One ends: room for one more.
+    s2.send_headers(1, [(b":status", b"200")], True)
+    s2.data_to_send()
+    s2.receive(frame(1, 0x5, 9, enc.encode(REQ)) + frame(1, 0x5, 11, enc.encode(REQ)))
+    assert [e[1] for e in sr2.kinds("headers")] == [1, 3, 9]
+    assert not sr2.kinds("abuse")
+
+
+def test_a_peer_that_keeps_opening_streams_beyond_the_limit_is_cut_off() -> None:
+    s, sr = make(False, max_concurrent_streams=2)
+    a = attacker()
+    s.receive(a.data_to_send())
+    a.receive_data(s.data_to_send())
+    wire = a.data_to_send()  # our SETTINGS acknowledged
+    # 2 served, then more refusals than the rapid-reset debt: cut off as rapid_reset (our
+    # GOAWAY ENHANCE_YOUR_CALM), before nghttp2's backstop (PROTOCOL_ERROR) is reached.
+    for sid in range(1, 2 * (RAPID_RESET_DEBT + 3) + 2, 2):
+        wire += frame(1, 0x5, sid, a.encoder.encode(REQ))
+    with pytest.raises(H2ProtocolError, match="rapid_reset"):
+        s.receive(wire)
+    assert sr.kinds("abuse") == [("abuse", "rapid_reset")]
+    assert goaway_code(s.data_to_send()) == ENHANCE_YOUR_CALM
 
 
 def test_drain_race_a_stream_sent_after_goaway_is_refused_not_processed() -> None:
