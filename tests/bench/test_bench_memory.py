@@ -44,3 +44,25 @@ def _meta() -> dict[str, Any]:
         "params": {"duration_s": 10, "warmup_s": 2, "wrk_threads": 1},
         "versions": {}, "notes": [],
     }
+
+
+def test_import_floor_probes_a_fresh_interpreter_and_tables_the_steps() -> None:
+    """bench/import_floor.py: a real interpreter per step (its RSS read from /proc), the table
+    shows each step's cost against the one before."""
+    import os
+
+    from bench import import_floor
+
+    env = {**os.environ, "PYTHONPATH": str(import_floor.ROOT)}
+    bare = import_floor.probe([], env)
+    more = import_floor.probe(["asyncio", "ssl", "json"], env)
+    assert 0 < bare["anon"] <= bare["rss"]
+    assert more["rss"] > bare["rss"]  # importing costs memory, and the probe sees it
+    result = {"date": "2026-01-01 00:00 UTC", "python": "3.11.7", "build": "pure Python",
+              "rows": [{"step": "interpreter", "rss": 13.8, "anon": 7.1, "added": None,
+                        "added_anon": None},
+                       {"step": "aiohttp.web", "rss": 27.1, "anon": 17.1, "added": 13.3,
+                        "added_anon": 10.0}]}
+    text = import_floor.markdown(result)
+    assert "| interpreter | 13.8 (7.1) |  |" in text
+    assert "| aiohttp.web | 27.1 (17.1) | +13.3 (+10.0) |" in text
