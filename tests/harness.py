@@ -2,7 +2,8 @@
 
 `Sidecar(config_dict)` writes the config to a temp file, starts `python -m sidecar run` (with
 `--loop uvloop` or `--loop asyncio`), waits until the admin `/readyz` answers 200, and stops
-the process by its PID. Every wait is bounded.
+the process by its PID (SIGTERM: a drain; a config naming no `drain` gets TEARDOWN_DRAIN, so
+that the stop takes no longer than the work left). Every wait is bounded.
 """
 
 from __future__ import annotations
