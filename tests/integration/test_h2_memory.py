@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 
@@ -20,15 +19,13 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
-import uvloop
 
 from sidecar.app import App
-from sidecar.config import parse_config
 from sidecar.downstream.http2 import H2AppConnection
 from sidecar.http.h2engine import H2Session
 from sidecar.upstream.http2 import H2Connection
 from tests.h2origin import H2Origin, h2_origin
-from tests.harness import LOOPS
+from tests.harness import LOOPS, app_in_process, run_loop
 
 TIMEOUT = 10.0
 CONNECTIONS = 12
@@ -112,26 +109,12 @@ async def h2_get(port: int, path: str) -> tuple[int, bytes]:
 def run(test: Callable[[App, H2Origin, int], Awaitable[None]], loop: str) -> None:
     with h2_origin(hold=False) as origin:
         async def main() -> None:
-            config = parse_config(json.dumps({
-                "admin": {"address": "127.0.0.1:0"},
-                "status": {"address": "127.0.0.1:0"},
-                "access_log": False,
-                "listeners": [{"name": "l", "address": "127.0.0.1:0", "protocol": "http",
-                               "cluster": "up"}],
-                "clusters": [{"name": "up", "protocol": "http2", "discovery": {
-                    "type": "static", "endpoints": [f"127.0.0.1:{origin.port}"]}}],
-            }))
-            app = App(config)
-            await app.start()
-            try:
-                await asyncio.wait_for(test(app, origin, app.listeners["l"].port),
-                                       3 * TIMEOUT)
-            finally:
-                await app.shutdown()
+            cluster = {"protocol": "http2", "discovery": {
+                "type": "static", "endpoints": [f"127.0.0.1:{origin.port}"]}}
+            async with app_in_process(cluster) as (app, port):
+                await asyncio.wait_for(test(app, origin, port), 3 * TIMEOUT)
 
-        factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
-        with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(main())
+        run_loop(loop, main)
 
 
 @pytest.mark.parametrize("loop", LOOPS)
