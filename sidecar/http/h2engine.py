@@ -337,11 +337,13 @@ class H2Session:
         """Feed bytes read from the socket; calls the sink; raises H2ProtocolError."""
         if self._dead:
             raise H2ProtocolError("session closed")
+        busy = self._busy  # (True only if a sink fed bytes from inside a callback)
         self._busy = True
         rv = self._lib.nghttp2_session_mem_recv(self._s, data, len(data))
-        self._busy = False
+        self._busy = busy
         if self._closed:  # a callback closed the connection
-            self._free()
+            if not busy:
+                self._free()
             raise H2ProtocolError("session closed")
         if self._pending_sid:
             self._flush_pending(False)
@@ -350,6 +352,8 @@ class H2Session:
         # Frame what the sink queued now rather than in data_to_send(): nghttp2 says it met a
         # connection error only by wanting no more input once its GOAWAY is framed.
         out = self._frames()
+        if self._closed:  # a callback of the framing (a refused stream's reset) closed it
+            raise H2ProtocolError("session closed")
         if out:
             self._early = self._early + out if self._early else out
         if not self._lib.nghttp2_session_want_read(self._s) and not (
@@ -379,12 +383,14 @@ class H2Session:
         lib = self._lib
         s = self._s
         pp = self._pp
+        busy = self._busy
         self._busy = True
         n = lib.nghttp2_session_mem_send(s, pp)
         if n <= 0:
-            self._busy = False
+            self._busy = busy
             if self._closed:
-                self._free()
+                if not busy:
+                    self._free()
                 return b""
             if n < 0 or self._exc is not None:
                 self._fail(n)
@@ -395,9 +401,10 @@ class H2Session:
             if n <= 0:
                 break
             chunks.append(_unpack(pp[0], n))
-        self._busy = False
+        self._busy = busy
         if self._closed:  # a callback (a refused stream's reset) closed the connection
-            self._free()
+            if not busy:
+                self._free()
             return b""
         if n < 0 or self._exc is not None:
             self._fail(n)

@@ -567,6 +567,29 @@ def test_close_from_inside_a_callback_frees_once_nghttp2_returned() -> None:
     assert s.data_to_send() == b""
 
 
+def test_close_from_inside_a_callback_of_the_framing() -> None:
+    """A request refused by the peer's GOAWAY is reported while nghttp2 frames (inside
+    receive); the sink closes its connection then: nothing reaches the freed session."""
+
+    class CloseOnReset(Rec):
+        def on_h2_reset(self, stream_id: int, error_code: int) -> None:
+            super().on_h2_reset(stream_id, error_code)
+            assert self.session is not None
+            self.session.close()
+
+    c, cr = make(True, CloseOnReset())
+    s, _ = make(False)
+    pump(c, s)
+    request(c, b"", False)
+    pump(c, s)
+    second = request(c, b"", False)  # queued at the client when GOAWAY lands
+    s.goaway(0)
+    with pytest.raises(H2ProtocolError, match="session closed"):
+        c.receive(s.data_to_send())
+    assert ("reset", second, 0x7) in cr.events
+    assert "client closed" in repr(c) and c.data_to_send() == b""
+
+
 class _Lean(H2Sink):
     """Consumes what it is given and keeps nothing: no sink memory grows with the streams."""
 
