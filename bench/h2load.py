@@ -2,6 +2,7 @@
 
     python bench/h2load.py                      # 2 s warm-up + 10 s per case, ~2 minutes
     python bench/h2load.py --duration 3 --warmup 1
+    python bench/h2load.py --memory --before ../old-checkout --before-label 'commit abc'
 
 Upstream: nginx (1 worker) serving a 100-byte file over h2c (`listen PORT http2;`, prior
 knowledge) and, for the direct HTTP/1.1 row, over plain HTTP/1.1. Load: h2load (apt
@@ -26,6 +27,15 @@ preface is a SETTINGS frame) or HTTP/1.1, and h2load runs under a timeout. Until
 helpers of issue 15 are merged the sidecar rows read "not supported", with what failed: the
 config rejecting `protocol: http2`, or no h2c answer on the listener.
 
+Memory (issue 15: RSS under the h2 load): the proxy's RSS is sampled every 0.1 s while h2load
+runs (the peak of the case, not only the process's peak since start, which the cases share),
+read before the first case (idle after start), and read again `--settle` seconds after each case
+(idle after the load: what the connections and streams left behind). `--before CHECKOUT` also
+runs the sidecar of another checkout (e.g. the commit before a change, built the same way) as
+`sidecar-before`; `--loop` picks the sidecars' event loop. `--memory` runs the sidecars only and
+records the memory table alone (no rps: a figure to quote from a machine others share), as
+bench/results/h2mem-<stamp>.json, which docs/benchmarks.md shows after the HTTP/2 table.
+
 Results: bench/results/h2load-<UTC stamp>.json (with the Markdown table), and, when a full run
 of bench/run.py is on record, docs/benchmarks.md regenerated with this table in its "other
 benchmarks" sections (bench/report.py OTHER_BENCHMARKS). Every process is stopped by its PID.
@@ -36,12 +46,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import shlex
 import shutil
 import socket
 import struct
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,11 +78,13 @@ from bench.procs import (  # noqa: E402
     workspace,
 )
 from bench.targets import (  # noqa: E402
+    REPO,
     _envoy_cluster,
     _envoy_listener,
+    _yaml,
     envoy_binary,
     envoy_bootstrap,
-    start_sidecar,
+    sidecar_available,
 )
 from bench.upstream import Nginx, nginx_binary, nginx_head, run_nginx, serve_files  # noqa: E402
 
@@ -96,6 +110,7 @@ CASES = (
     Case("h1-to-h2 c64", True, 64, 1),
 )
 TARGETS = ("direct", "envoy", "sidecar")
+RSS_SAMPLE_S = 0.1  # how often the proxy's RSS is read while h2load runs
 
 
 @dataclass
@@ -242,19 +257,32 @@ def sidecar_h2c_config(upstream: int) -> tuple[dict[str, Any], dict[str, int]]:
     return config, {"main": listen, "admin": admin, "status": status}
 
 
-def start_sidecar_h2c(procs: Procs, nginx: Nginx, cores: frozenset[int]) -> Target:
+def start_sidecar_h2c(procs: Procs, nginx: Nginx, cores: frozenset[int], loop: str = "uvloop",
+                      checkout: Path | None = None, name: str = "sidecar") -> Target:
+    """The sidecar of this checkout, or (`checkout`) of another one, on `loop`."""
     config, ports = sidecar_h2c_config(nginx.port)
+    tree = checkout or REPO
     try:
-        started = start_sidecar(procs, "sidecar", config, ports, nginx, cores)
+        reason = sidecar_available() if checkout is None else None
+        if reason:
+            raise BenchError(f"sidecar not runnable: {reason}")
+        path = procs.workdir / f"{name}.yaml"
+        path.write_text(_yaml(config))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(tree), None if checkout else env.get("PYTHONPATH")]))
+        cmd = [sys.executable, "-m", "sidecar", "run", "--config", str(path), "--loop", loop]
+        proc = procs.start(name, cmd, cores, env=env, cwd=tree)
+        wait_ready(proc, lambda: http_request(ports["admin"], "/readyz").status == 200,
+                   timeout=20)
     except BenchError as exc:
-        log = procs.workdir / "sidecar.log"
+        log = procs.workdir / f"{name}.log"
         text = log.read_text(errors="replace") if log.exists() else ""
         if "protocol" in text and ("unknown key" in text or "Extra inputs" in text):
-            return Target("sidecar", 0, 0, unsupported="not supported: the config rejects "
+            return Target(name, 0, 0, unsupported="not supported: the config rejects "
                           "`protocol: http2` on a cluster (SPEC section 4 key not there yet)")
-        return Target("sidecar", 0, 0, unsupported=f"did not start: {exc}")
-    assert started.proc is not None
-    return Target("sidecar", started.port, started.port, started.proc)
+        return Target(name, 0, 0, unsupported=f"did not start: {exc}")
+    return Target(name, ports["main"], ports["main"], proc)
 
 
 # --- h2load -------------------------------------------------------------------------------------
@@ -338,7 +366,8 @@ def run_case(case: Case, target: Target, args: argparse.Namespace, load: frozens
     cpu0 = target.proc.cpu_seconds() if target.proc else 0.0
     cores0 = core_times()
     started = time.monotonic()
-    done = pinned_run(cmd, load, timeout=args.warmup + args.duration + 30)
+    with RssSampler(target.proc) as rss:
+        done = pinned_run(cmd, load, timeout=args.warmup + args.duration + 30)
     elapsed = time.monotonic() - started
     cores1 = core_times()
     if done.returncode != 0:
@@ -350,13 +379,45 @@ def run_case(case: Case, target: Target, args: argparse.Namespace, load: frozens
     if target.proc is not None:
         # CPU over the whole h2load run (warm-up included): the proxy's share of its core.
         cpu = target.proc.cpu_seconds() - cpu0
-        row["proxy"] = {**target.proc.memory_kib(), "cpu_pct": round(100 * cpu / elapsed, 1)}
+        row["proxy"] = {**target.proc.memory_kib(), "cpu_pct": round(100 * cpu / elapsed, 1),
+                        "case_peak_kib": rss.peak_kib}
         row["other_on_proxy_core_pct"] = _other_pct(cores0, cores1, proxy_core,
                                                     row["proxy"]["cpu_pct"])
+        time.sleep(args.settle)  # the load's connections are closed: what stays behind
+        row["proxy"]["after_kib"] = target.proc.memory_kib()["rss_kib"]
     if row.get("failed") or row.get("non_2xx"):
         row.setdefault("notes", []).append(
             f"{row.get('failed', 0)} failed, {row.get('non_2xx', 0)} non-2xx")
     return row
+
+
+class RssSampler:
+    """The peak of a process's RSS while a `with` block runs, read every RSS_SAMPLE_S (VmHWM
+    is the peak since the process started, which the cases of a run share)."""
+
+    def __init__(self, proc: Proc | None) -> None:
+        self.proc = proc
+        self.peak_kib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        assert self.proc is not None
+        while True:
+            self.peak_kib = max(self.peak_kib, self.proc.memory_kib()["rss_kib"])
+            if self._stop.wait(RSS_SAMPLE_S):
+                return
+
+    def __enter__(self) -> RssSampler:
+        if self.proc is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak_kib = max(self.peak_kib, self.proc.memory_kib()["rss_kib"])
 
 
 def _other_pct(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]],
@@ -390,7 +451,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "- rps: h2load's req/s over the measured time; p50/p99 from its per-request log; "
         "proxy CPU: share of its core over the run; other CPU on core: what else ran on the "
         "proxy's core meanwhile (other processes, steal): where it is high the proxy was "
-        "starved, so compare rows of one run; RSS: now / peak since start",
+        "starved, so compare rows of one run; RSS: the proxy's peak during the case / "
+        f"{meta.get('settle_s', 0):g} s after it (idle after the load)",
     ]
     others = [r["other_on_proxy_core_pct"] for r in rows
               if r.get("other_on_proxy_core_pct") is not None]
@@ -402,12 +464,12 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines += [
         "",
         "| case | target | rps | p50 ms | p99 ms | vs Envoy | proxy CPU | other CPU on core "
-        "| RSS / peak MiB | notes |",
+        "| RSS peak / after MiB | notes |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         proxy = r.get("proxy") or {}
-        mem = (f"{proxy['rss_kib'] / 1024:.1f} / {proxy['hwm_kib'] / 1024:.1f}"
+        mem = (f"{_mib(proxy.get('case_peak_kib'))} / {_mib(proxy.get('after_kib'))}"
                if proxy else "-")
         notes = "; ".join(r.get("notes", []))
         if r.get("error"):
@@ -418,6 +480,46 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"| {_cell(r.get('vs_envoy'), '{:.2f}x')} | {_cell(proxy.get('cpu_pct'), '{:.0f}%')} "
             f"| {_cell(r.get('other_on_proxy_core_pct'), '{:.0f}%')} | {mem} | {notes} |"
         )
+    return "\n".join(lines)
+
+
+def _mib(kib: int | None) -> str:
+    return "-" if kib is None else f"{kib / 1024:.1f}"
+
+
+def memory_markdown(rows: list[dict[str, Any]], meta: dict[str, Any],
+                    start_kib: dict[str, int]) -> str:
+    """The memory table alone (`--memory`): RSS figures, no rps."""
+    lines = [
+        f"- **Command:** `{meta['command']}` ({meta['date']})",
+        f"- **Build:** sidecar {meta['versions']['sidecar']}, loop: {meta['loop']}; h2load "
+        f"{meta['versions']['h2load']} (`-t 1`), nginx {meta['versions']['nginx']} h2c; "
+        f"{meta['warmup_s']:g} s warm-up + {meta['duration_s']:g} s per case, the cases one "
+        "after the other on one sidecar process",
+        "- RSS of the sidecar process: idle after start (ready, before any case); the peak "
+        f"during each case (sampled every {RSS_SAMPLE_S:g} s); idle {meta['settle_s']:g} s "
+        "after the case (its connections closed); the process's peak since start (VmHWM)",
+    ]
+    if meta.get("before"):
+        lines.append(f"- `sidecar-before`: the same config and build kind, run from "
+                     f"{meta['before']}.")
+    lines += ["", "| case | target | idle after start | peak during the case | idle after "
+              "the case | process peak |", "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        proxy = r.get("proxy") or {}
+        if r.get("error") or not proxy:
+            error = str(r.get("error", "no figures")).replace("|", "/").replace("\n", " ")
+            lines.append(f"| {r['case']} | {r['target']} | {error[:120]} | | | |")
+            continue
+        lines.append(
+            f"| {r['case']} | {r['target']} | {_mib(start_kib.get(r['target']))} MiB "
+            f"| {_mib(proxy.get('case_peak_kib'))} MiB | {_mib(proxy.get('after_kib'))} MiB "
+            f"| {_mib(proxy.get('hwm_kib'))} MiB |")
+    measured = [r["proxy"] for r in rows if r.get("proxy") and not r.get("error")]
+    if measured and all(p["after_kib"] >= p["case_peak_kib"] for p in measured):
+        lines += ["", "Idle after a case reads as its peak: memory the load used stays mapped "
+                  "once freed (glibc's heap and Python's object arenas keep it for the next "
+                  "load), so the peak is what a pod's memory limit must allow for."]
     return "\n".join(lines)
 
 
@@ -433,6 +535,10 @@ def versions() -> dict[str, str]:
     return out
 
 
+def _named(name: str, loop: str, args: argparse.Namespace) -> str:
+    return f"{name} {loop}" if len(args.loop) > 1 else name
+
+
 # --- main ---------------------------------------------------------------------------------------
 
 
@@ -443,7 +549,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS))
     parser.add_argument("--workdir", type=Path, help="keep configs and logs here")
     parser.add_argument("--out", type=Path, help="JSON results (default bench/results/...)")
+    parser.add_argument("--settle", type=float, default=3.0,
+                        help="seconds after each case before the idle RSS is read")
+    parser.add_argument("--loop", nargs="+", choices=("uvloop", "asyncio"), default=["uvloop"],
+                        help="the sidecars' event loop (more than one: a sidecar on each)")
+    parser.add_argument("--before", type=Path,
+                        help="also run the sidecar of this checkout, as `sidecar-before`")
+    parser.add_argument("--before-label", help="what --before is, for the table (e.g. a commit)")
+    parser.add_argument("--memory", action="store_true",
+                        help="the sidecars only, and the memory table alone (no rps), as "
+                        "bench/results/h2mem-<stamp>.json")
     args = parser.parse_args(argv)
+    if args.memory:
+        args.targets = ["sidecar"]
     if shutil.which("h2load") is None:
         print("h2load not found: apt-get install -y nghttp2-client", file=sys.stderr)
         return 2
@@ -451,6 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     (proxy_core,) = sorted(proxy_cores)[:1]
     pin_self(load_cores)
     rows: list[dict[str, Any]] = []
+    start_kib: dict[str, int] = {}
     with workspace("h2load-bench-", args.workdir) as procs:
         workdir = procs.workdir
         nginx, h1_port = start_nginx_h2c(procs, load_cores)
@@ -464,7 +583,17 @@ def main(argv: list[str] | None = None) -> int:
                 except BenchError as exc:
                     targets.append(Target("envoy", 0, 0, unsupported=str(exc)))
             else:
-                targets.append(start_sidecar_h2c(procs, nginx, proxy_cores))
+                for loop in args.loop:
+                    targets.append(start_sidecar_h2c(
+                        procs, nginx, proxy_cores, loop, name=_named("sidecar", loop, args)))
+                    if args.before:
+                        targets.append(start_sidecar_h2c(
+                            procs, nginx, proxy_cores, loop, args.before.resolve(),
+                            _named("sidecar-before", loop, args)))
+        time.sleep(args.settle)
+        for target in targets:
+            if target.proc is not None and target.proc.alive():
+                start_kib[target.name] = target.proc.memory_kib()["rss_kib"]
         assert port_open(nginx.port)
         for case in CASES:
             for target in targets:
@@ -483,13 +612,17 @@ def main(argv: list[str] | None = None) -> int:
         "load_core": sorted(load_cores)[0],
         "warmup_s": args.warmup,
         "duration_s": args.duration,
+        "settle_s": args.settle,
+        "loop": ", ".join(args.loop),
+        "before": (args.before_label or str(args.before)) if args.before else None,
+        "start_kib": start_kib,
         "versions": versions(),
         "notes": notes,
     }
-    table = markdown(rows, meta)
+    table = memory_markdown(rows, meta, start_kib) if args.memory else markdown(rows, meta)
     print()
     print(table)
-    report.record_run(report.result_path("h2load", args.out),
+    report.record_run(report.result_path("h2mem" if args.memory else "h2load", args.out),
                       {"meta": meta, "rows": rows, "markdown": table}, args.out is not None)
     return 0
 

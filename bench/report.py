@@ -29,6 +29,7 @@ OTHER_BENCHMARKS = (
     ("Discovery at scale (bench/discovery_scale.py)", "discovery-*.json"),
     ("Upstream TLS handshakes (bench/tls_handshake.py)", "tls-handshake-*.json"),
     ("HTTP/2: h2load through the sidecar and Envoy (bench/h2load.py)", "h2load-*.json"),
+    ("HTTP/2: the sidecar's memory under h2load (bench/h2load.py --memory)", "h2mem-*.json"),
     ("Memory: at rest, per connection, per pool entry (bench/memory.py)", "memory-*.json"),
     ("Memory at rest: what the floor is made of (bench/import_floor.py)", "import-floor-*.json"),
 )

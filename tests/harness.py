@@ -8,6 +8,7 @@ that the stop takes no longer than the work left). Every wait is bounded.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -20,7 +21,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,39 @@ import yaml
 LOOPS = ("uvloop", "asyncio")
 # The drain of a config that names none (see Sidecar): what stop() waits for.
 TEARDOWN_DRAIN = {"grace": "2s", "accept_period": "0s"}
+
+
+def run_loop(loop: str, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """`main()` to its end on a new event loop of kind `loop` (one of LOOPS)."""
+    import uvloop
+
+    factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main())
+
+
+@contextlib.asynccontextmanager
+async def app_in_process(cluster: dict[str, Any]) -> AsyncIterator[tuple[Any, int]]:
+    """The sidecar's `App` in this process, on the running loop, for a test that must reach
+    inside it: one `protocol: http` listener ("l") in front of `cluster` (named "up"), admin
+    and status on free ports, no access log. Yields (app, the listener's port); shuts down."""
+    from sidecar.app import App
+    from sidecar.config import parse_config
+
+    config = parse_config(json.dumps({
+        "admin": {"address": "127.0.0.1:0"},
+        "status": {"address": "127.0.0.1:0"},
+        "access_log": False,
+        "listeners": [{"name": "l", "address": "127.0.0.1:0", "protocol": "http",
+                       "cluster": "up"}],
+        "clusters": [{"name": "up", **cluster}],
+    }))
+    app = App(config)
+    await app.start()
+    try:
+        yield app, app.listeners["l"].port
+    finally:
+        await app.shutdown()
 
 
 def _ephemeral_range() -> tuple[int, int]:

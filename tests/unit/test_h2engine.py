@@ -4,6 +4,8 @@ frame by frame for the abuse cases of SPEC section 11."""
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import struct
 import subprocess
@@ -645,6 +647,168 @@ def test_drain_race_a_stream_sent_after_goaway_is_refused_not_processed() -> Non
     s.send_headers(old, [(b":status", b"200")], True)  # the old one finishes
     pump(c, s)
     assert ("headers", old, [(b":status", b"200")], True) in cr.events
+
+
+# -- close: the connection is gone -------------------------------------------------------------
+
+
+def _sessions() -> int:
+    return sum(1 for o in gc.get_objects() if type(o) is H2Session)
+
+
+def test_close_is_idempotent_and_every_method_after_it_is_safe() -> None:
+    c, cr, s, sr = pair()
+    sid = request(c, end=False)  # a stream open on both sides
+    pump(c, s)
+    heard = (list(cr.events), list(sr.events))
+    for session in (c, s):
+        session.close()
+        session.close()
+        assert "closed" in repr(session)
+        with pytest.raises(H2ProtocolError, match="session closed"):
+            session.receive(PREFACE)
+        assert session.data_to_send() == b""
+        with pytest.raises(H2ProtocolError):
+            session.initiate()
+        assert session.send_data(sid, b"abc", False) == 3  # a stream that is gone takes all
+        session.send_trailers(sid, [(b"x", b"y")])
+        session.reset(sid)
+        session.consume(sid, 10)
+        session.goaway()
+        session.ping()
+        assert session.send_window(0) == 0 and session.send_window(sid) == 0
+        assert session.open_streams == 0
+        assert session.peer_max_concurrent_streams == 0
+        assert not session.goaway_received
+        assert session.data_to_send() == b""
+    with pytest.raises(H2ProtocolError):
+        c.new_stream_id()
+    with pytest.raises(H2ProtocolError):
+        c.send_headers(sid + 2, REQ, True)
+    s.send_headers(sid, [(b":status", b"200")], True)  # its stream is gone: nothing
+    assert s.data_to_send() == b""
+    assert (cr.events, sr.events) == heard  # no sink was called after close
+
+
+def test_close_frees_the_sessions_without_the_cyclic_collector() -> None:
+    """Each session refers to itself (nghttp2's user data) and to its sink, which refers back:
+    after close() reference counting alone frees both, nghttp2's memory with them."""
+    gc.collect()
+    gc.disable()
+    try:
+        base = _sessions()
+        c, cr, s, sr = pair()
+        sid = request(c)
+        pump(c, s)
+        s.send_headers(sid, [(b":status", b"200")], True)
+        pump(c, s)
+        assert _sessions() == base + 2
+        c.close()
+        s.close()
+        del c, cr, s, sr
+        assert _sessions() == base
+    finally:
+        gc.enable()
+
+
+def test_close_from_inside_a_callback_frees_once_nghttp2_returned() -> None:
+    class Closer(Rec):
+        def on_h2_headers(self, stream_id: int, headers: list[tuple[bytes, bytes]],
+                          end_stream: bool) -> None:
+            super().on_h2_headers(stream_id, headers, end_stream)
+            assert self.session is not None
+            self.session.close()  # its connection gives up while nghttp2 is reading
+
+    c, _ = make(True)
+    s, sr = make(False, Closer())
+    request(c)
+    request(c)  # a second stream in the same read: nghttp2 goes on, no sink hears it
+    with pytest.raises(H2ProtocolError, match="session closed"):
+        s.receive(c.data_to_send())
+    assert len(sr.kinds("headers")) == 1 and not sr.data
+    assert "server closed [Streams: 0 open]" in repr(s)
+    assert s.data_to_send() == b""
+
+
+def test_close_from_inside_a_callback_of_the_framing() -> None:
+    """A request refused by the peer's GOAWAY is reported while nghttp2 frames (inside
+    receive); the sink closes its connection then: nothing reaches the freed session."""
+
+    class CloseOnReset(Rec):
+        def on_h2_reset(self, stream_id: int, error_code: int) -> None:
+            super().on_h2_reset(stream_id, error_code)
+            assert self.session is not None
+            self.session.close()
+
+    c, cr = make(True, CloseOnReset())
+    s, _ = make(False)
+    pump(c, s)
+    request(c, b"", False)
+    pump(c, s)
+    second = request(c, b"", False)  # queued at the client when GOAWAY lands
+    s.goaway(0)
+    with pytest.raises(H2ProtocolError, match="session closed"):
+        c.receive(s.data_to_send())
+    assert ("reset", second, 0x7) in cr.events
+    assert "client closed" in repr(c) and c.data_to_send() == b""
+
+
+class _Lean(H2Sink):
+    """Consumes what it is given and keeps nothing: no sink memory grows with the streams."""
+
+    def __init__(self) -> None:
+        self.session: H2Session | None = None
+
+    def on_h2_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+        if data:
+            assert self.session is not None
+            self.session.consume(stream_id, len(data))
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def _c_heap() -> int:
+    """Bytes glibc's malloc has handed out: nghttp2's memory among them (Python's small
+    objects live in pymalloc's own arenas, outside this)."""
+    mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    mallinfo2.restype = _Mallinfo2
+    info = mallinfo2()
+    return int(info.uordblks + info.hblkhd)
+
+
+def test_closed_streams_leave_nothing_in_nghttp2() -> None:
+    """nghttp2 would keep up to SETTINGS_MAX_CONCURRENT_STREAMS closed streams per connection
+    (for RFC 7540 priorities, ~320 bytes each): a connection that has carried 1000 streams
+    held ~320 KiB more than a new one. Streams one after the other: C memory stays flat."""
+    sessions = []
+    for client in (True, False):
+        sink = _Lean()
+        session = H2Session(sink, client)
+        sink.session = session
+        session.initiate()
+        sessions.append(session)
+    c, s = sessions
+    pump(c, s)
+
+    def one() -> None:
+        sid = c.new_stream_id()
+        c.send_headers(sid, REQ, True)
+        pump(c, s)
+        s.send_headers(sid, [(b":status", b"200")], True)
+        pump(c, s)
+
+    for _ in range(200):
+        one()
+    before = _c_heap()
+    for _ in range(1000):
+        one()
+    grown = _c_heap() - before
+    assert c.open_streams == 0 and s.open_streams == 0
+    assert grown < 64 * 1024, f"{grown} bytes more after 1000 closed streams"
 
 
 def test_a_missing_libnghttp2_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
