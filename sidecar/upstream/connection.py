@@ -349,23 +349,6 @@ class UpstreamConnection(ResponseSink, EndpointStream, Carrier, asyncio.Protocol
         else:
             self._closed()
 
-    def close_within(self, reason: str, linger: float) -> None:
-        """SO_LINGER's promise without its cost: pending writes are flushed and FIN sent, and
-        if that has not finished within `linger` seconds the socket is reset. Setting SO_LINGER
-        > 0 itself would make close() block the event loop (Linux waits in close() even on a
-        non-blocking socket: 2 s measured for linger 2 s and an unacknowledged send), which
-        would freeze the whole sidecar on a dead upstream during a rollout. `linger` 0: RST."""
-        if linger <= 0:
-            self.abort(reason)
-            return
-        self.close(reason)
-        if self.state is not CarrierState.CLOSED:
-            asyncio.get_running_loop().call_later(linger, self._linger_expired)
-
-    def _linger_expired(self) -> None:
-        if self.state is not CarrierState.CLOSED:
-            self.abort(self.close_reason or "drain")
-
     # --- asyncio.Protocol -------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses

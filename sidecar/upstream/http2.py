@@ -548,18 +548,6 @@ class H2Connection(H2Sink, Carrier, asyncio.Protocol):
         else:
             self._closed(None)
 
-    def close_within(self, reason: str, linger: float) -> None:
-        if linger <= 0:
-            self.abort(reason)
-            return
-        self.close(reason)
-        if self.state is not CarrierState.CLOSED:
-            asyncio.get_running_loop().call_later(linger, self._linger_expired)
-
-    def _linger_expired(self) -> None:
-        if self.state is not CarrierState.CLOSED:
-            self.abort(self.close_reason or "drain")
-
     def abort(self, reason: str) -> None:
         if self.state is CarrierState.CLOSED:
             return
