@@ -103,6 +103,15 @@ def pick_cores() -> tuple[frozenset[int], frozenset[int], list[str]]:
     return only, only, ["only one CPU available: proxy and load generator share it"]
 
 
+def pin_runner(priority: int = 0) -> tuple[frozenset[int], frozenset[int], list[str]]:
+    """Pick the cores once (`pick_cores`), then move this runner onto the load core(s) at
+    `priority`: the Runner must get these cores, not pick again, since by then this process
+    sees only the load core and would put the proxy on it too."""
+    cores = pick_cores()
+    pin_self(cores[1], priority)
+    return cores
+
+
 def pin_self(load_cores: frozenset[int], priority: int = 0) -> None:
     """This script's own process, before it starts any other: the nice value `priority` for
     it and for every process it starts (0: unchanged; not allowed: it stops here), and the
@@ -118,11 +127,12 @@ def pin_self(load_cores: frozenset[int], priority: int = 0) -> None:
 
 
 class Runner:
-    def __init__(self, plan: Plan, workdir: Path, verbose: bool = True) -> None:
+    def __init__(self, plan: Plan, workdir: Path, verbose: bool = True,
+                 cores: tuple[frozenset[int], frozenset[int], list[str]] | None = None) -> None:
         self.plan = plan
         self.workdir = workdir
         self.procs = Procs(workdir)
-        self.proxy_cores, self.load_cores, self.notes = pick_cores()
+        self.proxy_cores, self.load_cores, self.notes = cores or pick_cores()
         self.rows: list[dict[str, Any]] = []
         self.started = time.monotonic()
         self.deadline = self.started + plan.max_time
@@ -754,11 +764,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plan = plan_from_args(args)
     signal.signal(signal.SIGTERM, _sigterm)
-    # This runner off the proxy's core (the cores the Runner picks again), at --priority.
-    pin_self(pick_cores()[1], args.priority)
+    # This runner off the proxy's core, at --priority; the Runner uses the same cores.
+    cores = pin_runner(args.priority)
     workdir = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
     workdir.chmod(0o755)  # nginx workers may run as another user
-    runner = Runner(plan, workdir, verbose=not args.quiet)
+    runner = Runner(plan, workdir, verbose=not args.quiet, cores=cores)
     runner.profile_out = args.profile_out
     start_load = loadavg()
     started = dt.datetime.now(dt.UTC)

@@ -61,3 +61,30 @@ def test_quick_run_writes_rows_with_throughput(tmp_path: Path) -> None:
     assert any(r["ratio"] == "envoy/direct" for r in result["ratios"])
     assert result["meta"]["machine"]["nproc"] >= 1
     assert (docs.stat().st_mtime_ns if docs.exists() else None) == docs_before  # --no-docs
+
+
+def test_the_runner_keeps_the_proxy_core_after_pinning_itself() -> None:
+    """bench/run.py pins itself to the load core before it starts anything; the proxy must
+    still get a core of its own (a regression put every process on the load core: each
+    proxy shared its core with wrk and nginx, and the figures halved). In a subprocess: the
+    pinning is for the whole process."""
+    import os
+    import tempfile
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.fail("needs two CPUs, as the benchmark does")
+    code = (
+        "import os, sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]);"
+        "from bench import harness;"
+        "cores = harness.pin_runner();"
+        "r = harness.Runner(harness.plan_from_args(harness.parse_args(['--quick'])),"
+        " Path(sys.argv[2]), verbose=False, cores=cores);"
+        "assert not (r.proxy_cores & r.load_cores), (r.proxy_cores, r.load_cores);"
+        "assert os.sched_getaffinity(0) == set(r.load_cores);"
+        "print('ok', sorted(r.proxy_cores), sorted(r.load_cores))"
+    )
+    root = str(Path(__file__).resolve().parents[2])
+    with tempfile.TemporaryDirectory() as tmp:
+        done = subprocess.run([sys.executable, "-c", code, root, tmp], capture_output=True,
+                              text=True, timeout=60, check=False)
+    assert done.returncode == 0 and done.stdout.startswith("ok"), done.stdout + done.stderr
