@@ -26,6 +26,7 @@ from sidecar.http.h2engine import H2Session
 from sidecar.upstream.http2 import H2Connection
 from tests.h2origin import H2Origin, h2_origin
 from tests.harness import LOOPS, app_in_process, run_loop
+from tests.k8s.support import wait_until
 
 TIMEOUT = 10.0
 CONNECTIONS = 12
@@ -57,15 +58,6 @@ def sessions(role: str) -> list[H2Session]:
 
 def objects(cls: type) -> int:
     return sum(1 for o in gc.get_objects() if type(o) is cls)
-
-
-async def until(cond: Callable[[], bool], what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + TIMEOUT
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError(f"not met in {TIMEOUT}s: {what}")
-        await asyncio.sleep(0.02)
 
 
 async def settle() -> None:
@@ -130,7 +122,8 @@ def test_closed_connections_leave_no_http2_session_behind(loop: str) -> None:
             for i in range(CONNECTIONS):
                 status, body = await h2_get(port, f"/n{i}")
                 assert (status, body) == (200, f"origin o /n{i}".encode())
-            await until(lambda: stats.downstream_connections == 0, "app connections closed")
+            await wait_until(lambda: stats.downstream_connections == 0, within=TIMEOUT,
+                             what="app connections closed")
             await settle()
             assert len(sessions("server")) == before == 0
             assert objects(H2AppConnection) == 0
@@ -141,8 +134,8 @@ def test_closed_connections_leave_no_http2_session_behind(loop: str) -> None:
                                  if c.transport is not None])
             cluster = app.clusters.get("up")
             assert cluster is not None
-            await until(lambda: not any(p._mux for p in cluster.pools.values()),
-                        "endpoint connections closed")
+            await wait_until(lambda: not any(p._mux for p in cluster.pools.values()),
+                             within=TIMEOUT, what="endpoint connections closed")
             await settle()
             assert sessions("client") == []
             assert objects(H2Connection) == 0
